@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine (see README):
+#   make demo   set up, then train `tiny` on bundled photos, convert, reconstruct a held-out photo
+#   make test   set up, then run the test suite
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU machines' torch: a CUDA build that runs on CPU and matches torchvision (ENVIRONMENT.md).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_PINS)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev]"
+	# DeepSpeed JIT-builds a CPU shared-memory op on its first init: build it once, into the venv.
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions DS_ACCELERATOR=cpu $(BIN)/python -c \
+	  "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+	touch $@
+
+demo: install
+	$(BIN)/python -m atoken.tools.demo
+
+test: install
+	$(BIN)/python -m pytest -q tests

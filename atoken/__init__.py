@@ -1,0 +1,1 @@
+"""atoken: the AToken unified visual tokenizer, trained at scale."""

@@ -1,0 +1,130 @@
+"""The reconstruction objective (DESIGN.md, Objective).
+
+    L      = 0.2 * L_rec + 1e-8 * L_KL                      (+ 1.0 * L_sem, with the semantic issue)
+    L_rec  = 1.0 * L1 + 10 * LPIPS + 1000 * Gram            images (+ 1.0 * CLIP/feature term, ditto)
+    L_rec  = 1.0 * L1                                       video, 3D
+
+L1 is taken at native resolution on the packed tokens, "normalised per patch": each token's mean
+absolute error over its real values, then the mean over the micro-batch's tokens. LPIPS and Gram are
+taken at ``perceptual_size`` (224) on the unpatchified images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import PATCH_T
+from .packed import IMAGE, PackedBatch
+from .patches import unpatchify
+from .perceptual import LPIPS, load_perceptual
+
+
+@dataclass
+class LossConfig:
+    rec_weight: float = 0.2
+    kl_weight: float = 1e-8
+    l1_weight: float = 1.0
+    lpips_weight: float = 10.0
+    gram_weight: float = 1000.0
+    perceptual_net: str = "alex"  # "alex" or "vgg"
+    trunk_weights: str | None = None  # None: torch hub cache, then stlpips-pytorch (perceptual.py)
+    lin_weights: str | None = None  # None: bundled with the trunk file, then lpips' v0.1 file
+    perceptual_size: int = 224
+
+
+def kl_per_token(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per token: [N, C] x 2 -> [N]."""
+    return 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).sum(-1)
+
+
+def token_l1(batch: PackedBatch, recon: torch.Tensor) -> torch.Tensor:
+    """[N] mean |recon - target| of each token over its real frames only.
+
+    Tokens are (t, h, w, c) ordered, so frame t is values [t*768, (t+1)*768); an image token's
+    frames 1..3 are time padding and are left out (``batch.frames``).
+    """
+    n = recon.shape[0]
+    # [N, 4]: mean |error| per frame of each token.
+    per_frame = (recon.float() - batch.features.float()).abs().view(n, PATCH_T, -1).mean(-1)
+    lens = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
+    frames = torch.repeat_interleave(torch.tensor(batch.frames, device=recon.device), lens.long().to(recon.device))
+    real = torch.arange(PATCH_T, device=recon.device)[None] < frames[:, None]  # [N, 4]
+    return (per_frame * real).sum(-1) / frames
+
+
+def gram_matrix(f: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, C] channel Gram matrix G = F F^T / (C * H * W), F the [C, H*W] map.
+
+    NOTE: normalised by C*H*W (as in Gatys et al. / the usual style loss), so layers of different
+    sizes contribute on a comparable scale; the 1000 weight of the objective is set against this.
+    Computed in float32: under bf16 autocast the products lose too much precision.
+    """
+    b, c, h, w = f.shape
+    f = f.float().reshape(b, c, h * w)
+    return f @ f.transpose(1, 2) / (c * h * w)
+
+
+def gram_loss(feats_x: list[torch.Tensor], feats_y: list[torch.Tensor]) -> torch.Tensor:
+    """sum over layers of ||G(x) - G(y)||_F^2 -> [B]."""
+    return sum((gram_matrix(a) - gram_matrix(b)).pow(2).sum((1, 2)) for a, b in zip(feats_x, feats_y))
+
+
+def image_pairs(batch: PackedBatch, recon: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The image samples as pixels resized to size x size: (originals, reconstructions), each
+    [B_img, 3, size, size]; None if the batch holds no image."""
+    idx = [i for i, m in enumerate(batch.modalities) if m == IMAGE]
+    if not idx:
+        return None
+    cu = batch.cu_seqlens.tolist()
+
+    def resized(tokens: torch.Tensor, i: int) -> torch.Tensor:
+        img = unpatchify(tokens[cu[i]:cu[i + 1]], batch.grids[i], batch.frames[i])[:, 0]  # [3, H, W]
+        return F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+    with torch.no_grad():
+        orig = torch.cat([resized(batch.features, i) for i in idx])
+    return orig, torch.cat([resized(recon, i) for i in idx])
+
+
+class ReconstructionLoss(nn.Module):
+    """forward(batch, recon [N, 3072], kl [N]) -> scalar terms 'l1', 'lpips', 'gram', 'kl', 'rec', 'total'.
+
+    The perceptual net is frozen and kept out of this module's parameters and state_dict (so no
+    optimizer or checkpoint ever sees it); ``.to()`` / ``.cuda()`` still move it (see ``_apply``).
+    """
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._perceptual = (load_perceptual(cfg.perceptual_net, cfg.trunk_weights, cfg.lin_weights),)
+
+    @property
+    def perceptual(self) -> LPIPS:
+        return self._perceptual[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.perceptual._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, batch: PackedBatch, recon: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        l1 = token_l1(batch, recon).mean()
+        lpips = gram = recon.new_zeros((), dtype=torch.float32)
+        pairs = image_pairs(batch, recon, cfg.perceptual_size)
+        if pairs is not None:
+            dtype = next(self.perceptual.parameters()).dtype
+            orig, rec = (p.to(dtype) for p in pairs)
+            with torch.no_grad():
+                fx = self.perceptual.features(orig)
+            fy = self.perceptual.features(rec)
+            lpips = self.perceptual.distance(fx, fy).float().mean()
+            gram = gram_loss(fx, fy).mean()
+        rec_loss = cfg.l1_weight * l1 + cfg.lpips_weight * lpips + cfg.gram_weight * gram
+        kl = kl.float().mean()
+        total = cfg.rec_weight * rec_loss + cfg.kl_weight * kl
+        # The semantic terms join here with the semantic issue: `+ 1.0 * L_sem` in `total`, and the
+        # image CLIP/feature term (weight 1) in `rec_loss`.
+        return {"l1": l1, "lpips": lpips, "gram": gram, "kl": kl, "rec": rec_loss, "total": total}

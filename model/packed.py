@@ -1,0 +1,88 @@
+"""The packed sparse batch: samples of different lengths in one token stream, never padded.
+
+A sample is a set of (feature, 4D coordinate) pairs. ``N`` below is the total number of tokens of
+all samples; sample ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i + 1]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .config import PATCH_DIM
+
+IMAGE, VIDEO, ASSET3D = "image", "video", "3d"
+
+
+@dataclass
+class PackedBatch:
+    features: torch.Tensor  # [N, 3072] float, patch values in (t, h, w, c) order, in [-1, 1]
+    # [N, 4] int64 patch-grid coordinates (t, x, y, z): x is the patch row (height axis), y the
+    # patch column (width axis), i.e. the released RoPE's (t, h, w, z) order.
+    coords: torch.Tensor
+    cu_seqlens: torch.Tensor  # [B + 1] int32, cumulative token counts, cu_seqlens[0] == 0
+    grids: list[tuple[int, int, int, int]]  # per sample (T, H, W, Z) patch-grid shape
+    modalities: list[str]  # per sample: IMAGE, VIDEO or ASSET3D
+    # Per sample: how many of the PATCH_T frames of the token are real (images: 1, zero-padded to 4).
+    frames: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # per sample: source name, for logs and errors
+
+    def __post_init__(self):
+        n, b = self.features.shape[0], len(self.grids)
+        if self.features.ndim != 2 or self.features.shape[1] != PATCH_DIM:
+            raise ValueError(f"features must be [N, {PATCH_DIM}], got {tuple(self.features.shape)}")
+        if self.coords.shape != (n, 4):
+            raise ValueError(f"coords must be [{n}, 4], got {tuple(self.coords.shape)}")
+        if self.cu_seqlens.shape != (b + 1,) or int(self.cu_seqlens[-1]) != n:
+            raise ValueError(f"cu_seqlens {self.cu_seqlens.tolist()} does not cover {n} tokens of {b} samples")
+        if len(self.modalities) != b:
+            raise ValueError(f"{len(self.modalities)} modalities for {b} samples")
+        if not self.frames:
+            self.frames = [1 if m == IMAGE else 4 for m in self.modalities]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.grids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def seqlens(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Per sample, its (start, end) rows in the token stream."""
+        cu = self.cu_seqlens.tolist()
+        return list(zip(cu[:-1], cu[1:]))
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seqlens)
+
+    def sample_ids(self) -> torch.Tensor:
+        """[N] int64: which sample each token belongs to."""
+        lens = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        return torch.repeat_interleave(torch.arange(self.num_samples, device=lens.device), lens.long())
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "PackedBatch":
+        return replace(self, features=self.features.to(device=device, dtype=dtype or self.features.dtype),
+                       coords=self.coords.to(device), cu_seqlens=self.cu_seqlens.to(device))
+
+    @staticmethod
+    def cat(parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int], str, int]],
+            names: list[str] | None = None) -> "PackedBatch":
+        """Pack samples given as (features [n_i, 3072], coords [n_i, 4], grid, modality, frames)."""
+        lens = torch.tensor([p[0].shape[0] for p in parts], dtype=torch.int32)
+        cu = torch.zeros(len(parts) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        return PackedBatch(
+            features=torch.cat([p[0] for p in parts]),
+            coords=torch.cat([p[1] for p in parts]),
+            cu_seqlens=cu,
+            grids=[p[2] for p in parts],
+            modalities=[p[3] for p in parts],
+            frames=[p[4] for p in parts],
+            names=list(names or []),
+        )

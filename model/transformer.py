@@ -1,0 +1,131 @@
+"""Pre-norm transformer blocks on the packed token stream ``[N, width]``.
+
+Every linear layer is built through one ``LinearSpec``: the plain default makes ``nn.Linear``; a
+tensor-parallel spec can return megatron's ColumnParallelLinear (``qkv``, ``fc1``) and
+RowParallelLinear (``proj``, ``fc2``) instead, with ``tp_size`` > 1 making the attention run on its
+local ``heads // tp_size`` heads. Nothing else in the model needs to change for that.
+
+Fused QKV layout: output features are ordered ``[heads, 3 (q, k, v), head_dim]`` (per head, like
+megatron's linear_qkv) so that a column-parallel split along the output keeps each rank's q, k and
+v heads together. Use ``fuse_qkv`` / ``split_qkv`` to convert from / to separate q, k, v
+projections (e.g. SigLIP2's ``q_proj``, ``k_proj``, ``v_proj``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import varlen_attention
+from .config import TransformerConfig
+from .rope import apply_rope
+
+Angles = tuple[torch.Tensor, torch.Tensor]  # RoPE (cos, sin), each [N, head_dim / 2] fp32
+
+
+class LinearSpec:
+    """Factory for the block's linear layers (the single place to swap in tensor parallelism).
+
+    A replacement must return modules mapping ``[..., in] -> [..., out / tp_size]`` (column) and
+    ``[..., in / tp_size] -> [..., out]`` (row), each returning a plain tensor.
+    """
+    tp_size: int = 1
+
+    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Separate q/k/v weights [H*D, in] (or biases [H*D]) -> fused qkv [3*H*D, ...] in our layout."""
+    return torch.stack([t.unflatten(0, (heads, -1)) for t in (q, k, v)], dim=1).flatten(0, 2)
+
+
+def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv``."""
+    q, k, v = qkv.unflatten(0, (heads, 3, -1)).unbind(1)
+    return q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, linear: LinearSpec):
+        super().__init__()
+        if cfg.heads % linear.tp_size:
+            raise ValueError(f"heads {cfg.heads} not divisible by tensor-parallel size {linear.tp_size}")
+        self.heads = cfg.heads // linear.tp_size  # local heads
+        self.head_dim = cfg.head_dim
+        self.qkv = linear.column(cfg.width, 3 * cfg.width, cfg.bias)
+        self.proj = linear.row(cfg.width, cfg.width, cfg.bias)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                angles: Angles | None) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, self.heads, 3, self.head_dim).unbind(2)  # each [N, h, D]
+        if self.q_norm is not None:  # QK-norm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        if angles is not None:
+            q, k = apply_rope(q, *angles), apply_rope(k, *angles)
+        # NOTE: CUDA autocast may run the norms in fp32; the fused kernels need one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # [N, h, D]
+        return self.proj(out.reshape(n, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig, linear: LinearSpec):
+        super().__init__()
+        self.fc1 = linear.column(cfg.width, cfg.mlp_width, cfg.bias)
+        self.fc2 = linear.row(cfg.mlp_width, cfg.width, cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, linear: LinearSpec):
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
+        self.attn = Attention(cfg, linear)
+        self.norm2 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
+        self.mlp = MLP(cfg, linear)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                angles: Angles | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, angles)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of ``cfg.depth`` blocks; no final norm (the encoder / decoder own theirs).
+
+    ``rope=False`` (or setting ``.rope = False`` later) ignores the RoPE angles, e.g. to compare
+    against SigLIP2, which has none. ``checkpoint=True`` recomputes each block in backward.
+    """
+
+    def __init__(self, cfg: TransformerConfig, linear: LinearSpec | None = None, rope: bool = True,
+                 checkpoint: bool = False):
+        super().__init__()
+        linear = linear or LinearSpec()
+        self.rope = rope
+        self.checkpoint = checkpoint
+        self.blocks = nn.ModuleList(Block(cfg, linear) for _ in range(cfg.depth))
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                angles: Angles | None = None) -> torch.Tensor:
+        """x [N, width] -> [N, width]; angles from ``rope_angles(coords, head_dim, theta)``."""
+        angles = angles if self.rope else None
+        for block in self.blocks:
+            if self.checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, cu_seqlens, max_seqlen, angles, use_reentrant=False)
+            else:
+                x = block(x, cu_seqlens, max_seqlen, angles)
+        return x

@@ -1,0 +1,57 @@
+"""atoken: distributed pretraining for the AToken unified visual tokenizer.
+
+The repository's top-level folders install as subpackages of one import name:
+``model/`` -> ``atoken.model``, ``training/`` -> ``atoken.training``, and so on.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ["model", "training", "data_pipeline", "tools"]
+
+setup(
+    name="atoken",
+    version="0.1.0",
+    description="Distributed pretraining for AToken, a unified visual tokenizer (arXiv 2509.14476)",
+    python_requires=">=3.11",
+    packages=["atoken"] + [f"atoken.{p}" for p in SUBPACKAGES],
+    package_dir={"atoken": "atoken"} | {f"atoken.{p}": p for p in SUBPACKAGES},
+    # torch stays a range: GPU machines come with their own build. The CPU machines pin
+    # torch==2.14.1 + torchvision==0.29.1 in the Makefile (installed first, alone).
+    install_requires=[
+        "torch>=2.9",
+        "torchvision>=0.24",
+        "deepspeed>=0.16",
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core>=0.17; python_version >= '3.12'",
+        "mosaicml-streaming>=0.11",
+        "lpips>=0.1.4",
+        "wandb>=0.18",
+        "boto3>=1.34",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6"],
+        "dali": ["nvidia-dali-cuda120"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            # Real data and offline weights used by the tests and the demo (ENVIRONMENT.md).
+            "scikit-image",
+            "scikit-learn",
+            "stlpips-pytorch",
+            "ipython",  # imported by stlpips-pytorch without declaring it
+            "torchsummary",  # likewise
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "atoken-train=atoken.training.train:main",
+            "atoken-make-image-shards=atoken.tools.make_image_shards:main",
+            "atoken-convert=atoken.tools.convert:main",
+            "atoken-reconstruct=atoken.tools.reconstruct:main",
+        ]
+    },
+)

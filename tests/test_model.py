@@ -1,0 +1,272 @@
+"""CPU unit tests of the model: patches, 4D RoPE, varlen attention backends, packing isolation."""
+import logging
+import math
+
+import pytest
+import torch
+
+from atoken.model import (AToken, ModelConfig, PackedBatch, TransformerConfig, apply_rope, fuse_qkv,
+                          pad_to_patches, patchify, preset, rope_angles, set_attention_backend, split_qkv,
+                          unpatchify, varlen_attention)
+from atoken.model import attention as attn_mod
+from atoken.model.attention import dense_reference_attention, sdpa_loop_attention
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend():
+    yield
+    set_attention_backend(None)
+
+
+def micro_config() -> ModelConfig:
+    """The tiny preset shrunk further so a forward takes milliseconds."""
+    cfg = preset("tiny")
+    for tc in (cfg.encoder, cfg.decoder):
+        tc.depth, tc.width, tc.heads, tc.mlp_width = 2, 64, 2, 128  # head_dim 32
+    cfg.latent_channels = 8
+    return cfg
+
+
+def image_batch(images: list[torch.Tensor]) -> PackedBatch:
+    parts = []
+    for img in images:
+        f, c, g = patchify(img)
+        parts.append((f, c, g, "image", 1))
+    return PackedBatch.cat(parts)
+
+
+# ---------------------------------------------------------------- patches
+
+def test_patchify_roundtrip_image_and_video():
+    img = torch.randn(3, 48, 80)  # 3x5 patch grid
+    f, c, g = patchify(img)
+    assert f.shape == (15, 3072) and g == (1, 3, 5, 1)
+    assert torch.equal(f.reshape(15, 4, 16, 16, 3)[:, 1:], torch.zeros(15, 3, 16, 16, 3))  # time padding
+    assert torch.equal(unpatchify(f, g, frames=1), img[:, None])
+    assert c[:, 0].eq(0).all() and c[:, 3].eq(0).all() and c[-1].tolist() == [0, 2, 4, 0]
+
+    vid = torch.randn(3, 8, 32, 48)
+    f, c, g = patchify(vid)
+    assert g == (2, 2, 3, 1) and f.shape == (12, 3072)
+    assert torch.equal(unpatchify(f, g), vid)
+
+
+def test_patchify_rejects_non_multiple_and_pad_crop_identity():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        patchify(torch.randn(3, 50, 64))
+    img = torch.randn(3, 50, 70)
+    padded = pad_to_patches(img)
+    assert padded.shape == (3, 64, 80)
+    assert torch.equal(padded[:, :50, :70], img)
+    f, _, g = patchify(padded)
+    assert torch.equal(unpatchify(f, g, frames=1)[:, 0, :50, :70], img)
+
+
+# ---------------------------------------------------------------- RoPE
+
+def _rope_scores(q, k, coords, theta=10000.0):
+    cos, sin = rope_angles(coords, q.shape[-1], theta)
+    return torch.einsum("nhd,mhd->hnm", apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+
+
+def test_rope_scores_depend_only_on_coordinate_differences():
+    torch.manual_seed(0)
+    n, h, d = 10, 2, 32
+    q, k = torch.randn(n, h, d), torch.randn(n, h, d)
+    coords = torch.randint(0, 20, (n, 4))
+    ref = _rope_scores(q, k, coords)
+    shifted = _rope_scores(q, k, coords + torch.tensor([3, -5, 7, 11]))
+    torch.testing.assert_close(shifted, ref, atol=1e-4, rtol=1e-4)
+    for axis in range(4):  # moving one token along any one axis must change its scores
+        moved = coords.clone()
+        moved[4, axis] += 3
+        changed = _rope_scores(q, k, moved)
+        assert (changed[:, 4] - ref[:, 4]).abs().max() > 1e-2
+        torch.testing.assert_close(changed[:, :4, :4], ref[:, :4, :4])  # other pairs untouched
+
+
+def test_rope_matches_released_complex_formulation():
+    """Per axis D/8 frequencies theta^(-i/D) (full head dim), axes (t, x, y, z) concatenated,
+    adjacent (even, odd) pairs rotated as complex numbers."""
+    torch.manual_seed(0)
+    n, h, d = 6, 3, 72
+    x, coords = torch.randn(n, h, d), torch.randint(0, 30, (n, 4))
+    freqs = 1.0 / 10000.0 ** (torch.arange(d // 8).float() / d)
+    angles = torch.cat([coords[:, a, None].float() * freqs for a in range(4)], -1)  # [n, d/2]
+    ref = torch.view_as_real(torch.view_as_complex(x.reshape(n, h, d // 2, 2))
+                             * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, *rope_angles(coords, d)), ref)
+    # Only the t-axis block (first D/4 dims) rotates when only t is non-zero.
+    only_t = torch.zeros(n, 4, dtype=torch.long)
+    only_t[:, 0] = 5
+    out = apply_rope(x, *rope_angles(only_t, d))
+    assert torch.equal(out[..., d // 4:], x[..., d // 4:]) and not torch.allclose(out[..., :d // 4], x[..., :d // 4])
+
+
+# ---------------------------------------------------------------- attention backends
+
+def _packed_qkv(lens, h=2, d=16, dtype=torch.float32, device="cpu"):
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(sum(lens), h, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    return q, k, v, cu
+
+
+def test_sdpa_loop_matches_dense_reference_with_grads():
+    torch.manual_seed(0)
+    q, k, v, cu = _packed_qkv([5, 1, 9, 3])
+    set_attention_backend("sdpa")
+    out = varlen_attention(q, k, v, cu, 9)
+    ref = dense_reference_attention(q, k, v, cu)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_or_unavailable_backend_raises():
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        set_attention_backend("xformers")
+    q, k, v, cu = _packed_qkv([3, 4])
+    for name in ("flash_attn", "torch_varlen"):  # never runnable on CPU fp32 tensors
+        try:
+            set_attention_backend(name)
+        except ValueError:
+            continue  # package missing: refused at once
+        with pytest.raises(ValueError, match="cannot run"):
+            varlen_attention(q, k, v, cu, 4)
+
+
+def test_backend_choice_logged_once(caplog):
+    attn_mod._logged.clear()
+    q, k, v, cu = _packed_qkv([3, 4])
+    with caplog.at_level(logging.INFO, logger=attn_mod.__name__):
+        for _ in range(3):
+            varlen_attention(q, k, v, cu, 4)
+    msgs = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+    assert len(msgs) == 1 and msgs[0].startswith("attention backend: sdpa (")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["flash_attn", "torch_varlen"])
+def test_cuda_backends_match_sdpa_bf16(name):
+    if attn_mod._unavailable_reason(name, None):
+        pytest.skip(attn_mod._unavailable_reason(name, None))
+    torch.manual_seed(0)
+    q, k, v, cu = _packed_qkv([130, 7, 300, 64], h=4, d=72, dtype=torch.bfloat16, device="cuda")
+    set_attention_backend(name)
+    out = varlen_attention(q, k, v, cu, 300)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref = sdpa_loop_attention(q, k, v, cu)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------- transformer pieces
+
+def test_fused_qkv_layout():
+    torch.manual_seed(0)
+    heads, hd, width = 3, 8, 24
+    wq, wk, wv = (torch.randn(heads * hd, width) for _ in range(3))
+    fused = fuse_qkv(wq, wk, wv, heads)
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads), (wq, wk, wv)))
+    x = torch.randn(5, width)
+    q, k, v = (x @ fused.t()).view(5, heads, 3, hd).unbind(2)  # as Attention.forward reads it
+    torch.testing.assert_close(q, (x @ wq.t()).view(5, heads, hd))
+    torch.testing.assert_close(v, (x @ wv.t()).view(5, heads, hd))
+
+
+# ---------------------------------------------------------------- the autoencoder
+
+def test_packing_isolation():
+    torch.manual_seed(0)
+    model = AToken(micro_config()).eval()
+    imgs = [torch.rand(3, 32, 48) * 2 - 1, torch.rand(3, 48, 32) * 2 - 1, torch.rand(3, 16, 64) * 2 - 1]
+    with torch.no_grad():
+        base, _ = model(image_batch(imgs), sample=False)
+        cu = [0, 6, 12, 16]
+        for variant in (torch.rand(3, 48, 32) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1):  # new pixels, new size
+            new = [imgs[0], variant, imgs[2]]
+            batch = image_batch(new)
+            out, post = model(batch, sample=False)
+            ncu = batch.cu_seqlens.tolist()
+            torch.testing.assert_close(out[:ncu[1]], base[:cu[1]], atol=1e-6, rtol=0)
+            torch.testing.assert_close(out[ncu[2]:], base[cu[2]:], atol=1e-6, rtol=0)
+            if variant.shape == imgs[1].shape:
+                assert (out[cu[1]:cu[2]] - base[cu[1]:cu[2]]).abs().max() > 1e-4
+    assert out.shape == (batch.num_tokens, 3072) and post.mean.shape == (batch.num_tokens, 8)
+
+
+def test_forward_backward_checkpoint_and_rope_toggle():
+    cfg = micro_config()
+    torch.manual_seed(0)
+    plain = AToken(cfg)
+    torch.manual_seed(0)
+    ckpt = AToken(cfg, checkpoint=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ckpt.state_dict().values()))
+    batch = image_batch([torch.rand(3, 32, 32), torch.rand(3, 16, 48)])
+    grads = []
+    for m in (plain, ckpt):
+        recon, post = m(batch, sample=True, generator=torch.Generator().manual_seed(1))
+        ((recon - batch.features).abs().mean() + 1e-3 * post.kl().mean()).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(g is not None and g.isfinite().all() for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # the encoder's RoPE can be switched off (SigLIP2 comparison)
+        on = plain.encode(batch).mean
+        plain.encoder.transformer.rope = False
+        assert not torch.allclose(plain.encode(batch).mean, on)
+
+
+def test_parameter_names_and_position_table():
+    torch.manual_seed(0)
+    model = AToken(micro_config())
+    names = [n for n, _ in model.named_parameters()]
+    assert all(n.split(".")[0] in ("encoder", "latent", "decoder") for n in names)
+    for n in ("encoder.patch_embed.weight", "encoder.pos_embed", "encoder.transformer.blocks.1.attn.qkv.weight",
+              "encoder.transformer.blocks.0.mlp.fc1.bias", "encoder.transformer.blocks.0.norm1.bias",
+              "encoder.norm.weight", "latent.weight", "decoder.up.weight", "decoder.head.weight",
+              "decoder.transformer.blocks.0.attn.q_norm.weight", "decoder.transformer.blocks.1.norm2.weight"):
+        assert n in names, n
+    assert not any(n.startswith("decoder.") and n.endswith(".bias") for n in names)
+    # A 16x16 grid reads the table unresized, at row-major (x, y).
+    batch = image_batch([torch.zeros(3, 256, 256), torch.zeros(3, 32, 16)])
+    pos = model.encoder.position_embedding(batch)
+    torch.testing.assert_close(pos[:256], model.encoder.pos_embed, atol=1e-6, rtol=0)
+    assert pos.shape == (258, 64)
+
+
+def test_posterior():
+    from atoken.model import Posterior
+    post = Posterior(torch.zeros(4, 8), torch.zeros(4, 8))
+    assert torch.equal(post.kl(), torch.zeros(4))
+    post = Posterior(torch.ones(2, 3), torch.full((2, 3), math.log(2.0)))
+    torch.testing.assert_close(post.kl(), torch.full((2,), 0.5 * 3 * (1 + 2 - 1 - math.log(2.0))))
+    a, b = (post.sample(torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_presets_and_parameter_count():
+    so = preset("so400m")
+    for tc in (so.encoder, so.decoder):
+        assert (tc.depth, tc.width, tc.heads, tc.head_dim, tc.mlp_width) == (27, 1152, 16, 72, 4304)
+    assert (so.encoder.norm, so.encoder.qk_norm, so.encoder.bias) == ("layernorm", False, True)
+    assert (so.decoder.norm, so.decoder.qk_norm, so.decoder.bias) == ("rmsnorm", True, False)
+    base = preset("base")
+    assert (base.encoder.depth, base.encoder.width, base.encoder.heads) == (12, 768, 12)
+    assert ModelConfig.from_dict(so.to_dict()) == so
+    with pytest.raises(ValueError):
+        preset("huge")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        TransformerConfig(2, 100, 5, 128)  # head_dim 20 cannot split over 4 RoPE axes in pairs
+    with torch.device("meta"):
+        model = AToken(so)
+    count = sum(p.numel() for p in model.parameters())
+    enc = sum(p.numel() for p in model.encoder.parameters())
+    print(f"so400m AToken parameters: {count / 1e6:.1f}M (encoder {enc / 1e6:.1f}M)")
+    assert 780e6 < count < 860e6 and 400e6 < enc < 430e6

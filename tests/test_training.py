@@ -1,0 +1,137 @@
+"""The real training entry point in fresh processes: resume, conversion, corrupt samples.
+
+One straight run (A) is shared by the tests: 4 steps of a shrunk ``demo`` config on real photos, in
+fp32 on CPU, with a truncated JPEG among the shards. Run B resumes A's step-2 checkpoint in a new
+process and must reproduce A's steps 3-4 exactly.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from streaming import MDSWriter
+
+from atoken.data_pipeline import IMAGE_COLUMNS
+from atoken.model import AToken, ModelConfig, Tokenizer
+from atoken.tools.convert import convert
+
+STEPS = 4
+SHRINK = ["model=tiny", "model.encoder.depth=1", "model.decoder.depth=1", "data.min_res=32",
+          "data.max_res=64", "data.token_budget=64", "loss.perceptual_size=64", "optim.warmup_steps=2",
+          "log.every=1", "log.eval_every=1000", "checkpoint.every=2", "checkpoint.keep=3", f"steps={STEPS}"]
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Six real photos and, third, a truncated JPEG that passes no decoder."""
+    import skimage.data as sk
+
+    out = tmp_path_factory.mktemp("shards")
+    photos = {n: getattr(sk, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")}
+    with MDSWriter(out=str(out), columns=IMAGE_COLUMNS) as w:
+        for i, (name, arr) in enumerate(photos.items()):
+            data = _jpeg(arr if arr.ndim == 3 else np.stack([arr] * 3, -1))
+            if i == 2:
+                data, name = data[: len(data) // 3], "truncated.jpg"
+            w.write({"image": data, "width": arr.shape[1], "height": arr.shape[0], "name": name})
+    return out
+
+
+def train(run_dir: Path, shards: Path, *extra: str) -> list[dict]:
+    """Run the trainer in a fresh process; returns its metrics.jsonl records."""
+    sets = [*SHRINK, f"run_dir={run_dir}", f"data.remote={shards}", f"data.local={run_dir / 'cache'}", *extra]
+    env = {**os.environ, "WANDB_SILENT": "true", "TMPDIR": str(run_dir.parent)}
+    proc = subprocess.run([sys.executable, "-m", "atoken.training.train", "--config", "demo",
+                           *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir / "stderr.txt").write_text(proc.stderr)
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, shards) -> Path:
+    run = tmp_path_factory.mktemp("a") / "run"
+    train(run, shards)
+    return run
+
+
+def steps_of(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records if "loss" in r}
+
+
+def test_resume_matches_straight_run(run_a, shards, tmp_path):
+    straight = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])
+    assert sorted(straight) == list(range(1, STEPS + 1))
+    mid = run_a / "checkpoints" / "step_00000002"
+    resumed = steps_of(train(tmp_path / "b", shards, f"checkpoint.resume={mid}"))
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        a, b = straight[step], resumed[step]
+        assert a["data"] == b["data"], f"step {step}: different samples after resume"
+        for key in ("loss", "l1", "lpips", "gram", "kl", "lr"):
+            assert a[key] == b[key], f"step {step} {key}: {a[key]} straight vs {b[key]} resumed"
+    # Both runs end on the same weights and EMA.
+    for name in ("mp_rank_00_model_states.pt", "ema_mp_rank_00.pt"):
+        wa = torch.load(run_a / "checkpoints/step_00000004" / name, map_location="cpu", weights_only=False)
+        wb = torch.load(tmp_path / "b/checkpoints/step_00000004" / name, map_location="cpu", weights_only=False)
+        wa, wb = wa.get("module", wa), wb.get("module", wb)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_records(run_a):
+    events = [json.loads(line)["event"] for line in open(run_a / "events.jsonl")]
+    assert events == ["start", "checkpoint", "checkpoint", "end"]
+    assert (run_a / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not list((run_a / "checkpoints" / ".staging").iterdir())
+    assert "model:" in (run_a / "config.yaml").read_text()
+    assert list((run_a / "wandb").glob("offline-run-*")), "wandb offline run missing"
+
+
+def test_corrupt_sample_skipped_and_counted(run_a):
+    last = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])[STEPS]
+    assert last["samples_bad"] >= 1
+    log = (run_a / "stderr.txt").read_text()
+    assert "truncated" in log or "shard" in log
+
+
+def test_converted_model_equals_training_ema(run_a, tmp_path):
+    import skimage.data as sk
+
+    out = convert(run_a, tmp_path / "inference")
+    tok = Tokenizer.from_pretrained(out, device="cpu")
+    # The training-side reference: the run's config and EMA weights loaded straight from the checkpoint.
+    ckpt = run_a / "checkpoints" / "step_00000004"
+    cfg = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["config"]
+    ref = AToken(ModelConfig.from_dict(cfg["model"]))
+    ref.load_state_dict(torch.load(ckpt / "ema_mp_rank_00.pt", map_location="cpu"))
+    img = torch.from_numpy(sk.astronaut()[::8, ::8].copy()).permute(2, 0, 1).float() / 255  # 64x64
+    odd = img[:, :50, :37]  # not a multiple of 16: padded, then cropped back
+    got = tok.reconstruct([img, odd])
+    want = Tokenizer(ref).reconstruct([img, odd])
+    assert got[1].shape == odd.shape
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    # EMA differs from the raw weights after 4 steps, so the default really exported the EMA.
+    raw = convert(run_a, tmp_path / "raw", weights="raw")
+    ema_w, raw_w = load_file(out / "model.safetensors"), load_file(raw / "model.safetensors")
+    assert any(not torch.equal(ema_w[k], raw_w[k]) for k in ema_w)
+    # bf16 export: same outputs within bf16 tolerance.
+    bf16 = Tokenizer.from_pretrained(convert(run_a, tmp_path / "bf16", dtype="bf16"), device="cpu")
+    assert bf16.dtype == torch.bfloat16
+    assert torch.allclose(bf16.reconstruct([img])[0], got[0], atol=0.1)

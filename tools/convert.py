@@ -1,0 +1,81 @@
+"""Convert a training checkpoint into an inference directory (config.json + model.safetensors).
+
+    atoken-convert runs/demo --out runs/demo/inference            # latest checkpoint, EMA, fp32
+    atoken-convert runs/demo/checkpoints/step_00000100 --out x --weights raw --dtype bf16
+
+The source may be a run directory, its ``checkpoints`` directory (the ``latest`` pointer picks the
+checkpoint) or one checkpoint directory. The result loads with ``Tokenizer.from_pretrained``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from atoken.model.tokenizer import FORMAT
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Resolve a run dir / checkpoints dir / checkpoint dir to one complete checkpoint directory."""
+    path = Path(path)
+    for pointer in (path / "checkpoints" / "latest", path / "latest"):
+        if pointer.exists():
+            path = pointer.parent / pointer.read_text().strip()
+            break
+    if not (path / "mp_rank_00_model_states.pt").exists():
+        raise FileNotFoundError(f"{path} is not a checkpoint (no mp_rank_00_model_states.pt); pass a run "
+                                "directory, its checkpoints/ directory or a checkpoints/step_* directory")
+    return path
+
+
+def load_weights(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, client state) of one checkpoint; ``which`` is "ema" or "raw"."""
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    client = {k: states[k] for k in ("step", "config") if k in states}
+    if which == "ema":
+        return torch.load(ckpt / "ema_mp_rank_00.pt", map_location="cpu"), client
+    if states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        # ZeRO-3 keeps only partitions of the parameters: rebuild them from the fp32 optimizer shards.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name), client
+    return {k: v.float() for k, v in states["module"].items()}, client
+
+
+def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str = "fp32") -> Path:
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    ckpt = find_checkpoint(src)
+    state, client = load_weights(ckpt, weights)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    run_cfg = client["config"]
+    meta = {"format": FORMAT, "version": 1, "model": run_cfg["model"],
+            "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype], "weights": weights,
+            "source": {"checkpoint": str(ckpt.resolve()), "step": client["step"], "stage": run_cfg["stage"]}}
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="atoken-convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="run directory, checkpoints directory or checkpoint directory")
+    p.add_argument("--out", required=True, help="inference directory to write")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="stored weight dtype")
+    args = p.parse_args(argv)
+    out = convert(args.src, args.out, args.weights, args.dtype)
+    print(f"wrote {out}/config.json and model.safetensors from {find_checkpoint(args.src)}")
+
+
+if __name__ == "__main__":
+    main()

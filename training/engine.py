@@ -1,0 +1,50 @@
+"""The DeepSpeed engine: AdamW over named parameter groups, the LR schedule, ZeRO and clipping."""
+from __future__ import annotations
+
+import functools
+
+import deepspeed
+import torch
+from torch import nn
+
+from .schedule import lr_factor
+
+
+def param_groups(model: nn.Module, optim) -> list[dict]:
+    """Four groups: (encoder | rest) x (decayed matrices | undecayed biases, norms, tables)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_encoder = name.startswith("encoder.")
+        decay = p.ndim >= 2 and "pos_table" not in name
+        groups.setdefault((is_encoder, decay), []).append(p)
+    return [{"params": ps, "lr": optim.lr * (optim.encoder_lr_mult if enc else 1.0),
+             "weight_decay": optim.weight_decay if decay else 0.0,
+             "name": f"{'encoder' if enc else 'rest'}_{'decay' if decay else 'no_decay'}"}
+            for (enc, decay), ps in sorted(groups.items())]
+
+
+def build_engine(model: nn.Module, cfg, mpu=None):
+    """Wrap ``model`` in a DeepSpeed engine with ZeRO stage ``cfg.zero_stage``.
+
+    A torch AdamW (fused on CUDA) instead of DeepSpeed's JIT-compiled Adam kernels: no build step.
+    """
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+                            fused=torch.cuda.is_available())
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(lr_factor, warmup=o.warmup_steps, total=cfg.steps, peak=o.lr, floor=o.min_lr))
+    ds_config = {
+        # One micro-batch is one packed token stream of many samples; DeepSpeed's "batch size" only
+        # counts them.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config,
+                                           mpu=mpu)
+    return engine

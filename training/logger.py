@@ -1,0 +1,108 @@
+"""What a run reports: a progress bar, ``metrics.jsonl``, ``events.jsonl`` and wandb (offline by default).
+
+Only rank 0 writes. The wandb run id is kept in the run directory so a resumed run appends to the
+same wandb run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLogger:
+    def __init__(self, cfg, run_dir: Path, start_step: int, enabled: bool):
+        self.enabled, self.run_dir, self.total = enabled, run_dir, cfg.steps
+        self.bar = self.wandb = None
+        if not enabled:
+            return
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.event("resume" if start_step else "start", step=start_step, commit=git_commit(),
+                   torch=torch.__version__, cuda=torch.cuda.is_available())
+        if cfg.log.wandb_mode != "disabled":
+            import wandb
+
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=cfg.log.wandb_project, name=cfg.name, id=run_id, resume="allow",
+                                    dir=str(run_dir), mode=cfg.log.wandb_mode, config=cfg.to_dict())
+        self.bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.name, dynamic_ncols=True,
+                        disable=None)  # None: no bar when stderr is not a terminal
+        self._t, self._tokens = time.perf_counter(), 0
+
+    def event(self, kind: str, **fields) -> None:
+        if self.enabled:
+            with open(self.run_dir / "events.jsonl", "a") as f:
+                f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+
+    def step(self, step: int, tokens: int, metrics: dict | None) -> None:
+        """Called after every optimizer step; ``metrics`` only on logging steps."""
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        self._tokens += tokens
+        if metrics is None:
+            return
+        dt = time.perf_counter() - self._t
+        metrics = {"step": step, **metrics, "tokens_per_s": self._tokens / max(dt, 1e-9)}
+        self._t, self._tokens = time.perf_counter(), 0
+        self.metrics.write(json.dumps(metrics) + "\n")
+        self.metrics.flush()
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if self.bar.disable:
+            log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, self.total, metrics["loss"],
+                     metrics["lr"], metrics["tokens_per_s"])
+        if self.wandb:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def eval(self, step: int, psnrs: dict[str, float], originals: list, recons: list) -> None:
+        if not self.enabled:
+            return
+        mean = sum(psnrs.values()) / len(psnrs)
+        record = {"step": step, "eval_psnr": mean, "eval_psnr_per_image": psnrs}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        log.info("step %d: held-out PSNR %.2f dB (%s)", step, mean,
+                 ", ".join(f"{k} {v:.2f}" for k, v in psnrs.items()))
+        if self.wandb:
+            import wandb
+
+            grid = _grid(originals, recons)
+            self.wandb.log({"eval/psnr": mean,
+                            "eval/reconstructions": wandb.Image(grid.permute(1, 2, 0).numpy(),
+                                                                caption="top: original, bottom: reconstruction")},
+                           step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.metrics.close()
+            if self.wandb:
+                self.wandb.finish()
+
+
+def _grid(originals: list[torch.Tensor], recons: list[torch.Tensor], side: int = 128) -> torch.Tensor:
+    """Originals on the top row, reconstructions below, each resized to side x side: [3, 2s, n*s]."""
+    resize = torchvision.transforms.functional.resize
+    tiles = [resize(x, [side, side], antialias=True) for x in originals + recons]
+    return torchvision.utils.make_grid(tiles, nrow=len(originals), padding=2)

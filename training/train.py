@@ -1,0 +1,148 @@
+"""Train one curriculum stage: ``python -m atoken.training.train --config stage1 --set key=value``.
+
+Reads top to bottom: config, process group, model and losses, DeepSpeed engine, data, resume, then
+the loop (step, log, evaluate, checkpoint). The same entry point runs as one process, under
+torchrun, or under srun.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from atoken.data_pipeline import build_image_loader
+from atoken.model import AToken, Tokenizer
+from atoken.model.losses import ReconstructionLoss
+from atoken.model.metrics import psnr
+
+from . import checkpoint, distributed
+from .config import RunConfig, apply_override, load_yaml
+from .configs import CONFIGS
+from .ema import EMA
+from .engine import build_engine
+from .holdout import load_images
+from .logger import RunLogger
+
+log = logging.getLogger("atoken.train")
+
+
+def parse_args(argv=None) -> RunConfig:
+    p = argparse.ArgumentParser(
+        prog="atoken-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  atoken-train --config demo\n"
+               "  atoken-train --config stage1 --set model=base --set data.remote=s3://bucket/images "
+               "--set run_dir=/scratch/runs/s1\n  atoken-train --config runs/s1/config.yaml --set steps=1000")
+    p.add_argument("--config", default="stage1",
+                   help=f"a named config ({', '.join(sorted(CONFIGS))}) or a YAML file written by a previous run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. optim.lr=1e-4, data.max_res=256, model=tiny (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    cfg = CONFIGS[args.config]() if args.config in CONFIGS else load_yaml(args.config)
+    for item in args.overrides:
+        apply_override(cfg, item)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def precision(cfg: RunConfig, device: torch.device):
+    """bf16 autocast on CUDA (or when asked for), fp32 otherwise."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train_step(engine, loss_fn, batches, cfg: RunConfig, device, amp) -> tuple[dict, int, list[str]]:
+    """One optimizer step over ``grad_accum`` packed micro-batches. Returns detached mean losses."""
+    totals, tokens, names = {}, 0, []
+    for _ in range(cfg.grad_accum):
+        batch = next(batches)
+        tokens, names = tokens + batch.num_tokens, names + batch.names
+        batch = batch.to(device)
+        with amp:
+            recon, posterior = engine(batch)
+            losses = loss_fn(batch, recon, posterior.kl())
+        engine.backward(losses["total"])
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+    return totals, tokens, names
+
+
+def evaluate(model, ema: EMA, images: dict[str, torch.Tensor], device, amp) -> tuple[dict, list]:
+    """Held-out PSNR of the EMA weights (what atoken-convert exports by default)."""
+    with ema.applied_to(model), amp:
+        recons = Tokenizer(model, device).reconstruct(list(images.values()))
+    model.train()
+    return {name: psnr(x, y) for (name, x), y in zip(images.items(), recons)}, recons
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    dist_info = distributed.init()
+    logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
+                        format=f"[%(asctime)s r{dist_info.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run_dir, device = Path(cfg.run_dir), dist_info.device
+    ckpt_dir = run_dir / "checkpoints"
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        log.info("resolved config:\n%s", cfg.to_yaml())
+
+    # Same seed on every rank for the weights, then per-rank streams for everything random after.
+    torch.manual_seed(cfg.seed)
+    model = AToken(cfg.model).to(device)
+    loss_fn = ReconstructionLoss(cfg.loss).to(device)
+    engine = build_engine(model, cfg)
+    ema = EMA(model, cfg.optim.ema_decay)
+    torch.manual_seed(cfg.seed + 1 + dist_info.rank)
+    loader = build_image_loader(cfg.data)
+    amp = precision(cfg, device)
+
+    start = 0
+    resume_from = checkpoint.resolve(cfg.checkpoint.resume, ckpt_dir)
+    if resume_from is not None:
+        state = checkpoint.load(engine, ema, resume_from)
+        start = state["step"]
+        loader.load_state_dict(state["data"])
+    logger = RunLogger(cfg, run_dir, start, enabled=dist_info.is_main)
+    holdout = load_images(cfg.log.eval_images) if cfg.log.eval_images else {}
+
+    def run_eval(step: int) -> None:
+        if holdout and dist_info.is_main:
+            psnrs, recons = evaluate(model, ema, holdout, device, amp)
+            logger.eval(step, psnrs, list(holdout.values()), recons)
+
+    if start == 0:
+        run_eval(0)
+    batches = iter(loader)
+    for step in range(start + 1, cfg.steps + 1):
+        losses, tokens, names = train_step(engine, loss_fn, batches, cfg, device, amp)
+        ema.update(model, step)
+        last = step == cfg.steps
+        metrics = None
+        if step % cfg.log.every == 0 or last:
+            metrics = {"loss": losses.pop("total").item(), **{k: v.item() for k, v in losses.items()},
+                       "lr": engine.get_lr()[-1], "tokens": tokens, "samples_bad": loader.samples_bad,
+                       "data": hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]}
+        logger.step(step, tokens, metrics)
+        if step % cfg.log.eval_every == 0 or last:
+            run_eval(step)
+        if step % cfg.checkpoint.every == 0 or last:
+            client = {"step": step, "data": loader.state_dict(), "config": cfg.to_dict()}
+            checkpoint.save(engine, ema, client, ckpt_dir, step, cfg.checkpoint.keep)
+            logger.event("checkpoint", step=step)
+    logger.event("end", step=cfg.steps)
+    logger.close()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
