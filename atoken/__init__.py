@@ -1,1 +1,0 @@
-"""atoken: the AToken unified visual tokenizer, trained at scale."""
