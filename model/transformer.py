@@ -5,6 +5,12 @@ tensor-parallel spec can return megatron's ColumnParallelLinear (``qkv``, ``fc1`
 RowParallelLinear (``proj``, ``fc2``) instead, with ``tp_size`` > 1 making the attention run on its
 local ``heads // tp_size`` heads. Nothing else in the model needs to change for that.
 
+The spec also owns the token dimension of each stack: ``shard_sequence`` / ``unshard_sequence``
+run at the start / end of every ``Transformer`` and are the identity here. A sequence-parallel spec
+splits the packed stream ``[N, width]`` across its ranks there (its column / row linears then
+all-gather / reduce-scatter the tokens around attention and the MLP), so norms and residuals run on
+a shard while attention still sees the whole packed stream.
+
 Fused QKV layout: output features are ordered ``[heads, 3 (q, k, v), head_dim]`` (per head, like
 megatron's linear_qkv) so that a column-parallel split along the output keeps each rank's q, k and
 v heads together. Use ``fuse_qkv`` / ``split_qkv`` to convert from / to separate q, k, v
@@ -38,6 +44,16 @@ class LinearSpec:
     def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
 
+    def shard_sequence(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, angles: Angles | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int, Angles | None]:
+        """Entering a stack: x [N, width] -> this rank's rows, with the (cu_seqlens, max_seqlen,
+        angles) that attention must use on the full stream it will see."""
+        return x, cu_seqlens, max_seqlen, angles
+
+    def unshard_sequence(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Leaving a stack: this rank's rows -> the full [num_tokens, width]."""
+        return x
+
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
@@ -68,8 +84,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 angles: Angles | None) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, self.heads, 3, self.head_dim).unbind(2)  # each [N, h, D]
+        qkv = self.qkv(x)
+        n = qkv.shape[0]  # all N tokens, also when x holds only a sequence-parallel shard of them
+        q, k, v = qkv.view(n, self.heads, 3, self.head_dim).unbind(2)  # each [N, h, D]
         if self.q_norm is not None:  # QK-norm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if angles is not None:
@@ -115,6 +132,7 @@ class Transformer(nn.Module):
                  checkpoint: bool = False):
         super().__init__()
         linear = linear or LinearSpec()
+        self.linear = linear  # a plain object (no parameters): shards / unshards the token dim
         self.rope = rope
         self.checkpoint = checkpoint
         self.blocks = nn.ModuleList(Block(cfg, linear) for _ in range(cfg.depth))
@@ -123,9 +141,11 @@ class Transformer(nn.Module):
                 angles: Angles | None = None) -> torch.Tensor:
         """x [N, width] -> [N, width]; angles from ``rope_angles(coords, head_dim, theta)``."""
         angles = angles if self.rope else None
+        num_tokens = x.shape[0]
+        x, cu_seqlens, max_seqlen, angles = self.linear.shard_sequence(x, cu_seqlens, max_seqlen, angles)
         for block in self.blocks:
             if self.checkpoint and torch.is_grad_enabled():
                 x = checkpoint(block, x, cu_seqlens, max_seqlen, angles, use_reentrant=False)
             else:
                 x = block(x, cu_seqlens, max_seqlen, angles)
-        return x
+        return self.linear.unshard_sequence(x, num_tokens)

@@ -49,6 +49,7 @@ class RunLogger:
         self.bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.name, dynamic_ncols=True,
                         disable=None)  # None: no bar when stderr is not a terminal
         self._t, self._tokens = time.perf_counter(), 0
+        self._t0, self._step0 = self._t, start_step
 
     def event(self, kind: str, **fields) -> None:
         if self.enabled:
@@ -69,9 +70,11 @@ class RunLogger:
         self.metrics.write(json.dumps(metrics) + "\n")
         self.metrics.flush()
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if self.bar.disable:
-            log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, self.total, metrics["loss"],
-                     metrics["lr"], metrics["tokens_per_s"])
+        if self.bar.disable:  # no terminal: the same facts as the bar, as a log line
+            per_step = (time.perf_counter() - self._t0) / max(1, step - self._step0)
+            eta = f"{(self.total - step) * per_step / 60:.1f} min"
+            log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f eta %s", step, self.total, metrics["loss"],
+                     metrics["lr"], metrics["tokens_per_s"], eta)
         if self.wandb:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 

@@ -59,7 +59,8 @@ def precision(cfg: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def train_step(engine, loss_fn, batches, cfg: RunConfig, device, amp) -> tuple[dict, int, list[str]]:
+def train_step(engine, loss_fn, batches, noise: torch.Generator, cfg: RunConfig, device, amp
+               ) -> tuple[dict, int, list[str]]:
     """One optimizer step over ``grad_accum`` packed micro-batches. Returns detached mean losses."""
     totals, tokens, names = {}, 0, []
     for _ in range(cfg.grad_accum):
@@ -67,7 +68,7 @@ def train_step(engine, loss_fn, batches, cfg: RunConfig, device, amp) -> tuple[d
         tokens, names = tokens + batch.num_tokens, names + batch.names
         batch = batch.to(device)
         with amp:
-            recon, posterior = engine(batch)
+            recon, posterior = engine(batch, generator=noise)
             losses = loss_fn(batch, recon, posterior.kl())
         engine.backward(losses["total"])
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -103,13 +104,16 @@ def main(argv=None) -> None:
     engine = build_engine(model, cfg)
     ema = EMA(model, cfg.optim.ema_decay)
     torch.manual_seed(cfg.seed + 1 + dist_info.rank)
+    # The posterior's noise has its own stream, checkpointed per rank: whatever else draws from the
+    # global RNG (DataLoader iterators do) cannot shift it, so a resumed run samples the same noise.
+    noise = torch.Generator(device).manual_seed(cfg.seed + 1 + dist_info.rank)
     loader = build_image_loader(cfg.data)
     amp = precision(cfg, device)
 
     start = 0
     resume_from = checkpoint.resolve(cfg.checkpoint.resume, ckpt_dir)
     if resume_from is not None:
-        state = checkpoint.load(engine, ema, resume_from)
+        state = checkpoint.load(engine, ema, {"noise": noise}, resume_from)
         start = state["step"]
         loader.load_state_dict(state["data"])
     logger = RunLogger(cfg, run_dir, start, enabled=dist_info.is_main)
@@ -124,20 +128,21 @@ def main(argv=None) -> None:
         run_eval(0)
     batches = iter(loader)
     for step in range(start + 1, cfg.steps + 1):
-        losses, tokens, names = train_step(engine, loss_fn, batches, cfg, device, amp)
+        losses, tokens, names = train_step(engine, loss_fn, batches, noise, cfg, device, amp)
         ema.update(model, step)
         last = step == cfg.steps
         metrics = None
         if step % cfg.log.every == 0 or last:
             metrics = {"loss": losses.pop("total").item(), **{k: v.item() for k, v in losses.items()},
-                       "lr": engine.get_lr()[-1], "tokens": tokens, "samples_bad": loader.samples_bad,
+                       "lr": max(engine.get_lr()), "tokens": tokens, "samples_bad": loader.samples_bad,
+                       "pack_fill": loader.stats()["fill"],
                        "data": hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]}
         logger.step(step, tokens, metrics)
         if step % cfg.log.eval_every == 0 or last:
             run_eval(step)
         if step % cfg.checkpoint.every == 0 or last:
             client = {"step": step, "data": loader.state_dict(), "config": cfg.to_dict()}
-            checkpoint.save(engine, ema, client, ckpt_dir, step, cfg.checkpoint.keep)
+            checkpoint.save(engine, ema, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep)
             logger.event("checkpoint", step=step)
     logger.event("end", step=cfg.steps)
     logger.close()

@@ -1,0 +1,232 @@
+"""Multi-process checks of training/checkpoint.py, run by tests/test_checkpoint_dist.py:
+
+    torchrun --nproc_per_node N tests/checkpoint_worker.py PHASE ROOT
+
+Each phase is one launch (imports and engine set-up cost more than the checks) and writes
+``ROOT/PHASE.json`` from rank 0. The runs train a tiny AToken (depth 1) through the real engine,
+EMA and checkpoint code on FIXED synthetic packed batches: micro-batch ``i`` of step ``s`` is the
+same wherever it runs (DP rank ``i``, or the ``i``-th accumulation step at DP=1).
+
+- ``save`` (2 ranks): DP=2 runs at ZeRO 1/2/3 and TP=2 runs at ZeRO 1/3, K steps + K steps, saving
+  after each K; then a save killed halfway (rank 1 SIGKILLs itself after DeepSpeed wrote its files).
+- ``one`` (1 rank): the DP=2 and TP=2 checkpoints resumed at DP=1/TP=1; TP=1 reference runs.
+- ``resume`` (2 ranks): the ZeRO runs resumed at their own layout; TP=1 -> TP=2; the crashed run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import types  # noqa: E402
+
+# DeepSpeed imports its Muon optimizer (and with it torch's inductor, ~9 s a process) only to check
+# whether ours is one (``isinstance``); we pass torch's AdamW, so a stand-in class answers as well.
+_muon = types.ModuleType("deepspeed.runtime.zero.muon.muon_optimizer")
+_muon.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+sys.modules.setdefault(_muon.__name__, _muon)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from atoken.model import PackedBatch, patchify, preset  # noqa: E402
+from atoken.training import checkpoint, distributed  # noqa: E402
+from atoken.training.config import RunConfig  # noqa: E402
+from atoken.training.ema import EMA  # noqa: E402
+from atoken.training.engine import build_engine  # noqa: E402
+from atoken.training.parallel import build_model, full_state_dict, init_parallel, mpu_for  # noqa: E402
+
+SEED = 7
+K = 2  # steps before and after the save
+STEPS = 2 * K
+JITTER = 1e-4  # input noise from each DP rank's checkpointed generator: exposes a wrong RNG restore
+
+
+def model_config():
+    cfg = preset("tiny")
+    cfg.encoder.depth = cfg.decoder.depth = 1
+    return cfg
+
+
+def run_config(zero: int, grad_accum: int) -> RunConfig:
+    cfg = RunConfig(model=model_config(), steps=STEPS, precision="fp32", zero_stage=zero, grad_accum=grad_accum)
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.ema_decay = 1e-3, 1, 0.9
+    return cfg
+
+
+def micro_batch(step: int, index: int) -> PackedBatch:
+    """Three images of mixed sizes (4 + 6 + 2 tokens, rotating), fixed by (step, index)."""
+    g = torch.Generator().manual_seed(1000 * step + index)
+    sizes = [(32, 32), (48, 32), (16, 32)]
+    sizes = sizes[step % 3:] + sizes[:step % 3]
+    parts = [(*patchify(torch.rand(3, h, w, generator=g) * 2 - 1), "image", 1) for h, w in sizes]
+    return PackedBatch.cat(parts, names=[f"{step}.{index}.{i}" for i in range(len(parts))])
+
+
+class Run:
+    """A model, its DeepSpeed engine, EMA and jitter generator at one layout."""
+
+    def __init__(self, tp: int, zero: int, grad_accum: int = 1):
+        self.dims = init_parallel(tp=tp, seed=SEED)
+        torch.manual_seed(SEED)
+        self.model = build_model(model_config(), self.dims)
+        self.engine = build_engine(self.model, run_config(zero, grad_accum), mpu=mpu_for(self.dims))
+        self.ema = EMA(self.model, 0.9)
+        self.noise = torch.Generator().manual_seed(SEED + 1 + self.dims.dp_rank)
+        self.grad_accum = grad_accum
+
+    def steps(self, first: int, last: int, jitter: float) -> dict[int, float]:
+        """Train steps first..last; per step the loss averaged over the step's micro-batches."""
+        losses = {}
+        for step in range(first, last + 1):
+            total = torch.zeros(())
+            for a in range(self.grad_accum):
+                batch = micro_batch(step, self.dims.dp_rank * self.grad_accum + a)
+                noise = torch.randn(batch.features.shape, generator=self.noise)
+                batch = dataclasses.replace(batch, features=batch.features + jitter * noise)
+                recon, posterior = self.engine(batch, sample=False)
+                loss = F.mse_loss(recon, batch.features) + 1e-3 * posterior.kl().mean()
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.detach() / self.grad_accum
+            self.ema.update(self.model, step)
+            if self.dims.dp > 1:
+                dist.all_reduce(total, group=self.dims.dp_group)
+                total /= self.dims.dp
+            losses[step] = total.item()
+        return losses
+
+    def save(self, ckpt_dir: Path, step: int) -> Path:
+        return checkpoint.save(self.engine, self.ema, {"noise": self.noise}, {"step": step}, ckpt_dir, step, keep=5)
+
+    def load(self, path: Path) -> dict:
+        return checkpoint.load(self.engine, self.ema, {"noise": self.noise}, path)
+
+    def groups(self) -> list[list[float]]:
+        return [[g["lr"], g["weight_decay"]] for g in self.engine.optimizer.param_groups]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return full_state_dict(self.engine, self.dims)
+
+    def ema_matches(self, path: Path) -> bool:
+        """This rank's EMA is its slice of the checkpoint's consolidated EMA (checked on every rank)."""
+        full, mine = checkpoint.consolidate(path, "ema"), self.ema.state_dict()
+        ok = True
+        for n, p in self.model.named_parameters():
+            t = full[n]
+            if getattr(p, "tensor_model_parallel", False):
+                t = t.chunk(self.dims.tp, dim=p.partition_dim)[self.dims.tp_rank]
+            if hasattr(p, "ds_tensor"):
+                t = checkpoint._partition(t, self.dims.dp, self.dims.dp_rank)
+            ok &= torch.equal(t, mine[n])
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, ok)
+        return all(flags)
+
+    def close(self) -> None:
+        del self.engine, self.model
+        gc.collect()
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def straight(root: Path, name: str, tp: int, zero: int, grad_accum: int, jitter: float) -> dict:
+    """STEPS steps in one go, saving after K and after STEPS."""
+    run = Run(tp, zero, grad_accum)
+    ckpt = root / name / "checkpoints"
+    losses = run.steps(1, K, jitter)
+    run.save(ckpt, K)
+    groups = run.groups()
+    losses.update(run.steps(K + 1, STEPS, jitter))
+    run.save(ckpt, STEPS)
+    run.close()
+    return {"losses": losses, "groups_at_k": groups}
+
+
+def resumed(root: Path, source: str, tp: int, zero: int, grad_accum: int, jitter: float, save_as: str | None = None
+            ) -> dict:
+    """Load ``source``'s step-K checkpoint at this layout and train steps K+1..STEPS."""
+    run = Run(tp, zero, grad_accum)
+    path = root / source / "checkpoints" / checkpoint.tag_for(K)
+    state = run.load(path)
+    out = {"step": state["step"], "groups": run.groups(), "ema_ok": run.ema_matches(path),
+           "weights_err": max_diff(run.weights(), checkpoint.consolidate(path, "raw"))}
+    out["losses"] = run.steps(K + 1, STEPS, jitter)
+    if save_as:
+        run.save(root / save_as / "checkpoints", STEPS)
+    run.close()
+    return out
+
+
+def crash(root: Path) -> None:
+    """Save step 1, then die in the middle of saving step 2 (never returns)."""
+    run = Run(1, 2)
+    ckpt = root / "crash" / "checkpoints"
+    run.steps(1, 1, JITTER)
+    run.save(ckpt, 1)
+    run.steps(2, 2, JITTER)
+    deepspeed_save = run.engine.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        deepspeed_save(*args, **kwargs)
+        if dist.get_rank() == 1:  # rank 0 goes on writing its part, then waits for rank 1 forever
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run.engine.save_checkpoint = save_then_die
+    run.save(ckpt, 2)
+
+
+def after_crash(root: Path) -> dict:
+    """The crashed run continues: ``auto`` picks step 1, and saving step 2 again clears the debris."""
+    ckpt = root / "crash" / "checkpoints"
+    path = checkpoint.resolve("auto", ckpt)
+    run = Run(1, 2)
+    state = run.load(path)
+    run.steps(2, 2, JITTER)
+    run.save(ckpt, 2)
+    run.close()
+    return {"resolved": path.name, "step": state["step"]}
+
+
+def main(phase: str, root: str) -> None:
+    root = Path(root)
+    info = distributed.init()
+    res = {}
+    if phase == "save":
+        for zero in (1, 2, 3):
+            res[f"dp2_z{zero}"] = straight(root, f"dp2_z{zero}", 1, zero, 1, JITTER)
+        for zero in (1, 3):
+            res[f"tp2_z{zero}"] = straight(root, f"tp2_z{zero}", 2, zero, 1, 0.0)
+    elif phase == "one":
+        for zero in (1, 2, 3):  # elastic: DP=2 -> DP=1 with the same global batch
+            res[f"dp2_z{zero}_to_dp1"] = resumed(root, f"dp2_z{zero}", 1, zero, 2, JITTER)
+        res["dp2_z3_to_dp1_z1"] = resumed(root, "dp2_z3", 1, 1, 2, JITTER)  # and another ZeRO stage
+        for zero in (1, 3):
+            res[f"tp2_z{zero}_to_tp1"] = resumed(root, f"tp2_z{zero}", 1, zero, 1, 0.0)
+            res[f"tp1_z{zero}"] = straight(root, f"tp1_z{zero}", 1, zero, 1, 0.0)
+    elif phase == "resume":
+        for zero in (1, 2, 3):
+            res[f"dp2_z{zero}"] = resumed(root, f"dp2_z{zero}", 1, zero, 1, JITTER, save_as=f"dp2_z{zero}_resumed")
+        for zero in (1, 3):
+            res[f"tp1_z{zero}_to_tp2"] = resumed(root, f"tp1_z{zero}", 2, zero, 1, 0.0)
+        res["crash"] = after_crash(root)
+    else:
+        raise ValueError(phase)
+    if info.is_main:
+        (root / f"{phase}.json").write_text(json.dumps(res, indent=1))
+    if phase == "save":
+        dist.barrier()
+        crash(root)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

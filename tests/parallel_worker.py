@@ -1,0 +1,237 @@
+"""Two-process checks of training/parallel.py, run by tests/test_parallel.py under torchrun (gloo):
+
+    torchrun --nproc_per_node 2 tests/parallel_worker.py OUT.json
+
+One launch runs every case (the imports cost more than the checks). A case builds the model at a
+layout, takes one optimizer step through a DeepSpeed engine (``training.engine.build_engine``, torch
+AdamW, clipping on) on packed batches of 3 images with odd token counts (13 and 11: sequence
+parallelism pads them), and compares with a plain single-process TP=1 reference computed here, on
+every rank, from the same seed:
+
+- ``recon_err``, ``loss_err``: reconstruction and loss terms of the rank's micro-batch;
+- ``grad_err``: each gradient as the parameter receives it (after the TP reduction hooks, before
+  DeepSpeed's reduction), gathered over TP;
+- ``norm_err``: DeepSpeed's global grad norm against the reference norm of the DP-mean gradient;
+- ``weight_err``, ``update_err``: the updated weights, gathered over TP (and over DP under ZeRO-3),
+  and their change, against the reference's AdamW step after clipping.
+
+Errors are max |a - b| / max |b| per tensor, the worst tensor reported. The clip value is half the
+smaller reference norm, so clipping scales every step.
+
+NOTE: two deliberate departures from the production objective, both to keep the comparison tight:
+- the loss is ``L1 + 0.01 * KL`` (ReconstructionLoss' L1 and KL terms, KL weighted so its gradient
+  is not lost under the L1's): the LPIPS/Gram terms route gradients through max-pools, and a 4e-7
+  difference in the reconstruction (what a TP reduction order gives) flipped near-tied maxima in
+  an upsampled image and moved its gradient by 5e-3. Nothing of the perceptual net is parallel.
+- Adam's first step is ~ lr * sign(g), blind to the gradient's scale and so to a wrong clipping
+  coefficient; both sides use eps comparable to the gradients, so the step depends on its scale.
+
+Rank 0 writes {case: {metric: [value per rank]}} plus the RNG-tracker facts as JSON.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from atoken.model import AToken, PackedBatch, patchify, preset
+from atoken.model.losses import token_l1
+from atoken.training import distributed
+from atoken.training.config import RunConfig
+from atoken.training.engine import build_engine, param_groups
+from atoken.training.parallel import TP_PARTIAL_GRAD, build_model, full_state_dict, init_parallel, mpu_for
+from atoken.training.schedule import lr_factor
+
+SEED, NOISE_SEED = 1234, 99
+ADAM_EPS = 1e-2
+KL_WEIGHT = 1e-2
+# name: (tp, sequence_parallel, zero stage, grad_accum, activation checkpointing); DP = 2 // tp.
+CASES = {
+    "tp2_zero1": (2, False, 1, 1, False),
+    "tp2_sp_zero1": (2, True, 1, 1, False),
+    "tp2_sp_zero2": (2, True, 2, 1, False),
+    "tp2_sp_zero3": (2, True, 3, 1, False),
+    "tp2_zero3": (2, False, 3, 1, False),
+    "tp2_sp_zero2_accum2_ckpt": (2, True, 2, 2, True),
+    "dp2_zero1": (1, False, 1, 1, False),
+    "dp2_zero2": (1, False, 2, 1, False),
+    "dp2_zero3": (1, False, 3, 1, False),
+}
+
+
+def model_config():
+    cfg = preset("tiny")
+    for tc in (cfg.encoder, cfg.decoder):  # encoder: LayerNorm + biases; decoder: RMSNorm + QK-norm
+        tc.depth, tc.width, tc.heads, tc.mlp_width = 2, 64, 4, 128  # head_dim 16: 2 heads per TP rank
+    cfg.latent_channels = 8
+    return cfg
+
+
+def run_config(clip: float) -> RunConfig:
+    cfg = RunConfig(model=model_config(), steps=10, precision="fp32")  # encoder LR stays x0.1
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 0.1, 0, clip
+    return cfg
+
+
+def batches() -> list[PackedBatch]:
+    """Two packed micro-batches of 3 images each: 6 + 3 + 4 = 13 and 6 + 3 + 2 = 11 tokens."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for sizes in ([(48, 32), (16, 48), (32, 32)], [(32, 48), (48, 16), (32, 16)]):
+        parts = []
+        for h, w in sizes:
+            f, c, grid = patchify(torch.rand(3, h, w, generator=g) * 2 - 1)
+            parts.append((f, c, grid, "image", 1))
+        out.append(PackedBatch.cat(parts, names=[f"{h}x{w}" for h, w in sizes]))
+    return out
+
+
+def forward_loss(model, batch: PackedBatch, b: int) -> tuple[torch.Tensor, dict]:
+    """Micro-batch ``b`` -> (recon, loss terms); its posterior noise has a per-batch stream."""
+    recon, posterior = model(batch, generator=torch.Generator().manual_seed(NOISE_SEED + b))
+    l1, kl = token_l1(batch, recon).mean(), posterior.kl().mean()
+    return recon, {"l1": l1, "kl": kl, "total": l1 + KL_WEIGHT * kl}
+
+
+def reference(cfg, data) -> dict:
+    """The TP=1 model in this process: per-batch recon, losses and grads; the mean grads and norms
+    of the micro-batch sets a step averages over ("one": batch 0; "both": batches 0 and 1)."""
+    torch.manual_seed(SEED)
+    model = AToken(cfg)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recons, losses, grads = [], [], []
+    for b, batch in enumerate(data):
+        model.zero_grad()
+        recon, out = forward_loss(model, batch, b)
+        out["total"].backward()
+        recons.append(recon.detach())
+        losses.append({k: v.item() for k, v in out.items()})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    steps = {}
+    for key, used in (("one", [0]), ("both", [0, 1])):
+        mean = {n: sum(grads[b][n] for b in used) / len(used) for n in init}
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in mean.values()])).item()
+        steps[key] = {"norm": norm, "mean_grad": mean}
+    return {"init": init, "recons": recons, "losses": losses, "grads": grads, "steps": steps}
+
+
+def reference_step(cfg, init: dict, mean_grad: dict, run: RunConfig) -> dict:
+    """build_engine's optimizer step on the plain model: same groups, schedule, clipping (and eps)."""
+    model = AToken(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(init[n])
+            p.grad = mean_grad[n].clone()
+    o = run.optim
+    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=ADAM_EPS)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup=o.warmup_steps, total=run.steps, peak=o.lr, floor=o.min_lr))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+    opt.step()
+    sched.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def worst(errs: dict[str, float]) -> tuple[float, str]:
+    name = max(errs, key=errs.get)
+    return errs[name], name
+
+
+def gather_tp(dims, t: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+    if not (dims.tensor_parallel and p.tensor_model_parallel):
+        return t
+    parts = [torch.empty_like(t) for _ in range(dims.tp)]
+    dist.all_gather(parts, t.contiguous(), group=dims.tp_group)
+    return torch.cat(parts, dim=p.partition_dim)
+
+
+def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig) -> dict:
+    tp, sp, zero, accum, ckpt = case
+    t0 = time.perf_counter()
+    dims = init_parallel(tp=tp, sequence_parallel=sp, seed=SEED)
+    # Each DP rank its own micro-batch, the TP ranks of a group the same; with accumulation, all.
+    micro = list(range(len(data))) if accum > 1 else [dims.dp_rank]
+    key = "both" if dims.dp * len(micro) > 1 else "one"
+    torch.manual_seed(SEED)
+    model = build_model(cfg, dims, checkpoint=ckpt)
+    captured = {}
+    for name, p in model.named_parameters():  # registered after build_model's hooks: sees reduced grads
+        p.register_hook(lambda g, name=name: captured.__setitem__(name, g.detach().clone()))
+    run.zero_stage, run.grad_accum = zero, accum
+    engine = build_engine(model, run, mpu=mpu_for(dims))
+    for group in engine.optimizer.param_groups:
+        group["eps"] = ADAM_EPS
+    res = {"recon_err": 0.0, "loss_err": 0.0, "grad_err": 0.0, "grad_err_at": "", "losses": []}
+    params = dict(model.named_parameters())
+    for b in micro:
+        recon, out = forward_loss(engine, data[b], b)
+        engine.backward(out["total"])
+        engine.step()
+        res["recon_err"] = max(res["recon_err"], rel(recon.detach(), ref["recons"][b]))
+        res["loss_err"] = max([res["loss_err"]] + [abs(out[k].item() - v) / abs(v) for k, v in ref["losses"][b].items()])
+        res["losses"].append(out["total"].item())
+        # DeepSpeed divides the loss by grad_accum before backward.
+        err, at = worst({n: rel(gather_tp(dims, captured[n], params[n]), ref["grads"][b][n] / accum) for n in params})
+        if err >= res["grad_err"]:
+            res["grad_err"], res["grad_err_at"] = err, at
+    res["norm"], res["ref_norm"] = float(engine.get_global_grad_norm()), ref["steps"][key]["norm"]
+    res["norm_err"] = abs(res["norm"] - res["ref_norm"]) / res["ref_norm"]
+    res["clip"] = run.optim.grad_clip
+    weights, want, init = full_state_dict(engine, dims), ref_steps[key], ref["init"]
+    res["weight_err"], res["weight_err_at"] = worst({n: rel(weights[n], want[n]) for n in want})
+    res["update_err"], res["update_err_at"] = worst({n: rel(weights[n] - init[n], want[n] - init[n]) for n in want})
+    res["partial_grad_params"] = sorted(n for n, p in params.items() if getattr(p, TP_PARTIAL_GRAD, False))
+    res["tp_split"] = {n: p.partition_dim for n, p in params.items() if p.tensor_model_parallel}
+    res["seconds"] = time.perf_counter() - t0
+    del engine, model, params
+    gc.collect()
+    return res
+
+
+def rng_case() -> dict:
+    """megatron's RNG tracker at TP=2: the default stream shared, the model-parallel one per rank."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    init_parallel(tp=2, seed=SEED)
+    shared = torch.rand(4)
+    with get_cuda_rng_tracker().fork():
+        per_rank = torch.rand(4)
+    after = torch.rand(4)
+    torch.manual_seed(SEED)
+    torch.rand(4)
+    return {"shared": shared.tolist(), "per_rank": per_rank.tolist(),
+            "default_continues": bool(torch.equal(after, torch.rand(4)))}  # as if the fork never ran
+
+
+def main(out_path: str) -> None:
+    t0 = time.perf_counter()
+    info = distributed.init()
+    cfg, data = model_config(), batches()
+    ref = reference(cfg, data)
+    run = run_config(clip=0.5 * min(s["norm"] for s in ref["steps"].values()))
+    ref_steps = {k: reference_step(cfg, ref["init"], s["mean_grad"], run) for k, s in ref["steps"].items()}
+    results = {"rng": rng_case(), "token_counts": [d.num_tokens for d in data]}
+    for name, case in CASES.items():
+        results[name] = run_case(case, cfg, data, ref, ref_steps, run)
+    results["worker_seconds"] = time.perf_counter() - t0
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, results)
+    if info.is_main:
+        merged = {k: {m: [r[k][m] for r in gathered] for m in v} if isinstance(v, dict) else v
+                  for k, v in results.items()}
+        with open(out_path, "w") as f:
+            json.dump(merged, f, indent=1)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":  # NOTE: required: without it, torchrun workers hang in dist_checkpointing
+    main(sys.argv[1])

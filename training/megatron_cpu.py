@@ -1,0 +1,95 @@
+"""What megatron-core needs to run without CUDA (CPU + gloo): the one place for it.
+
+megatron-core calls a few ``torch.cuda`` functions unconditionally on paths we use
+(ENVIRONMENT.md, "megatron-core on CPU"):
+
+====================================  ==============================================================
+call                                  where (megatron-core 0.16)
+====================================  ==============================================================
+``torch.cuda.current_device()``       device of the buffers it allocates: sequence-parallel
+                                      all-gather / reduce-scatter outputs (``tensor_parallel.mappings``,
+                                      the linear layers' backward), ``GlobalMemoryBuffer``,
+                                      dist_checkpointing's failure flags
+``torch.cuda.get_rng_state()``,       the RNG tracker (``tensor_parallel.random``:
+``torch.cuda.manual_seed()``          ``CudaRNGStatesTracker.add``, ``model_parallel_cuda_manual_seed``)
+``random._get_cuda_rng_state``,       the tracker's ``fork()``; the setter defers through
+``random._set_cuda_rng_state``        ``torch.cuda._lazy_call``, so without CUDA it silently never runs
+``torch.cuda.synchronize()``          dist_checkpointing save (``fully_parallel``, ``filesystem_async``)
+====================================  ==============================================================
+
+Without CUDA each of them raises, or silently does nothing. ``apply_if_no_cuda()`` points exactly
+these at the CPU: the current device is the CPU, the "device RNG" is the CPU default generator,
+``synchronize`` has nothing to wait for. It patches nothing when CUDA is available, and on a
+second call. ``torch.cuda.is_available()`` still answers False, so code that branches on it is
+unaffected.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_patched: list[str] | None = None  # what the first call patched ([] when CUDA was available)
+
+
+def _current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _synchronize(device=None) -> None:
+    """Nothing runs asynchronously on the CPU."""
+
+
+def _get_rng_state(device="cuda") -> torch.Tensor:
+    return torch.default_generator.get_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, device="cuda") -> None:
+    torch.default_generator.set_state(new_state)
+
+
+def _manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _megatron_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    if graph_safe:
+        raise RuntimeError("CUDA-graph-safe RNG states need CUDA")
+    return torch.default_generator.get_state()
+
+
+def _megatron_set_rng_state(new_state: torch.Tensor, device=-1, graph_safe: bool = False) -> None:
+    if graph_safe:
+        raise RuntimeError("CUDA-graph-safe RNG states need CUDA")
+    torch.default_generator.set_state(new_state)
+
+
+def apply_if_no_cuda() -> list[str]:
+    """Redirect megatron-core's CUDA-only calls to the CPU when CUDA is absent; never on a GPU.
+
+    Idempotent. Returns the names patched by the first call ([] if CUDA is available).
+    """
+    global _patched
+    if _patched is not None:
+        return _patched
+    if torch.cuda.is_available():
+        _patched = []
+        return _patched
+    from megatron.core.tensor_parallel import random as mrandom
+
+    targets = [
+        (torch.cuda, "current_device", _current_device),
+        (torch.cuda, "synchronize", _synchronize),
+        (torch.cuda, "get_rng_state", _get_rng_state),
+        (torch.cuda, "set_rng_state", _set_rng_state),
+        (torch.cuda, "manual_seed", _manual_seed),
+        (mrandom, "_get_cuda_rng_state", _megatron_get_rng_state),
+        (mrandom, "_set_cuda_rng_state", _megatron_set_rng_state),
+    ]
+    for owner, name, fn in targets:
+        setattr(owner, name, fn)
+    _patched = [f"{owner.__name__}.{name}" for owner, name, _ in targets]
+    log.info("no CUDA: megatron-core's device, RNG and sync calls now use the CPU (%s)", ", ".join(_patched))
+    return _patched
