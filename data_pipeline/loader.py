@@ -148,5 +148,6 @@ class PackedImageLoader:
             it.non_blocking_exit()
 
 
-def build_image_loader(cfg: DataConfig) -> PackedImageLoader:
-    return PackedImageLoader(cfg)
+def build_image_loader(cfg: DataConfig, replication: int = 1) -> PackedImageLoader:
+    """``replication``: consecutive ranks that must see the same samples (the tensor-parallel group)."""
+    return PackedImageLoader(cfg, ImageDataset(cfg, replication=replication if replication > 1 else None))

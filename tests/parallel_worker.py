@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.losses import token_l1
-from atoken.training import distributed
+from atoken.training import distributed, megatron_cpu
 from atoken.training.config import RunConfig
 from atoken.training.engine import build_engine, param_groups
 from atoken.training.parallel import TP_PARTIAL_GRAD, build_model, full_state_dict, init_parallel, mpu_for
@@ -163,6 +163,8 @@ def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig)
     key = "both" if dims.dp * len(micro) > 1 else "one"
     torch.manual_seed(SEED)
     model = build_model(cfg, dims, checkpoint=ckpt)
+    res = {"state_keys_match": set(model.state_dict()) == set(ref["init"])}  # the plain model's names
+    model.load_state_dict(model.state_dict())  # strict: megatron's extra state is gone
     captured = {}
     for name, p in model.named_parameters():  # registered after build_model's hooks: sees reduced grads
         p.register_hook(lambda g, name=name: captured.__setitem__(name, g.detach().clone()))
@@ -170,14 +172,15 @@ def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig)
     engine = build_engine(model, run, mpu=mpu_for(dims))
     for group in engine.optimizer.param_groups:
         group["eps"] = ADAM_EPS
-    res = {"recon_err": 0.0, "loss_err": 0.0, "grad_err": 0.0, "grad_err_at": "", "losses": []}
+    res.update(recon_err=0.0, loss_err=0.0, grad_err=0.0, grad_err_at="", losses=[])
     params = dict(model.named_parameters())
     for b in micro:
         recon, out = forward_loss(engine, data[b], b)
         engine.backward(out["total"])
         engine.step()
         res["recon_err"] = max(res["recon_err"], rel(recon.detach(), ref["recons"][b]))
-        res["loss_err"] = max([res["loss_err"]] + [abs(out[k].item() - v) / abs(v) for k, v in ref["losses"][b].items()])
+        res["loss_err"] = max([res["loss_err"]] + [abs(out[k].item() - v) / abs(v)
+                                                   for k, v in ref["losses"][b].items()])
         res["losses"].append(out["total"].item())
         # DeepSpeed divides the loss by grad_accum before backward.
         err, at = worst({n: rel(gather_tp(dims, captured[n], params[n]), ref["grads"][b][n] / accum) for n in params})
@@ -212,6 +215,19 @@ def rng_case() -> dict:
             "default_continues": bool(torch.equal(after, torch.rand(4)))}  # as if the fork never ran
 
 
+def bf16_case(cfg, data, ref: dict) -> dict:
+    """TP=2 with sequence parallelism under CPU bf16 autocast: runs, and lands near fp32."""
+    dims = init_parallel(tp=2, sequence_parallel=True, seed=SEED)
+    torch.manual_seed(SEED)
+    model = build_model(cfg, dims)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon, out = forward_loss(model, data[0], 0)
+    out["total"].backward()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
+    return {"loss_err": abs(out["total"].item() - ref["losses"][0]["total"]) / ref["losses"][0]["total"],
+            "recon_dtype": str(recon.dtype), "grads_finite": bool(grads_finite)}
+
+
 def main(out_path: str) -> None:
     t0 = time.perf_counter()
     info = distributed.init()
@@ -219,9 +235,13 @@ def main(out_path: str) -> None:
     ref = reference(cfg, data)
     run = run_config(clip=0.5 * min(s["norm"] for s in ref["steps"].values()))
     ref_steps = {k: reference_step(cfg, ref["init"], s["mean_grad"], run) for k, s in ref["steps"].items()}
-    results = {"rng": rng_case(), "token_counts": [d.num_tokens for d in data]}
+    patched = megatron_cpu.apply_if_no_cuda()  # the first call; init_parallel's find it done
+    results = {"rng": rng_case(), "token_counts": [d.num_tokens for d in data],
+               "shim": {"patched": patched, "again": megatron_cpu.apply_if_no_cuda() == patched,
+                        "cuda_available": torch.cuda.is_available()}}
     for name, case in CASES.items():
         results[name] = run_case(case, cfg, data, ref, ref_steps, run)
+    results["bf16"] = bf16_case(cfg, data, ref)
     results["worker_seconds"] = time.perf_counter() - t0
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, results)

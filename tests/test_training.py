@@ -135,3 +135,33 @@ def test_converted_model_equals_training_ema(run_a, tmp_path):
     bf16 = Tokenizer.from_pretrained(convert(run_a, tmp_path / "bf16", dtype="bf16"), device="cpu")
     assert bf16.dtype == torch.bfloat16
     assert torch.allclose(bf16.reconstruct([img])[0], got[0], atol=0.1)
+
+
+def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
+    """The real trainer under torchrun, TP=2 with sequence parallelism: the TP group reads the
+    single process's samples and reproduces its losses; every TP rank writes its model shard."""
+    run = tmp_path / "tp2"
+    sets = [*SHRINK, f"run_dir={run}", f"data.remote={shards}", f"data.local={run / 'cache'}",
+            "parallel.tp=2", "parallel.sequence_parallel=true"]
+    env = {**os.environ, "WANDB_SILENT": "true", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "atoken.training.train", "--config", "demo",
+                           *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tp = steps_of([json.loads(line) for line in open(run / "metrics.jsonl")])
+    single = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])
+    for step in range(1, STEPS + 1):
+        assert tp[step]["data"] == single[step]["data"]
+        for key in ("loss", "l1", "lpips", "kl"):
+            assert tp[step][key] == pytest.approx(single[step][key], rel=1e-4), (step, key)
+    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
+    assert (ckpt / "mp_rank_00_model_states.pt").exists() and (ckpt / "mp_rank_01_model_states.pt").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -30,6 +30,13 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size (megatron-core); data-parallel size is world_size // tp
+    sequence_parallel: bool = False  # split the packed token dim over the TP ranks (needs tp > 1)
+    activation_checkpointing: bool = False  # recompute each transformer block in backward
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 1000  # optimizer steps between checkpoints (the last step always saves)
     keep: int = 3  # complete checkpoints kept on disk, newest first
@@ -57,6 +64,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(remote=""))
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     steps: int = 200_000

@@ -10,14 +10,15 @@ Layout: ``world = tp * dp``; the ``tp`` ranks of a tensor-parallel group are con
 ranks (megatron's order). Every rank of a TP group sees the same packed micro-batch; each DP rank
 its own.
 
-Parameters keep the plain model's names at every layout; what a TP rank holds (``r`` its TP rank):
+Parameters keep the plain model's names at every layout. TP rank ``r`` holds the ``r``-th of ``tp``
+equal chunks of:
 
-==========================================  ============================================================
-``*.attn.qkv.weight`` / ``.bias``           rows ``r``-th of ``tp`` equal chunks (dim 0): whole heads,
-``*.mlp.fc1.weight`` / ``.bias``            since fused QKV rows are laid out ``[heads, (q,k,v), D]``
-``*.attn.proj.weight``, ``*.mlp.fc2.weight``  columns, ``r``-th chunk of dim 1
-everything else                             replicated (identical on the TP ranks)
-==========================================  ============================================================
+- dim 0 (column-parallel): ``*.attn.qkv.weight`` / ``.bias`` (whole heads: the fused rows are laid
+  out ``[heads, (q, k, v), head_dim]``) and ``*.mlp.fc1.weight`` / ``.bias``;
+- dim 1 (row-parallel): ``*.attn.proj.weight`` and ``*.mlp.fc2.weight``;
+
+and a full copy of everything else (norms, QK-norms, row-parallel biases, patch embedding, position
+table, latent, up-projection, pixel head): identical on the TP ranks.
 
 Each parameter carries megatron's attributes ``tensor_model_parallel`` (True: split),
 ``partition_dim`` (0 or 1; -1 when replicated) and ``partition_stride`` (1). ``full_state_dict``
@@ -120,15 +121,31 @@ def _no_init(weight: torch.Tensor) -> None:
 
 
 def _plain_linear_state(module: nn.Module) -> None:
-    """Make a megatron linear's state dict that of nn.Linear (``weight``, ``bias``): megatron adds an
-    ``_extra_state`` entry (for Transformer Engine compatibility) and a load hook that inserts one."""
+    """Keep a megatron linear's state dict that of nn.Linear (``weight``, ``bias``). megatron adds an
+    ``_extra_state`` entry (Transformer Engine compatibility; the classes below reset
+    ``get/set_extra_state`` to nn.Module's) and a load hook that inserts one (removed here)."""
     module._load_state_dict_pre_hooks.clear()
+
+
+def _mark_split(p: torch.Tensor, dim: int) -> None:
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
+
+
+def _megatron_forward(layer, forward, x: torch.Tensor) -> torch.Tensor:
+    """Run a megatron linear, returning its output only (skip_bias_add is off: bias included).
+
+    NOTE: megatron's autograd functions restore autocast in backward for CUDA only; under CPU
+    autocast their backward would mix bf16 grads with fp32 weights. On CPU they run in fp32.
+    """
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return forward(x.to(layer.weight.dtype))[0]
+    return forward(x)[0]
 
 
 @functools.cache
 def _column_row_classes():
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
     class ColumnLinear(ColumnParallelLinear):
         """``[..., in] -> [..., out / tp]`` (gather_output=False), bias added; returns a tensor.
@@ -139,11 +156,10 @@ def _column_row_classes():
             super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=bias,
                              gather_output=False, skip_bias_add=False, tp_group=tp_group)
             _plain_linear_state(self)
-            # megatron sets these on the weight only when it initialises it itself.
-            set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+            _mark_split(self.weight, dim=0)  # megatron 0.16 marks the weight only if it initialises it
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+            return _megatron_forward(self, super().forward, x)
 
     class RowLinear(RowParallelLinear):
         """``[..., in / tp] -> [..., out]``, all-reduced (or, with sequence parallelism,
@@ -154,10 +170,10 @@ def _column_row_classes():
             super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=bias,
                              input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
             _plain_linear_state(self)
-            set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=1, stride=1)
+            _mark_split(self.weight, dim=1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+            return _megatron_forward(self, super().forward, x)
 
     return ColumnLinear, RowLinear
 

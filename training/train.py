@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from atoken.data_pipeline import build_image_loader
-from atoken.model import AToken, Tokenizer
+from atoken.model import Tokenizer
 from atoken.model.losses import ReconstructionLoss
 from atoken.model.metrics import psnr
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, parallel
 from .config import RunConfig, apply_override, load_yaml
 from .configs import CONFIGS
 from .ema import EMA
@@ -97,17 +97,20 @@ def main(argv=None) -> None:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         log.info("resolved config:\n%s", cfg.to_yaml())
 
-    # Same seed on every rank for the weights, then per-rank streams for everything random after.
-    torch.manual_seed(cfg.seed)
-    model = AToken(cfg.model).to(device)
+    # Parallelism is applied here and only here (training/parallel.py): megatron TP/SP layers when
+    # tp > 1, DeepSpeed ZeRO over the data-parallel group.
+    dims = parallel.init_parallel(cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same weights on every rank
+    model = parallel.build_model(cfg.model, dims, checkpoint=cfg.parallel.activation_checkpointing).to(device)
     loss_fn = ReconstructionLoss(cfg.loss).to(device)
-    engine = build_engine(model, cfg)
+    engine = build_engine(model, cfg, mpu=parallel.mpu_for(dims))
     ema = EMA(model, cfg.optim.ema_decay)
-    torch.manual_seed(cfg.seed + 1 + dist_info.rank)
+    # Per data-parallel rank from here on; the TP ranks of a group must agree (same batch, same noise).
+    torch.manual_seed(cfg.seed + 1 + dims.dp_rank)
     # The posterior's noise has its own stream, checkpointed per rank: whatever else draws from the
     # global RNG (DataLoader iterators do) cannot shift it, so a resumed run samples the same noise.
-    noise = torch.Generator(device).manual_seed(cfg.seed + 1 + dist_info.rank)
-    loader = build_image_loader(cfg.data)
+    noise = torch.Generator(device).manual_seed(cfg.seed + 1 + dims.dp_rank)
+    loader = build_image_loader(cfg.data, replication=dims.tp)
     amp = precision(cfg, device)
 
     start = 0
@@ -120,7 +123,7 @@ def main(argv=None) -> None:
     holdout = load_images(cfg.log.eval_images) if cfg.log.eval_images else {}
 
     def run_eval(step: int) -> None:
-        if holdout and dist_info.is_main:
+        if holdout:  # every rank: with TP the forward is collective; rank 0 logs
             psnrs, recons = evaluate(model, ema, holdout, device, amp)
             logger.eval(step, psnrs, list(holdout.values()), recons)
 
