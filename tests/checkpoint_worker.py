@@ -20,9 +20,11 @@ import json
 import os
 import signal
 import sys
+import time
+import types
 from pathlib import Path
 
-import types  # noqa: E402
+START = time.time()
 
 # DeepSpeed imports its Muon optimizer (and with it torch's inductor, ~9 s a process) only to check
 # whether ours is one (``isinstance``); we pass torch's AdamW, so a stand-in class answers as well.
@@ -34,7 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from atoken.model import PackedBatch, patchify, preset  # noqa: E402
+from atoken.model import AToken, PackedBatch, patchify, preset  # noqa: E402
 from atoken.training import checkpoint, distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
 from atoken.training.ema import EMA  # noqa: E402
@@ -75,7 +77,8 @@ class Run:
         self.dims = init_parallel(tp=tp, seed=SEED)
         torch.manual_seed(SEED)
         self.model = build_model(model_config(), self.dims)
-        self.engine = build_engine(self.model, run_config(zero, grad_accum), mpu=mpu_for(self.dims))
+        self.cfg = run_config(zero, grad_accum)
+        self.engine = build_engine(self.model, self.cfg, mpu=mpu_for(self.dims))
         self.ema = EMA(self.model, 0.9)
         self.noise = torch.Generator().manual_seed(SEED + 1 + self.dims.dp_rank)
         self.grad_accum = grad_accum
@@ -102,7 +105,8 @@ class Run:
         return losses
 
     def save(self, ckpt_dir: Path, step: int) -> Path:
-        return checkpoint.save(self.engine, self.ema, {"noise": self.noise}, {"step": step}, ckpt_dir, step, keep=5)
+        client = {"step": step, "config": self.cfg.to_dict(), "rank": dist.get_rank()}
+        return checkpoint.save(self.engine, self.ema, {"noise": self.noise}, client, ckpt_dir, step, keep=5)
 
     def load(self, path: Path) -> dict:
         return checkpoint.load(self.engine, self.ema, {"noise": self.noise}, path)
@@ -124,13 +128,29 @@ class Run:
             if hasattr(p, "ds_tensor"):
                 t = checkpoint._partition(t, self.dims.dp, self.dims.dp_rank)
             ok &= torch.equal(t, mine[n])
-        flags = [None] * dist.get_world_size()
-        dist.all_gather_object(flags, ok)
-        return all(flags)
+        return all_ranks(ok)
+
+    def ema_forward_err(self, path: Path) -> float:
+        """``EMA.applied_to`` (every rank; a collective under ZeRO-3) vs a plain model holding the
+        checkpoint's consolidated EMA, on one micro-batch."""
+        batch = micro_batch(0, 0)
+        plain = AToken(model_config())
+        plain.load_state_dict(checkpoint.consolidate(path, "ema"))
+        with torch.no_grad(), self.ema.applied_to(self.model):
+            got = self.engine(batch, sample=False)[0]
+        with torch.no_grad():
+            want = plain(batch, sample=False)[0]
+        return (got - want).abs().max().item()
 
     def close(self) -> None:
         del self.engine, self.model
         gc.collect()
+
+
+def all_ranks(flag: bool) -> bool:
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return all(flags)
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -158,7 +178,9 @@ def resumed(root: Path, source: str, tp: int, zero: int, grad_accum: int, jitter
     path = root / source / "checkpoints" / checkpoint.tag_for(K)
     state = run.load(path)
     out = {"step": state["step"], "groups": run.groups(), "ema_ok": run.ema_matches(path),
-           "weights_err": max_diff(run.weights(), checkpoint.consolidate(path, "raw"))}
+           "weights_err": max_diff(run.weights(), checkpoint.consolidate(path, "raw")),
+           "ema_forward_err": run.ema_forward_err(path),
+           "own_client_state": all_ranks(state["rank"] == dist.get_rank())}
     out["losses"] = run.steps(K + 1, STEPS, jitter)
     if save_as:
         run.save(root / save_as / "checkpoints", STEPS)
@@ -196,10 +218,22 @@ def after_crash(root: Path) -> dict:
     return {"resolved": path.name, "step": state["step"]}
 
 
+class Timed(dict):
+    """Records how long each case took (``_seconds``), for keeping the launches within CI time."""
+
+    def __setitem__(self, key, value):
+        now = time.perf_counter()
+        self.setdefault("_seconds", {})[key] = round(now - self._last, 2)
+        self._last = now
+        super().__setitem__(key, value)
+
+
 def main(phase: str, root: str) -> None:
     root = Path(root)
     info = distributed.init()
-    res = {}
+    res = Timed()
+    res._last = time.perf_counter()
+    res["_start"] = round(time.time() - START, 2)  # interpreter start -> process group up
     if phase == "save":
         for zero in (1, 2, 3):
             res[f"dp2_z{zero}"] = straight(root, f"dp2_z{zero}", 1, zero, 1, JITTER)

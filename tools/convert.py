@@ -4,7 +4,8 @@
     atoken-convert runs/demo/checkpoints/step_00000100 --out x --weights raw --dtype bf16
 
 The source may be a run directory, its ``checkpoints`` directory (the ``latest`` pointer picks the
-checkpoint) or one checkpoint directory. The result loads with ``Tokenizer.from_pretrained``.
+checkpoint) or one checkpoint directory, saved at any parallel layout (ZeRO 1/2/3, tensor- and
+data-parallel shards are merged). The result loads with ``Tokenizer.from_pretrained``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from atoken.model.tokenizer import FORMAT
+from atoken.training import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -27,24 +29,21 @@ def find_checkpoint(path: str | Path) -> Path:
         if pointer.exists():
             path = pointer.parent / pointer.read_text().strip()
             break
-    if not (path / "mp_rank_00_model_states.pt").exists():
-        raise FileNotFoundError(f"{path} is not a checkpoint (no mp_rank_00_model_states.pt); pass a run "
-                                "directory, its checkpoints/ directory or a checkpoints/step_* directory")
+    if not checkpoint.is_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a checkpoint (no {checkpoint.LAYOUT} or *model_states.pt); pass a "
+                                "run directory, its checkpoints/ directory or a checkpoints/step_* directory")
     return path
 
 
 def load_weights(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, client state) of one checkpoint; ``which`` is "ema" or "raw"."""
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    client = {k: states[k] for k in ("step", "config") if k in states}
-    if which == "ema":
-        return torch.load(ckpt / "ema_mp_rank_00.pt", map_location="cpu"), client
-    if states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
-        # ZeRO-3 keeps only partitions of the parameters: rebuild them from the fp32 optimizer shards.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """(state dict, client state) of one checkpoint; ``which`` is "ema" or "raw".
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name), client
-    return {k: v.float() for k, v in states["module"].items()}, client
+    Works at any training layout (ZeRO 1/2/3, any tensor- and data-parallel size): the shards are
+    merged into the plain single-process model's state dict (``checkpoint.consolidate``).
+    """
+    states = torch.load(sorted(ckpt.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+    client = {k: states[k] for k in ("step", "config") if k in states}
+    return checkpoint.consolidate(ckpt, which), client
 
 
 def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str = "fp32") -> Path:

@@ -11,7 +11,8 @@ Layout of ``<run_dir>/checkpoints`` (``TT`` a tensor-parallel rank, ``D`` a data
         [zero_pp_rank_D_]mp_rank_TT_optim_states.pt  optimizer shard of (D, TT) (DeepSpeed's files)
         ema_mp_rank_TT.pt                       ZeRO 1/2: EMA of TP rank TT's weights
         ema_zero_pp_rank_D_mp_rank_TT.pt        ZeRO-3: EMA partition of (D, TT), split like the weights
-        rng_rank_NNNNN.pt                       per-rank RNG (torch, numpy, python, our generators)
+        rank_NNNNN.pt                           global rank NNNNN's RNG (torch, numpy, python, our
+                                                generators) and its own copy of the client state
     .staging/step_00000200/ a save in progress; renamed into place only when every rank is done
     .universal/step_00000100/  DeepSpeed's universal form of that checkpoint, made by the first resume
                             at another layout (kept for the next one; pruned with the checkpoint)
@@ -62,15 +63,18 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _rank0() -> bool:
-    return dist.get_rank() == 0
-
-
 # ------------------------------------------------------------------ the parallel layout
 
 def partition_dim(p: torch.nn.Parameter) -> int | None:
-    """The dim a parameter is split along over the TP ranks (megatron's attributes), None if whole."""
-    return p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+    """The dim a parameter is split along over the TP ranks (megatron's attributes), None if whole.
+    Split into ``tp`` contiguous chunks: megatron's strided splits (``partition_stride`` > 1) are not
+    supported."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return None
+    if getattr(p, "partition_stride", 1) != 1:
+        raise ValueError(f"parameter of shape {tuple(p.shape)} has partition_stride {p.partition_stride}: only "
+                         "contiguous tensor-parallel splits can be checkpointed")
+    return p.partition_dim
 
 
 @dataclass
@@ -126,13 +130,15 @@ def universal_checkpoint_info(layout: Layout) -> dict:
     nondeterministic kernels can leave them a few ulps apart, where a strict copy would refuse)."""
     from deepspeed.checkpoint import constants as c
 
-    exact = {d: [f"^{re.escape(n)}$" for n, (_, dim) in layout.params.items() if dim == d] for d in (None, 0, 1)}
     other = {dim for _, dim in layout.params.values()} - {None, 0, 1}
     if other:
         raise ValueError(f"tensor-parallel split dims {sorted(other)} are not supported (only 0 and 1)")
+
+    def names(split_dim):
+        return [f"^{re.escape(n)}$" for n, (_, dim) in layout.params.items() if dim == split_dim]
+
     return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-            c.PARAMETER_TO_AVERAGE_PATTERNS: exact[None],
-            c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: exact[1]}
+            c.PARAMETER_TO_AVERAGE_PATTERNS: names(None), c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: names(1)}
 
 
 # ------------------------------------------------------------------ RNG
@@ -153,7 +159,11 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         g.set_state(state["generators"][k])
 
 
-# ------------------------------------------------------------------ EMA files
+# ------------------------------------------------------------------ per-rank files
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
 
 def _ema_file(stage: int, tp_rank: int, dp_rank_: int) -> str:
     return f"ema_zero_pp_rank_{dp_rank_}_mp_rank_{tp_rank:02d}.pt" if stage == 3 else f"ema_mp_rank_{tp_rank:02d}.pt"
@@ -208,7 +218,8 @@ def _raw_shards(ckpt: Path, layout: Layout) -> list[dict[str, torch.Tensor]]:
         shapes = torch.load(ckpt / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt", map_location="cpu",
                             weights_only=False)[PARAM_SHAPES]
         flats = [torch.load(ckpt / f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", map_location="cpu",
-                            weights_only=False)[OPTIMIZER_STATE_DICT]["fp32_flat_groups"] for d in range(layout.dp)]
+                            weights_only=False, mmap=True)[OPTIMIZER_STATE_DICT]["fp32_flat_groups"]
+                 for d in range(layout.dp)]
         state = {}
         for group, group_shapes in enumerate(shapes):
             offset = 0
@@ -261,7 +272,9 @@ def save(engine, ema, generators: dict[str, torch.Generator], client_state: dict
     engine.module.universal_checkpoint_info = universal_checkpoint_info(layout)
     engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
     part = staging / tag
-    torch.save(rng_state(generators), part / f"rng_rank_{rank:05d}.pt")
+    # DeepSpeed keeps the client state of one DP rank per TP rank (ZeRO 1/2); every rank keeps its own
+    # here, with its RNG (a data loader's position may differ per rank).
+    torch.save({"rng": rng_state(generators), "client": client_state}, part / _rank_file(rank))
     tp_rank, d = tp_rank_size(engine)[0], dp_rank(engine)
     if layout.zero_stage == 3 or d == 0:  # ZeRO-3: every rank holds a distinct EMA partition
         torch.save(ema.state_dict(), part / _ema_file(layout.zero_stage, tp_rank, d))
@@ -272,6 +285,7 @@ def save(engine, ema, generators: dict[str, torch.Generator], client_state: dict
     if rank == 0:
         if final.exists():  # a complete save of this step that ``latest`` never named: replace it
             shutil.rmtree(final)
+        shutil.rmtree(ckpt_dir / UNIVERSAL / tag, ignore_errors=True)  # ... and its universal form
         os.replace(part, final)
         _atomic_write(ckpt_dir / "latest", tag + "\n")
         _prune(ckpt_dir, keep)
@@ -342,12 +356,17 @@ def load(engine, ema, generators: dict[str, torch.Generator], path: Path) -> dic
         _check_same_model(saved, now)
         client_state = _load_resharded(engine, path, saved, now)
         _load_ema_resharded(engine, ema, path, saved, now)
-    rng_file = path / f"rng_rank_{dist.get_rank():05d}.pt"
-    if saved.sharding()[:2] == now.sharding()[:2] and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False), generators)
+    own = path / _rank_file(dist.get_rank())
+    if saved.sharding()[:2] == now.sharding()[:2] and own.exists():
+        own = torch.load(own, weights_only=False)
+        set_rng_state(own["rng"], generators)
+        client_state = {**client_state, **own["client"]}
     else:
         log.warning("no RNG state for rank %d in %s (saved at another layout): RNG streams continue from "
-                    "this run's seeds", dist.get_rank(), path)
+                    "this run's seeds, and the client state is TP rank 0 / DP rank 0's", dist.get_rank(), path)
+    if "ds_config" in client_state and client_state["ds_config"].get("train_batch_size") != engine.train_batch_size():
+        log.warning("global batch changed from %s to %s micro-batches (DP x grad_accum)",
+                    client_state["ds_config"].get("train_batch_size"), engine.train_batch_size())
     log.info("resumed from %s at step %d", path, client_state["step"])
     return client_state
 
@@ -362,20 +381,34 @@ def _check_same_model(saved: Layout, now: Layout) -> None:
                          f"{saved.full_shape(bad[0])} vs {now.full_shape(bad[0])}")
 
 
-def _to_universal(ckpt: Path) -> Path:
-    """DeepSpeed's universal form of ``ckpt`` (made once, by the caller's rank, atomically)."""
+def _source_id(ckpt: Path) -> str:
+    """Which checkpoint (and which save of it) a universal form was made from."""
+    files = sorted(ckpt.glob("*model_states.pt"))
+    return json.dumps([str(ckpt.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def to_universal(ckpt: Path) -> Path:
+    """DeepSpeed's universal form of checkpoint ``ckpt``, in ``<its parent>/.universal/<its tag>``:
+    made once (atomically, by one process; ``load`` does it on rank 0), reused while ``ckpt`` is
+    unchanged. Run it ahead of a resume at another layout to keep the other ranks from waiting on it:
+    ``python -c "from atoken.training.checkpoint import to_universal; to_universal(Path(CKPT))"``.
+    """
     from deepspeed.checkpoint import ds_to_universal
 
     out = ckpt.parent / UNIVERSAL / ckpt.name
-    if out.is_dir():
+    source = _source_id(ckpt)
+    if (out / "source.json").exists() and (out / "source.json").read_text() == source:
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    # inject_missing_state: saves from before ``universal_checkpoint_info`` was set (all at TP=1).
     args = Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-                     keep_temp_folder=False, strict=True, inject_missing_state=False)
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
     ds_to_universal.main(args)
     (tmp.parent / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer: ours is ``latest``
+    (tmp / "source.json").write_text(source)
+    shutil.rmtree(out, ignore_errors=True)  # made from an earlier save of this tag
     os.replace(tmp, out)
     log.info("converted %s to a universal checkpoint in %s", ckpt, out)
     return out
@@ -399,7 +432,8 @@ def _write_view(uc: Path, view: Path, saved: Layout, now: Layout, tp_rank: int) 
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS
 
     tmp = view.with_name(view.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (tmp, view):  # left by a load that crashed
+        shutil.rmtree(stale, ignore_errors=True)
     zero = tmp / "zero"
     optim = torch.load(uc / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
     if OPTIMIZER_STATE_DICT in optim:  # saved at ZeRO-3: the step is kept once
@@ -418,18 +452,19 @@ def _write_view(uc: Path, view: Path, saved: Layout, now: Layout, tp_rank: int) 
     common.setdefault("ds_version", __version__)
     common[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, PARAM_GROUPS: groups}
     torch.save(common, zero / "optimizer_state.pt")
-    # Scheduler, step counters and our client state: any source rank's model-states file, named as
-    # the current ZeRO stage's loader looks for it.
-    source = sorted(uc.glob("*model_states.pt"))[0]
+    # Scheduler, step counters and our client state: any source rank's model-states file (the weights
+    # in it are not read), as the only one, named as the current ZeRO stage's loader looks for it.
+    states = torch.load(sorted(uc.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+    states.update(module={}, mp_world_size=1)
     name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if now.zero_stage == 3 else "mp_rank_00_model_states.pt"
-    shutil.copyfile(source, tmp / name)
+    torch.save(states, tmp / name)
     os.replace(tmp, view)
 
 
 def _load_resharded(engine, path: Path, saved: Layout, now: Layout) -> dict:
     uc = path.parent / UNIVERSAL / path.name
-    if _rank0():
-        _to_universal(path)
+    if dist.get_rank() == 0:
+        to_universal(path)
     dist.barrier()
     tp_rank = tp_rank_size(engine)[0]
     view = uc / f"view_tp{now.tp}_rank{tp_rank:02d}"
@@ -438,7 +473,7 @@ def _load_resharded(engine, path: Path, saved: Layout, now: Layout) -> dict:
         _write_view(uc, view, saved, now, tp_rank)
     dist.barrier()
     optimizer = engine.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO wrapper
-    before = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    before = [dict(g) for g in optimizer.param_groups]
     engine._config.load_universal_checkpoint = True  # DeepSpeed reads its config flag at load time
     try:
         load_path, client_state = engine.load_checkpoint(str(view.parent), tag=view.name)
@@ -446,11 +481,16 @@ def _load_resharded(engine, path: Path, saved: Layout, now: Layout) -> dict:
         engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint at {view}")
+    # DeepSpeed's ZeRO-3 universal load gives every group group 0's hyperparameters (lr, weight decay)
+    # and every group's Adam state one shared ``step`` tensor, which torch's Adam increments in place:
+    # once per group and step. Put our hyperparameters back (the lr is the restored scheduler's) and
+    # give each state its own step.
     if now.zero_stage == 3:
-        # DeepSpeed's ZeRO-3 universal load gives every group group 0's hyperparameters (lr, weight
-        # decay): put ours back; the learning rate is the restored scheduler's.
         for g, b, lr in zip(optimizer.param_groups, before, engine.lr_scheduler.get_last_lr()):
-            g.update(b, lr=lr)
+            g.update({k: v for k, v in b.items() if k != "params"}, lr=lr)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     dist.barrier()
     if writer:
         shutil.rmtree(view)

@@ -119,6 +119,12 @@ def main(argv=None) -> None:
         state = checkpoint.load(engine, ema, {"noise": noise}, resume_from)
         start = state["step"]
         loader.load_state_dict(state["data"])
+        if dims.dp > 1:
+            # NOTE: each rank gets its own loader state back, but streaming's position is global and
+            # ranks consume different sample counts under packing: the interrupted epoch may repeat
+            # samples. Exact multi-rank data resume belongs to the data issue.
+            log.warning("data-parallel world of %d: samples of the interrupted epoch may repeat after "
+                        "this resume (exact multi-rank data resume is not built yet)", dims.dp)
     logger = RunLogger(cfg, run_dir, start, enabled=dist_info.is_main)
     holdout = load_images(cfg.log.eval_images) if cfg.log.eval_images else {}
 
