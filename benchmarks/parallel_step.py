@@ -11,11 +11,12 @@ Each layout runs in the same process group, one after another: megatron's parall
 of mixed-resolution images per data-parallel rank (``--tokens`` tokens exactly; the TP ranks of a
 group share it). A step is what ``training.train.train_step`` does with ``grad_accum=1``: forward,
 the loss (the L1 + KL part of ``ReconstructionLoss``; ``--lpips`` adds LPIPS + Gram), backward, the
-optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed, each between barriers.
+optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed, each between barriers; with
+``--rounds R`` the whole list of layouts runs R times and the timed steps are pooled.
 
 Measured per layout:
 
-- step time: per step the slowest rank's wall time; the median over the timed steps;
+- step time: per step the slowest rank's wall time; the median over the timed steps (of all rounds);
 - tokens/s: real tokens of the global batch (``dp * --tokens``) over the median step time;
 - peak memory per rank: bytes of tensors allocated by torch, above what was live before the layout
   was built (so: weights, gradients, optimizer state, DeepSpeed buffers, activations). CUDA:
@@ -458,14 +459,20 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
     return result
 
 
-def summarise(layout: Layout, per_rank: list[dict], tokens_per_dp_rank: int) -> dict:
+def summarise(layout: Layout, rounds: list[list[dict]], tokens_per_dp_rank: int) -> dict:
+    """One layout's results from every rank, in each round: step times pooled over the rounds,
+    memory and communication from the last."""
+    per_rank = rounds[-1]
     dp = per_rank[0]["dp"]
-    steps = [max(ts) for ts in zip(*(r["step_times_s"] for r in per_rank))]  # the slowest rank per step
+    # per round, per step, the slowest rank
+    by_round = [[max(ts) for ts in zip(*(r["step_times_s"] for r in ranks))] for ranks in rounds]
+    steps = [t for ts in by_round for t in ts]
     median = statistics.median(steps)
     return {
         "name": layout.name(dp), "tp": layout.tp, "dp": dp, "sequence_parallel": layout.sequence_parallel,
         "zero": layout.zero,
-        "step_time_s": {"median": median, "min": min(steps), "max": max(steps), "per_step": steps},
+        "step_time_s": {"median": median, "min": min(steps), "max": max(steps),
+                        "median_per_round": [statistics.median(ts) for ts in by_round], "per_step_per_round": by_round},
         "tokens_per_step": dp * tokens_per_dp_rank, "tokens_per_s": dp * tokens_per_dp_rank / median,
         "peak_memory_bytes_per_rank": [r["memory"]["peak_bytes"] for r in per_rank],
         "state_memory_bytes_per_rank": [r["memory"]["state_bytes"] for r in per_rank],
@@ -476,7 +483,7 @@ def summarise(layout: Layout, per_rank: list[dict], tokens_per_dp_rank: int) -> 
         # the updated partitions gathered); ZeRO-3 adds the forward (and backward) parameter gathers
         "dp_payload_over_param_bytes": [_by_group(r["comm"])["dp"] / r["param_bytes"] for r in per_rank],
         "loss_per_rank": [r["loss"] for r in per_rank],
-        "load_average_1min": per_rank[0]["load_1min"],
+        "load_average_1min_per_round": [ranks[0]["load_1min"] for ranks in rounds],
     }
 
 
@@ -606,6 +613,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps first, >= 2: the optimizer state appears in the first (default 2)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (default 8)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list of layouts this many times, pooling the timed steps: spreads each "
+                        "layout over time on a shared machine whose load drifts (default 1)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU (as training)")
     p.add_argument("--lpips", action="store_true",
@@ -615,8 +625,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="JSON path (default benchmarks/results/parallel_step_<device>.json)")
     args = p.parse_args(argv)
     args.zero = [int(z) for z in args.zero.split(",")]
-    if any(z not in (1, 2, 3) for z in args.zero) or args.warmup < 2 or args.steps < 1:
-        p.error("--zero takes stages 1, 2, 3; --warmup needs >= 2 and --steps >= 1")
+    if any(z not in (1, 2, 3) for z in args.zero) or args.warmup < 2 or min(args.steps, args.rounds) < 1:
+        p.error("--zero takes stages 1, 2, 3; --warmup needs >= 2, --steps and --rounds >= 1")
     return args
 
 
@@ -643,19 +653,20 @@ def main(argv=None) -> None:
     batches = {r: packed_batch(sizes[r], args.seed + r).to(info.device) for r in dp_ranks}
     load_start = os.getloadavg()
     layouts = [Layout(tp, sp, z) for tp, sp in args.layouts for z in args.zero]
-    results = []
-    for layout in layouts:
-        t0 = time.perf_counter()
-        mine = run_layout(layout, args, model_cfg, batches, info.device)
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, mine)
-        results.append(summarise(layout, per_rank, args.tokens))
-        if info.is_main:
-            r = results[-1]
-            print(f"[bench] {r['name']}: step {r['step_time_s']['median']:.3f} s, {r['tokens_per_s']:.0f} tokens/s, "
-                  f"peak {mib(max(r['peak_memory_bytes_per_rank']))} MiB/rank, "
-                  f"comm {mib(r['comm_per_step_per_rank'][0]['wire_bytes'])} MiB/step on rank 0 "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    runs: dict[Layout, list[list[dict]]] = {layout: [] for layout in layouts}
+    for round_ in range(args.rounds):
+        for layout in layouts:
+            t0 = time.perf_counter()
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, run_layout(layout, args, model_cfg, batches, info.device))
+            runs[layout].append(per_rank)
+            if info.is_main:
+                r = summarise(layout, [per_rank], args.tokens)
+                print(f"[bench] round {round_ + 1}/{args.rounds} {r['name']}: step {r['step_time_s']['median']:.3f} s, "
+                      f"{r['tokens_per_s']:.0f} tokens/s, peak {mib(max(r['peak_memory_bytes_per_rank']))} MiB/rank, "
+                      f"comm {mib(r['comm_per_step_per_rank'][0]['wire_bytes'])} MiB/step on rank 0 "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    results = [summarise(layout, rounds, args.tokens) for layout, rounds in runs.items()]
     add_ratios(results)
     if info.is_main:
         dev = device_info(info.device)
@@ -672,6 +683,7 @@ def main(argv=None) -> None:
             "settings": {"model": args.model, "depth": args.depth, "params_total": params_total,
                          "param_bytes_total_fp32": 4 * params_total,
                          "tokens_per_dp_rank": args.tokens, "warmup": args.warmup, "timed_steps": args.steps,
+                         "rounds": args.rounds,
                          "precision": args.precision, "lpips": args.lpips,
                          "activation_checkpointing": args.activation_checkpointing,
                          "image_sizes_per_dp_rank": {r: [f"{h}x{w}" for h, w in s] for r, s in sizes.items()}},
