@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 
-import deepspeed
 import torch
 from torch import nn
 
@@ -30,6 +29,8 @@ def build_engine(model: nn.Module, cfg, mpu=None):
 
     A torch AdamW (fused on CUDA) instead of DeepSpeed's JIT-compiled Adam kernels: no build step.
     """
+    import deepspeed  # here, after distributed.init() has chosen DeepSpeed's accelerator
+
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
                             fused=torch.cuda.is_available())

@@ -42,9 +42,15 @@ def parse_args(argv=None) -> RunConfig:
                    help="override one field, e.g. optim.lr=1e-4, data.max_res=256, model=tiny (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = p.parse_args(argv)
-    cfg = CONFIGS[args.config]() if args.config in CONFIGS else load_yaml(args.config)
-    for item in args.overrides:
-        apply_override(cfg, item)
+    try:
+        if args.config not in CONFIGS and not Path(args.config).is_file():
+            raise ValueError(f"--config {args.config!r} is neither a named config ({', '.join(sorted(CONFIGS))}) "
+                             "nor a YAML file")
+        cfg = CONFIGS[args.config]() if args.config in CONFIGS else load_yaml(args.config)
+        for item in args.overrides:
+            apply_override(cfg, item)
+    except (ValueError, TypeError, OSError) as e:
+        p.error(str(e))
     if args.print_config:
         print(cfg.to_yaml(), end="")
         raise SystemExit(0)
