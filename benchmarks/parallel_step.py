@@ -42,13 +42,11 @@ import gc
 import inspect
 import json
 import logging
-import math
 import os
 import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -58,7 +56,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -209,55 +206,15 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 COMM = CommCounter()
 COMM.install()  # NOTE: before anything imports megatron-core or initialises DeepSpeed (see above)
 
-from atoken.data_pipeline.images import sample_resolution, training_size  # noqa: E402
-from atoken.model import AToken, PackedBatch, patchify, preset  # noqa: E402
-from atoken.model.config import PATCH_HW  # noqa: E402
+from atoken.model import AToken, PackedBatch, preset  # noqa: E402
 from atoken.model.losses import LossConfig, ReconstructionLoss, token_l1  # noqa: E402
 from atoken.training import distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
 from atoken.training.engine import build_engine  # noqa: E402
 from atoken.training.parallel import build_model, init_parallel, mpu_for  # noqa: E402
 from atoken.training.train import precision  # noqa: E402
-
-# ------------------------------------------------------------------ the fixed batch
-
-# (height, width) aspect ratios of the source photos the resolution policy resizes.
-ASPECTS = [(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16)]
-
-
-def image_sizes(tokens: int, seed: int, min_res: int, max_res: int) -> list[tuple[int, int]]:
-    """(height, width) of images of exactly ``tokens`` patches in all, at the training resolution
-    policy (``data_pipeline.images``: a longer side uniform over [min_res, max_res] in steps of 16,
-    the aspect ratio kept). Greedy, like the packer; the last gap is filled by one image of the
-    remaining patches (as square as the count divides), so every DP rank does equal work."""
-    rng = np.random.default_rng(seed)
-    max_res = min(max_res, PATCH_HW * math.isqrt(tokens))  # one image must fit
-    min_res = min(min_res, max_res)
-    sizes, used, misses = [], 0, 0
-    while used < tokens and misses < 50:
-        a, b = ASPECTS[rng.integers(len(ASPECTS))]
-        h, w = training_size(4096 * a // max(a, b), 4096 * b // max(a, b), sample_resolution(rng, min_res, max_res))
-        n = (h // PATCH_HW) * (w // PATCH_HW)
-        if used + n > tokens:
-            misses += 1
-            continue
-        sizes.append((h, w))
-        used += n
-    if used < tokens:
-        r = tokens - used
-        ph = max(d for d in range(1, math.isqrt(r) + 1) if r % d == 0)
-        sizes.append((PATCH_HW * ph, PATCH_HW * (r // ph)))
-    return sizes
-
-
-def packed_batch(sizes: list[tuple[int, int]], seed: int) -> PackedBatch:
-    """Random-pixel images of these sizes, packed."""
-    g = torch.Generator().manual_seed(seed)
-    parts = []
-    for h, w in sizes:
-        f, c, grid = patchify(torch.rand(3, h, w, generator=g) * 2 - 1)
-        parts.append((f, c, grid, "image", 1))
-    return PackedBatch.cat(parts, names=[f"{h}x{w}" for h, w in sizes])
+from common import (cpu_info, cpu_model, device_slug, git_state, image_sizes, packed_batch,  # noqa: E402
+                    proc_status_bytes, sync)
 
 
 # ------------------------------------------------------------------ peak memory
@@ -310,18 +267,8 @@ class CpuMemory:
         pass
 
     def finish(self) -> dict:
-        hwm = _proc_status_bytes("VmHWM")
+        hwm = proc_status_bytes("VmHWM")
         return {**self.result, "resident_peak_growth_bytes": None if hwm is None else hwm - self.rss_base}
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _resident_reset() -> int | None:
@@ -334,7 +281,7 @@ def _resident_reset() -> int | None:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     except (OSError, AttributeError):
         return None
-    return _proc_status_bytes("VmRSS")
+    return proc_status_bytes("VmRSS")
 
 
 class CudaMemory:
@@ -393,11 +340,6 @@ def objective(loss_fn, batch: PackedBatch, recon: torch.Tensor, posterior) -> to
         return loss_fn(batch, recon, posterior.kl())["total"]
     c = LossConfig()
     return c.rec_weight * c.l1_weight * token_l1(batch, recon).mean() + c.kl_weight * posterior.kl().mean()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch], device) -> dict:
@@ -516,23 +458,8 @@ def device_info(device: torch.device) -> dict:
         p, nccl = torch.cuda.get_device_properties(device), torch.cuda.nccl.version()
         return {"type": "cuda", "name": p.name, "memory_bytes": p.total_memory, "cuda": torch.version.cuda,
                 "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
-                "gpus_per_node": torch.cuda.device_count(), "host_cpu": _cpu_model()}
-    return {"type": "cpu", "name": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_slug(info: dict) -> str:
-    return "cpu" if info["type"] == "cpu" else re.sub(r"[^a-z0-9]+", "_", info["name"].lower()).strip("_")
+                "gpus_per_node": torch.cuda.device_count(), "host_cpu": cpu_model()}
+    return cpu_info()
 
 
 def command_line() -> str:
@@ -550,14 +477,8 @@ def versions() -> dict:
     import deepspeed
     from importlib.metadata import version
 
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout)
-    except OSError:
-        commit, dirty = None, None
     return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "megatron_core": version("megatron-core"), "atoken_commit": commit, "atoken_worktree_dirty": dirty}
+            "megatron_core": version("megatron-core"), **git_state()}
 
 
 def mib(n: float) -> str:

@@ -35,67 +35,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atoken.data_pipeline.images import sample_resolution, training_size
-from atoken.model import AToken, PackedBatch, patchify, preset
+from atoken.model import AToken, PackedBatch, preset
 from atoken.model.attention import get_attention_backend
-from atoken.model.config import PATCH_DIM, PATCH_HW
+from atoken.model.config import PATCH_DIM
 from atoken.model.losses import LossConfig, ReconstructionLoss, token_l1
 from atoken.model.rope import apply_rope
-
-# (height, width) aspect ratios of the source photos the resolution policy resizes (as parallel_step).
-ASPECTS = [(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16)]
-
-
-# ------------------------------------------------------------------ the fixed batch
-
-def image_sizes(tokens: int, seed: int, min_res: int, max_res: int) -> list[tuple[int, int]]:
-    """(height, width) of images of exactly ``tokens`` patches in all, by the training resolution
-    policy; greedy, the last gap filled by one image of the remaining patches."""
-    rng = np.random.default_rng(seed)
-    max_res = min(max_res, PATCH_HW * math.isqrt(tokens))
-    min_res = min(min_res, max_res)
-    sizes, used, misses = [], 0, 0
-    while used < tokens and misses < 50:
-        a, b = ASPECTS[rng.integers(len(ASPECTS))]
-        h, w = training_size(4096 * a // max(a, b), 4096 * b // max(a, b), sample_resolution(rng, min_res, max_res))
-        n = (h // PATCH_HW) * (w // PATCH_HW)
-        if used + n > tokens:
-            misses += 1
-            continue
-        sizes.append((h, w))
-        used += n
-    if used < tokens:
-        r = tokens - used
-        ph = max(d for d in range(1, math.isqrt(r) + 1) if r % d == 0)
-        sizes.append((PATCH_HW * ph, PATCH_HW * (r // ph)))
-    return sizes
-
-
-def packed_batch(sizes: list[tuple[int, int]], seed: int) -> PackedBatch:
-    g = torch.Generator().manual_seed(seed)
-    parts = []
-    for h, w in sizes:
-        f, c, grid = patchify(torch.rand(3, h, w, generator=g) * 2 - 1)
-        parts.append((f, c, grid, "image", 1))
-    return PackedBatch.cat(parts, names=[f"{h}x{w}" for h, w in sizes])
-
+from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync
 
 # ------------------------------------------------------------------ FLOPs
 
@@ -138,23 +96,8 @@ def _timed(fn) -> float:
 
 # ------------------------------------------------------------------ helpers
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _reset_hwm() -> None:
@@ -173,15 +116,15 @@ class Memory:
             torch.cuda.reset_peak_memory_stats()
         else:
             _reset_hwm()
-            self.rss0 = _status_kib("VmRSS")
+            self.rss0 = proc_status_bytes("VmRSS")
 
     def peak(self) -> dict:
         if self.device.type == "cuda":
             return {"kind": "cuda max_memory_allocated", "peak_mib": torch.cuda.max_memory_allocated() / 2**20}
-        hwm, rss0 = _status_kib("VmHWM"), self.rss0
+        hwm, rss0 = proc_status_bytes("VmHWM"), self.rss0
         return {"kind": "cpu VmHWM over the timed steps (process-wide resident set)",
-                "peak_mib": hwm / 1024 if hwm else None,
-                "growth_over_step_start_mib": (hwm - rss0) / 1024 if hwm and rss0 else None}
+                "peak_mib": hwm / 2**20 if hwm else None,
+                "growth_over_step_start_mib": (hwm - rss0) / 2**20 if hwm and rss0 else None}
 
 
 # ------------------------------------------------------------------ training step
@@ -322,31 +265,11 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return {"type": "cuda", "name": p.name, "memory_gib": p.total_memory / 2**30, "count": torch.cuda.device_count()}
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"type": "cpu", "name": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-
-
-def device_slug(info: dict) -> str:
-    return "cpu" if info["type"] == "cpu" else re.sub(r"[^a-z0-9]+", "_", info["name"].lower()).strip("_")
+    return cpu_info()
 
 
 def versions() -> dict:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout)
-    except OSError:
-        commit, dirty = None, None
-    out = {"python": platform.python_version(), "torch": torch.__version__, "atoken_commit": commit,
-           "atoken_worktree_dirty": dirty}
+    out = {"python": platform.python_version(), "torch": torch.__version__, **git_state()}
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
     try:
