@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from atoken.model import AToken
+from atoken.training.distributed import free_port
 from atoken.training.parallel import ParallelDims, build_model, mpu_for
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
@@ -29,19 +28,13 @@ DP2_CASES = ["dp2_zero1", "dp2_zero2", "dp2_zero3"]
 METRICS = ["recon_err", "loss_err", "grad_err", "norm_err", "weight_err"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("parallel")
     out = tmp / "results.json"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(_free_port()), str(WORKER), str(out)]
+           str(free_port()), str(WORKER), str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file
-from streaming import MDSWriter
-
 from atoken.data_pipeline import IMAGE_COLUMNS
 from atoken.model import AToken, ModelConfig, Tokenizer
 from atoken.tools.convert import convert
+from atoken.training.distributed import free_port
+from PIL import Image
+from safetensors.torch import load_file
+from streaming import MDSWriter
 
 STEPS = 4
 SHRINK = ["model=tiny", "model.encoder.depth=1", "model.decoder.depth=1", "data.min_res=32",
@@ -145,7 +145,7 @@ def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
             "parallel.tp=2", "parallel.sequence_parallel=true"]
     env = {**os.environ, "WANDB_SILENT": "true", "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), "-m", "atoken.training.train", "--config", "demo",
+                           "--master_port", str(free_port()), "-m", "atoken.training.train", "--config", "demo",
                            *[a for s in sets for a in ("--set", s)]],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -157,11 +157,3 @@ def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
             assert tp[step][key] == pytest.approx(single[step][key], rel=1e-4), (step, key)
     ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
     assert (ckpt / "mp_rank_00_model_states.pt").exists() and (ckpt / "mp_rank_01_model_states.pt").exists()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
