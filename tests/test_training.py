@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+from streaming import MDSWriter
+
 from atoken.data_pipeline import IMAGE_COLUMNS
 from atoken.model import AToken, ModelConfig, Tokenizer
 from atoken.tools.convert import convert
 from atoken.training.distributed import free_port
-from PIL import Image
-from safetensors.torch import load_file
-from streaming import MDSWriter
 
 STEPS = 4
 SHRINK = ["model=tiny", "model.encoder.depth=1", "model.decoder.depth=1", "data.min_res=32",
