@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from atoken.model import AToken
 from atoken.training.distributed import free_port
 from atoken.training.parallel import ParallelDims, build_model, mpu_for
