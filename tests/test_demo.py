@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-STEPS = 120
+STEPS = 200  # the run is not bit-reproducible across processes (seen: 15.56-16.06 dB at 120 steps)
 
 
 def test_demo_improves_held_out_psnr(tmp_path):
