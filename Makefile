@@ -21,6 +21,11 @@ $(VENV)/.installed: setup.py Makefile
 	# DeepSpeed JIT-builds a CPU shared-memory op on its first init: build it once, into the venv.
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions DS_ACCELERATOR=cpu $(BIN)/python -c \
 	  "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+	# A real single-node Slurm for tests/test_cluster.py (Debian's slurm-wlm). Installed when we may
+	# (root with apt-get); otherwise those tests skip and say why.
+	command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q slurm-wlm >/dev/null || { apt-get update -q && apt-get install -y -q slurm-wlm; }; }; } || \
+	  echo "slurm-wlm is not installed: the Slurm tests will be skipped"
 	touch $@
 
 demo: install

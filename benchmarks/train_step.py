@@ -136,7 +136,8 @@ def bench_train(model, batch: PackedBatch, loss_fn, args, device) -> dict:
 
     def step():
         with autocast(device):
-            recon, post = model(batch)
+            out = model(batch)
+            recon, post = out.recon, out.posterior
             if loss_fn is not None:
                 loss = loss_fn(batch, recon, post.kl())["total"]
             else:

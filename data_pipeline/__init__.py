@@ -1,13 +1,19 @@
-"""Data pipeline: MDS image shards -> decoded, resized, patchified samples -> packed micro-batches."""
-from .config import DataConfig
-from .dataset import ImageDataset, is_bad, resolve_location
+"""Data pipeline: MDS streams (local or S3) -> decoded, patchified samples -> packed micro-batches ->
+the stage's round-robin task mix."""
+from .config import DataConfig, RetryConfig, StreamConfig
+from .dataset import EpochSamples, StreamDataset, epoch_order, is_bad
 from .images import (IMAGE_COLUMNS, IMAGE_EXTENSIONS, OPTIONAL_COLUMNS, decode_image, open_rgb,
                      resize_for_training, sample_resolution, training_size)
-from .loader import PackedImageLoader, build_image_loader
-from .packing import GreedyPacker, check_budget
+from .loader import StreamLoader
+from .mixing import MixedLoader, mix_order
+from .packing import GreedyPacker, MicroBatch, check_budget
+from .samples import SAMPLE_DECODERS, decoder_for, image_sample
+from .storage import check_streams, resolve_location
 
 __all__ = [
-    "DataConfig", "ImageDataset", "is_bad", "resolve_location", "IMAGE_COLUMNS", "IMAGE_EXTENSIONS",
-    "OPTIONAL_COLUMNS", "decode_image", "open_rgb", "resize_for_training", "sample_resolution",
-    "training_size", "PackedImageLoader", "build_image_loader", "GreedyPacker", "check_budget",
+    "DataConfig", "RetryConfig", "StreamConfig", "EpochSamples", "StreamDataset", "epoch_order", "is_bad",
+    "IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "OPTIONAL_COLUMNS", "decode_image", "open_rgb", "resize_for_training",
+    "sample_resolution", "training_size", "StreamLoader", "MixedLoader", "mix_order", "GreedyPacker",
+    "MicroBatch", "check_budget", "SAMPLE_DECODERS", "decoder_for", "image_sample", "check_streams",
+    "resolve_location",
 ]

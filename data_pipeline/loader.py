@@ -1,33 +1,27 @@
-"""The image loader: an endless, exactly resumable iterator of packed micro-batches.
+"""One stream's loader: an endless, exactly resumable iterator of packed micro-batches.
 
-Samples come from ``ImageDataset`` through a torch DataLoader (one sample per item, decoded in
-``num_workers`` processes) and are packed greedily in arrival order (``packing.GreedyPacker``);
-epochs roll over forever, and a batch may span the end of one epoch and the start of the next.
+Samples come from ``StreamDataset`` in this rank's epoch order (``dataset.epoch_order``) through a
+torch DataLoader (one sample per item, decoded in ``num_workers`` processes; a map-style dataset, so
+the order does not depend on the number of workers) and are packed greedily in arrival order
+(``packing.GreedyPacker``). Epochs roll over forever; a batch may span two epochs.
 
-Resume: the position is the number of samples of the current epoch consumed by the batches yielded
-so far (bad samples included, the sample held back for the next batch excluded), handed to
-``StreamingDataset.state_dict(num_samples, from_beginning=False)``; streaming adds the offset of the
-resume point, if any. All samples of earlier epochs are consumed by then, so the position always lies
-in the epoch streaming started last. A fresh loader given that state yields the same batches as an
-uninterrupted run: same order (streaming), same sizes (``dataset.py``), same packing (greedy).
-
-NOTE multi-rank (not built): streaming's position is global, ``sample_in_epoch`` samples of ONE
-interleaved order shared by all ranks, assuming every rank consumed the same number. With packing,
-ranks consume different numbers (and each may hold a sample back). Resuming exactly will need each
-rank's consumed count gathered into the checkpoint, resuming streaming at world_size * min(count),
-and each rank then discarding its first (count_r - min) samples (cheaply, without decoding).
+Resume: the position is (epoch, samples of this rank's epoch sequence consumed by the batches
+yielded so far: bad samples included, the sample held back for the next batch excluded). A fresh
+loader given that state yields the same batches as an uninterrupted run: same order
+(``epoch_order``), same tensors (seeded per sample), same packing (greedy). Ranks are independent:
+each keeps its own position; ``mixing.MixedLoader`` gathers them into the checkpoint.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader
 
-from ..model.packed import PackedBatch
-from .config import DataConfig
-from .dataset import ImageDataset, is_bad
-from .packing import GreedyPacker, check_budget
+from .config import DataConfig, StreamConfig
+from .dataset import EpochSamples, StreamDataset, epoch_order, is_bad
+from .packing import GreedyPacker, MicroBatch, check_budget
 
 log = logging.getLogger(__name__)
 
@@ -41,113 +35,115 @@ def _unwrap(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]  # batch_size=1: no collation, samples differ in length
 
 
-class PackedImageLoader:
-    """Iterate forever: ``for batch in loader`` gives ``PackedBatch``es of <= token_budget tokens.
+class StreamLoader:
+    """Iterate forever: ``next(loader)`` gives a ``packing.MicroBatch`` of <= token_budget tokens.
 
+    ``rank``/``world``: this rank's place among the data-parallel ranks (the ranks of one
+    tensor-parallel group pass the same ``rank`` and read the same samples).
     Counters for the log (consistent with the batches yielded so far): ``samples_seen`` (good and
-    bad samples consumed), ``samples_bad``, ``tokens``, ``batches``.
+    bad samples consumed), ``samples_bad``, ``tokens``, ``batches``; ``last_bad`` the last marker.
     """
 
-    def __init__(self, cfg: DataConfig, dataset: ImageDataset | None = None):
-        check_budget(cfg.token_budget, cfg.max_res)
-        self.cfg = cfg
-        self.dataset = dataset if dataset is not None else ImageDataset(cfg)
-        self._dataloader = DataLoader(self.dataset, batch_size=1, collate_fn=_unwrap,
-                                      num_workers=cfg.num_workers)
-        self._packer = GreedyPacker(cfg.token_budget)
-        self._it = None  # DataLoader iterator of the current epoch
+    def __init__(self, stream: StreamConfig, data: DataConfig, rank: int = 0, world: int = 1):
+        check_budget(stream)
+        self.stream, self.data, self.rank, self.world = stream, data, rank, world
+        self.dataset = StreamDataset(stream, data)
+        self._packer = GreedyPacker(stream)
+        self.epoch, self.pos = 0, 0  # position: samples of `epoch`'s sequence consumed
+        self._it = None  # DataLoader iterator over the rest of the current epoch
+        self._pulled = 0  # samples pulled from _it (the current epoch, from where _it started)
         self._pending: dict[str, Any] | None = None  # pulled, did not fit, starts the next batch
-        self._epoch_consumed = 0  # samples of this epoch (since its resume point) consumed
-        self._epoch_pulled = 0  # samples of this epoch pulled from the DataLoader
-        self._empty_epochs = 0  # consecutive epochs that gave no sample at all
+        self._empty_epochs = 0
         self.samples_seen = self.samples_bad = self.tokens = self.batches = 0
         self.last_bad: dict[str, Any] | None = None
 
-    def __iter__(self) -> "PackedImageLoader":
+    def __iter__(self) -> "StreamLoader":
         return self
 
-    def __next__(self) -> PackedBatch:
+    def __next__(self) -> MicroBatch:
         packer = self._packer
         while True:
             sample, self._pending = self._pending, None
             if sample is None:
                 sample = self._pull()
             if is_bad(sample):
-                self._epoch_consumed += 1
+                self.pos += 1
                 self._on_bad(sample, in_batch=len(packer))
                 continue
             if not packer.fits(sample):
                 self._pending = sample
                 break
             packer.add(sample)
-            self._epoch_consumed += 1
-        batch = packer.pop_batch()
-        self.samples_seen += batch.num_samples
-        self.tokens += batch.num_tokens
+            self.pos += 1
+        micro = packer.pop_batch()
+        self.samples_seen += micro.batch.num_samples
+        self.tokens += micro.batch.num_tokens
         self.batches += 1
-        return batch
+        return micro
+
+    def epoch_ids(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices of ``epoch``, in reading order."""
+        return epoch_order(self.dataset.samples_per_shard, self.data.seed, epoch, self.rank, self.world,
+                           self.data.shuffle, self.data.shuffle_block)
 
     def _pull(self) -> dict[str, Any]:
-        """The next sample, starting the next epoch when this one is done."""
+        """The next sample of this rank's sequence, starting the next epoch when this one is done."""
         while True:
             if self._it is None:
-                self._it = iter(self._dataloader)  # streaming starts (or resumes) the next epoch here
-                self._epoch_consumed = self._epoch_pulled = 0
+                ids = self.epoch_ids(self.epoch)[self.pos:]
+                self._it = iter(DataLoader(EpochSamples(self.dataset, ids, self.epoch), batch_size=1,
+                                           shuffle=False, collate_fn=_unwrap, num_workers=self.data.num_workers))
+                self._pulled = 0
             try:
                 sample = next(self._it)
-                self._epoch_pulled += 1
+                self._pulled += 1
                 return sample
             except StopIteration:
+                # Every sample pulled was consumed (a pending one is taken before pulling again).
                 self._it = None
-                # One empty epoch is normal (resumed exactly at an epoch's end); two in a row is not.
-                self._empty_epochs = 0 if self._epoch_pulled else self._empty_epochs + 1
-                if self._empty_epochs > 1:
-                    raise RuntimeError(f"the dataset at {self.cfg.remote} yields no samples") from None
+                self._empty_epochs = 0 if self._pulled else self._empty_epochs + 1
+                if self._empty_epochs > 1:  # one is normal: resumed exactly at an epoch's end
+                    raise RuntimeError(f"stream {self.stream.name!r} ({self.stream.remote}) yields no samples")
+                self.epoch, self.pos = self.epoch + 1, 0
 
     def _on_bad(self, sample: dict[str, Any], in_batch: int) -> None:
         self.samples_seen += 1
         self.samples_bad += 1
         self.last_bad = sample
-        where = f"{sample['name']!r} (shard {sample['shard']}, index {sample['index_in_shard']}, sample {sample['idx']})"
+        where = (f"{sample['name']!r} (stream {self.stream.name}, shard {sample['shard']}, "
+                 f"index {sample['index_in_shard']}, sample {sample['idx']})")
         log.warning("skipping undecodable sample %s: %s", where, sample["error"])
         seen = self.samples_seen + in_batch  # good samples of the batch being filled count too
         frac = self.samples_bad / seen
-        if frac > self.cfg.max_bad_fraction and (
-                seen >= self.cfg.bad_check_min_samples or (self.samples_bad == seen >= ALL_BAD_MIN)):
+        if frac > self.data.max_bad_fraction and (
+                seen >= self.data.bad_check_min_samples or (self.samples_bad == seen >= ALL_BAD_MIN)):
             raise RuntimeError(
-                f"{self.samples_bad} of {seen} samples seen were undecodable ({frac:.1%} > max_bad_fraction "
-                f"{self.cfg.max_bad_fraction:.1%}) in {self.cfg.remote}; last: {where}: {sample['error']}")
+                f"stream {self.stream.name!r}: {self.samples_bad} of {seen} samples seen were undecodable "
+                f"({frac:.1%} > max_bad_fraction {self.data.max_bad_fraction:.1%}) in {self.stream.remote}; "
+                f"last: {where}: {sample['error']}")
 
     def state_dict(self) -> dict[str, Any]:
-        """The data position and counters, as of the last batch yielded."""
-        return {"dataset": self.dataset.state_dict(self._epoch_consumed, from_beginning=False),
+        """This rank's position and counters, as of the last batch yielded."""
+        return {"epoch": self.epoch, "pos": self.pos, "rank": self.rank, "world": self.world,
                 **{k: getattr(self, k) for k in _COUNTERS}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; the next batch is the one that followed it. Call before iterating."""
+        """Continue from ``state`` (this rank's own); the next batch is the one that followed it."""
+        if (state["rank"], state["world"]) != (self.rank, self.world):
+            raise ValueError(f"stream {self.stream.name!r}: state of rank {state['rank']} of {state['world']} "
+                             f"given to rank {self.rank} of {self.world}")
         self.close()
-        self._packer = GreedyPacker(self.cfg.token_budget)
-        self._pending, self._epoch_consumed, self._epoch_pulled, self._empty_epochs = None, 0, 0, 0
-        self.dataset.load_state_dict(state["dataset"])
-        # Streaming ignores a resume state older than the epoch it believes comes next; make it
-        # current (a no-op on a fresh dataset, whose next epoch is 0).
-        self.dataset.next_epoch = max(0, state["dataset"]["epoch"])
+        self._packer = GreedyPacker(self.stream)
+        self._pending, self._empty_epochs = None, 0
+        self.epoch, self.pos = state["epoch"], state["pos"]
         for k in _COUNTERS:
             setattr(self, k, state[k])
 
     def stats(self) -> dict[str, float]:
         """Counters for the trainer's log; ``fill`` is the mean fraction of the token budget used."""
-        fill = self.tokens / (self.batches * self.cfg.token_budget) if self.batches else 0.0
-        return {**{k: getattr(self, k) for k in _COUNTERS}, "fill": fill}
+        fill = self.tokens / (self.batches * self.stream.token_budget) if self.batches else 0.0
+        return {**{k: getattr(self, k) for k in _COUNTERS}, "fill": fill, "epoch": self.epoch}
 
     def close(self) -> None:
-        """Stop the current epoch's workers (and streaming's download threads when in-process)."""
+        """Stop the current epoch's DataLoader workers."""
         self._it = None  # the DataLoader iterator shuts its workers down when dropped
-        it = getattr(self.dataset, "_iterator", None)  # in-process streaming epoch (num_workers=0)
-        if it is not None:
-            it.non_blocking_exit()
-
-
-def build_image_loader(cfg: DataConfig, replication: int = 1) -> PackedImageLoader:
-    """``replication``: consecutive ranks that must see the same samples (the tensor-parallel group)."""
-    return PackedImageLoader(cfg, ImageDataset(cfg, replication=replication if replication > 1 else None))

@@ -1,14 +1,18 @@
 """AToken: a transformer autoencoder over the packed sparse 4D token stream.
 
     features [N, 3072] -> encoder (patch embed + resized position table, transformer, LayerNorm)
-      -> latent Linear -> Gaussian posterior (mean, logvar) [N, C] -> z
+      -> latent Linear -> Gaussian posterior (mean, logvar) [N, C] -> z (a sample, the mean, or
+         with ``quantizer="fsq"`` the FSQ-quantized mean; FSQ ids [N, C / 6] are the discrete tokens)
       -> decoder (up-projection, transformer, RMSNorm, pixel head) -> recon [N, 3072]
+    encoder tokens [N, width] -> understanding (MAP head, per sample) -> embedding [B, width]
 
 Both transformers apply 4D RoPE from ``batch.coords`` in every layer. Parameter prefixes
-``encoder.``, ``latent.``, ``decoder.`` are relied on by the trainer (encoder LR x0.1).
+``encoder.``, ``latent.``, ``decoder.`` (and ``understanding.`` when configured) are relied on by
+the trainer (encoder LR x0.1).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PATCH_DIM, ModelConfig
-from .packed import PackedBatch
+from .fsq import FSQ
+from .gaussians import GaussianDecoder, Gaussians
+from .packed import ASSET3D, PackedBatch
 from .rope import rope_angles
 from .transformer import Angles, LinearSpec, Transformer, make_norm
+from .understanding import Understanding
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in fp32
 
@@ -34,7 +41,14 @@ class Posterior:
         return torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        """mean + std * noise. NOTE: the noise is drawn one channel at a time ([N] each, channel 0
+        first), so channel c gets the same noise for the same generator state whatever C is: after
+        ``AToken.widen_latent`` the old channels see the noise they saw before. (One [N, C] draw
+        interleaves channels; one [C, N] draw keeps the prefix only as long as the RNG kernel's
+        work split does not depend on the total size, which PyTorch does not promise on CUDA.)"""
+        n, c = self.mean.shape
+        noise = torch.stack([torch.randn(n, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+                             for _ in range(c)], dim=1)  # [N, C]
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -46,6 +60,15 @@ class Posterior:
         return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
+@dataclass
+class Outputs:
+    """What ``AToken.forward`` computed; a head that did not run is None."""
+    posterior: Posterior | None = None  # mean, logvar [N, C] of every token
+    recon: torch.Tensor | None = None  # [N, 3072] pixels of image/video tokens (rows of 3D samples: 0)
+    gaussians: Gaussians | None = None  # of the 3D samples, in batch order (one segment each)
+    embedding: torch.Tensor | None = None  # [B, width] L2-normalised pooled embedding per sample
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
         super().__init__()
@@ -53,7 +76,7 @@ class Encoder(nn.Module):
         self.patch_embed = nn.Linear(PATCH_DIM, tc.width)
         # SigLIP2's learned table, row-major over a (size, size) grid of (row, column).
         self.pos_embed = nn.Parameter(torch.empty(cfg.pos_table_size ** 2, tc.width))
-        self.transformer = Transformer(tc, linear, checkpoint=checkpoint)
+        self.transformer = Transformer(tc, linear, rope=cfg.encoder_rope, checkpoint=checkpoint)
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)  # SigLIP2's post_layernorm
 
     def position_embedding(self, batch: PackedBatch) -> torch.Tensor:
@@ -108,6 +131,10 @@ class AToken(nn.Module):
         self.encoder = Encoder(cfg, linear, checkpoint)
         self.latent = nn.Linear(cfg.encoder.width, 2 * cfg.latent_channels)  # -> (mean, logvar)
         self.decoder = Decoder(cfg, linear, checkpoint)
+        self.understanding = Understanding(cfg.encoder) if cfg.understanding else None
+        self.fsq = FSQ(cfg.latent_channels, cfg.fsq_levels, cfg.fsq_group_dims) if cfg.quantizer == "fsq" else None
+        self.gaussian_decoder = (GaussianDecoder(cfg.gaussian, cfg.latent_channels, linear, checkpoint)
+                                 if cfg.gaussian is not None else None)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -120,15 +147,51 @@ class AToken(nn.Module):
             elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
                 m.reset_parameters()
         nn.init.normal_(self.encoder.pos_embed, std=std)
+        if self.understanding is not None:
+            self.understanding.reset_parameters()
+        if self.gaussian_decoder is not None:
+            self.gaussian_decoder.reset_parameters(std)  # its head starts small, not at ``std``
 
     def rope(self, batch: PackedBatch, head_dim: int) -> Angles:
         return rope_angles(batch.coords, head_dim, self.cfg.rope_theta)
 
-    def encode(self, batch: PackedBatch, angles: Angles | None = None) -> Posterior:
+    def features(self, batch: PackedBatch, angles: Angles | None = None) -> torch.Tensor:
+        """The encoder's output tokens [N, width] (what both the latent and the MAP head read)."""
         if angles is None:
             angles = self.rope(batch, self.cfg.encoder.head_dim)
-        mean, logvar = self.latent(self.encoder(batch, angles)).chunk(2, dim=-1)  # each [N, C]
+        return self.encoder(batch, angles)
+
+    def posterior(self, features: torch.Tensor) -> Posterior:
+        mean, logvar = self.latent(features).chunk(2, dim=-1)  # each [N, C]
         return Posterior(mean, logvar.clamp(*LOGVAR_RANGE))
+
+    def encode(self, batch: PackedBatch, angles: Angles | None = None) -> Posterior:
+        return self.posterior(self.features(batch, angles))
+
+    def understand(self, batch: PackedBatch, features: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (embedding [B, width] L2-normalised, unnormalised pooled [B, width]) per sample;
+        ``features`` [N, width] reuses an encoder pass (e.g. the one of ``forward``)."""
+        if self.understanding is None:
+            raise ValueError("this model has no understanding head: build it with ModelConfig(understanding=True)")
+        if features is None:
+            features = self.features(batch)
+        return self.understanding.head(features, batch.cu_seqlens)
+
+    def _require_fsq(self) -> FSQ:
+        if self.fsq is None:
+            raise ValueError("this model has a continuous latent: build it with ModelConfig(quantizer='fsq') "
+                             "for discrete tokens")
+        return self.fsq
+
+    def encode_ids(self, batch: PackedBatch) -> torch.Tensor:
+        """The discrete tokens: FSQ ids [N, C / fsq_group_dims] int64 of the posterior mean."""
+        return self._require_fsq().quantize(self.encode(batch).mean)[1]
+
+    def decode_ids(self, ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """FSQ ids [N, G] -> recon [N, 3072]; reads only batch.coords and batch.cu_seqlens."""
+        z = self._require_fsq().dequantize(ids)
+        return self.decode(z.to(self.decoder.up.weight.dtype), batch)
 
     def decode(self, z: torch.Tensor, batch: PackedBatch, angles: Angles | None = None) -> torch.Tensor:
         """z [N, C] -> recon [N, 3072]; reads only batch.coords and batch.cu_seqlens."""
@@ -136,12 +199,90 @@ class AToken(nn.Module):
             angles = self.rope(batch, self.cfg.decoder.head_dim)
         return self.decoder(z, batch, angles)
 
-    def forward(self, batch: PackedBatch, sample: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, Posterior]:
-        """-> (recon [N, 3072], posterior); z is a posterior sample, or its mean if not ``sample``."""
+    def forward(self, batch: PackedBatch, sample: bool = True, generator: torch.Generator | None = None,
+                tasks: tuple[str, ...] = ("rec",)) -> Outputs:
+        """Run the heads ``tasks`` asks for over one packed batch of any mix of modalities.
+
+        "rec": the posterior, z (a sample, its mean if not ``sample``; with FSQ the quantized mean,
+        straight-through, never a sample), pixels of the image/video samples, Gaussians of the 3D
+        samples. "und": the pooled embedding of every sample. The encoder runs once for both.
+        """
+        unknown = set(tasks) - {"rec", "und"}
+        if unknown or not tasks:
+            raise ValueError(f"tasks must be a non-empty subset of ('rec', 'und'), got {tasks}")
         enc_angles = self.rope(batch, self.cfg.encoder.head_dim)  # once per forward, for all layers
-        dec_hd = self.cfg.decoder.head_dim
-        dec_angles = enc_angles if dec_hd == self.cfg.encoder.head_dim else self.rope(batch, dec_hd)
-        posterior = self.encode(batch, enc_angles)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return self.decode(z, batch, dec_angles), posterior
+        feats = self.features(batch, enc_angles)
+        out = Outputs()
+        if "und" in tasks:
+            out.embedding = self.understand(batch, feats)[0]
+        if "rec" not in tasks:
+            return out
+        out.posterior = posterior = self.posterior(feats)
+        if self.fsq is not None:
+            z = self.fsq.quantize(posterior.mean)[0]
+        else:
+            z = posterior.sample(generator) if sample else posterior.mode()
+        assets = [i for i, m in enumerate(batch.modalities) if m == ASSET3D]
+        if not assets:  # the common case: no gathering
+            dec_hd = self.cfg.decoder.head_dim
+            dec_angles = enc_angles if dec_hd == self.cfg.encoder.head_dim else self.rope(batch, dec_hd)
+            out.recon = self.decode(z, batch, dec_angles)
+            return out
+        pixels = [i for i in range(batch.num_samples) if i not in set(assets)]
+        out.recon = z.new_zeros(batch.num_tokens, PATCH_DIM)  # rows of 3D samples stay 0 (not decoded)
+        if pixels:
+            sub, rows = batch.select(pixels)
+            out.recon = out.recon.index_copy(0, rows, self.decode(z[rows], sub))
+        if self.gaussian_decoder is None:
+            raise ValueError("the batch holds 3D samples but the model has no Gaussian decoder "
+                             "(ModelConfig.gaussian)")
+        sub, rows = batch.select(assets)
+        out.gaussians = self.gaussian_decoder(z[rows], sub.coords, sub.cu_seqlens)
+        return out
+
+    @torch.no_grad()
+    def widen_latent(self, channels: int) -> None:
+        """Stage 2's latent widening, in place: C -> ``channels`` with every reconstruction unchanged.
+
+        The new channels' mean rows output 0 and their log-variance rows output 0 (variance 1), so
+        their KL is 0; the decoder's up-projection gets zero columns for them, so the decoder ignores
+        them (sampled values included) until training moves those columns. With ``sample()``'s
+        per-channel noise, the old channels also keep their noise: sampled reconstructions for a
+        given generator state are identical too. Build the optimizer after widening.
+        """
+        old = self.cfg.latent_channels
+        if channels <= old:
+            raise ValueError(f"widen_latent can only add channels: the latent has {old}, asked for {channels}")
+        if self.fsq is not None and channels % self.cfg.fsq_group_dims:
+            raise ValueError(f"widen_latent: {channels} channels do not split into FSQ groups of "
+                             f"{self.cfg.fsq_group_dims}")
+        if self.gaussian_decoder is not None:  # reads z too: the same zero columns
+            self.gaussian_decoder.up = _widened_input(self.gaussian_decoder.up, channels)
+        lat, up = self.latent, self.decoder.up
+        new_lat = nn.Linear(lat.in_features, 2 * channels, bias=lat.bias is not None,
+                            device=lat.weight.device, dtype=lat.weight.dtype)
+        new_lat.weight.zero_()
+        new_lat.weight[:old] = lat.weight[:old]  # mean rows
+        new_lat.weight[channels:channels + old] = lat.weight[old:]  # log-variance rows
+        if lat.bias is not None:
+            new_lat.bias.zero_()  # new channels: mean 0, log-variance 0
+            new_lat.bias[:old] = lat.bias[:old]
+            new_lat.bias[channels:channels + old] = lat.bias[old:]
+        new_lat.weight.requires_grad_(lat.weight.requires_grad)
+        self.latent, self.decoder.up = new_lat, _widened_input(up, channels)
+        self.cfg = dataclasses.replace(self.cfg, latent_channels=channels)  # the caller's config stays as it was
+        if self.fsq is not None:
+            self.fsq = FSQ(channels, self.cfg.fsq_levels, self.cfg.fsq_group_dims)
+
+
+@torch.no_grad()
+def _widened_input(linear: nn.Linear, channels: int) -> nn.Linear:
+    """``linear`` taking ``channels`` inputs: the old weights, zero columns for the new inputs."""
+    new = nn.Linear(channels, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    new.weight.zero_()
+    new.weight[:, :linear.in_features] = linear.weight
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new

@@ -33,6 +33,13 @@ class LossConfig:
     trunk_weights: str | None = None  # None: torch hub cache, then stlpips-pytorch (perceptual.py)
     lin_weights: str | None = None  # None: bundled with the trunk file, then lpips' v0.1 file
     perceptual_size: int = 224
+    sem_weight: float = 1.0
+    distill_temperature: float = 2.0
+    # Local SigLIP2 checkpoint directories (HF save_pretrained; never downloaded): the frozen text
+    # tower for understanding streams, and the frozen image teacher for image distillation.
+    text_tower: str | None = None
+    teacher: str | None = None
+    render_backend: str | None = None  # 3D views: "gsplat", "torch" or None (gsplat on CUDA if present)
 
 
 def kl_per_token(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

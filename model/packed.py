@@ -70,6 +70,19 @@ class PackedBatch:
         return replace(self, features=self.features.to(device=device, dtype=dtype or self.features.dtype),
                        coords=self.coords.to(device), cu_seqlens=self.cu_seqlens.to(device))
 
+    def select(self, samples: list[int]) -> tuple["PackedBatch", torch.Tensor]:
+        """The sub-batch of the given samples (in that order) and its rows in this batch: [n] int64."""
+        spans = self.spans()
+        rows = torch.cat([torch.arange(*spans[i]) for i in samples]) if samples else torch.zeros(0, dtype=torch.long)
+        rows = rows.to(self.features.device)
+        lens = torch.tensor([spans[i][1] - spans[i][0] for i in samples], dtype=torch.int32)
+        cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        pick = lambda xs: [xs[i] for i in samples] if xs else []  # noqa: E731
+        return PackedBatch(features=self.features[rows], coords=self.coords[rows],
+                           cu_seqlens=cu.to(self.cu_seqlens.device), grids=pick(self.grids),
+                           modalities=pick(self.modalities), frames=pick(self.frames), names=pick(self.names)), rows
+
     @staticmethod
     def cat(parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int], str, int]],
             names: list[str] | None = None) -> "PackedBatch":

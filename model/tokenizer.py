@@ -1,9 +1,15 @@
-"""Inference API: ``Tokenizer.from_pretrained(dir)``, ``encode(images)`` and ``decode(latents)``.
+"""Inference API: ``Tokenizer.from_pretrained(dir)``, then per modality encode / decode.
 
 An inference directory holds ``config.json`` (the model config and provenance) and
 ``model.safetensors`` (weights, EMA by default); ``atoken-convert`` writes it from a checkpoint.
-Images are float tensors [3, H, W] in [0, 1] of any size: they are padded to whole patches by edge
-replication and the decoded images are cropped back (see ``patches.py``).
+
+  images  [3, H, W] in [0, 1], any size   encode -> ImageLatent -> decode (padded to whole patches
+                                          by edge replication, cropped back; ``patches.py``)
+  videos  [3, T, H, W] in [0, 1]          encode_video -> VideoLatent -> decode_video, by temporal
+                                          tiles: memory is bounded by the tile, not the video
+  3D      voxel tokens of an asset        encode_asset -> latent [M, C] -> decode_asset -> Gaussians
+  ids     FSQ models (stage 4)            encode_ids / decode_ids: [h, w, 8] int64 codes per image
+  embed   models with the MAP head        embed(images) -> [B, width] L2-normalised
 """
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from .autoencoder import AToken
-from .config import ModelConfig
-from .packed import IMAGE, PackedBatch
+from .config import PATCH_T, ModelConfig
+from .gaussians import Gaussians
+from .packed import ASSET3D, IMAGE, VIDEO, PackedBatch
 from .patches import pad_to_patches, patchify, unpatchify
 
 FORMAT = "atoken-inference"
@@ -26,6 +33,13 @@ FORMAT = "atoken-inference"
 class ImageLatent:
     z: torch.Tensor  # [h, w, C]: the posterior mean on the image's patch grid
     size: tuple[int, int]  # (H, W) of the original image, for cropping after decoding
+
+
+@dataclass
+class VideoLatent:
+    z: torch.Tensor  # [t, h, w, C]: the posterior mean, t = ceil(T / 4) over all tiles
+    size: tuple[int, int, int]  # (T, H, W) of the original video
+    tile_frames: int  # frames per temporal tile it was encoded with (a multiple of 4)
 
 
 class Tokenizer:
@@ -90,3 +104,93 @@ class Tokenizer:
 
     def reconstruct(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.decode(self.encode(images))
+
+    # ---------------------------------------------------------------- video
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor, tile_frames: int = 16) -> VideoLatent:
+        """video [3, T, H, W] in [0, 1] -> its latent, one temporal tile of ``tile_frames`` at a time.
+
+        Each tile is encoded as a video sample of its own (attention is full inside a tile, as in
+        training; nothing crosses tiles), so peak memory is one tile's, whatever T is. The last tile
+        is zero-padded in time to whole 4-frame patches; decoding crops it back.
+        """
+        if video.ndim != 4 or video.shape[0] != 3:
+            raise ValueError(f"expected a video [3, T, H, W], got {tuple(video.shape)}")
+        if tile_frames < PATCH_T or tile_frames % PATCH_T:
+            raise ValueError(f"tile_frames must be a positive multiple of {PATCH_T}, got {tile_frames}")
+        t_len, hgt, wid = video.shape[1:]
+        zs = []
+        for t0 in range(0, t_len, tile_frames):
+            tile = pad_to_patches(video[:, t0:t0 + tile_frames].float() * 2 - 1)  # [3, t, H', W']
+            feats, coords, grid = patchify(tile)
+            batch = PackedBatch.cat([(feats, coords, grid, VIDEO, PATCH_T)]).to(self.device, self.dtype)
+            zs.append(self.model.encode(batch).mean.float().cpu().reshape(*grid[:3], -1))  # [t, h, w, C]
+        return VideoLatent(torch.cat(zs), (t_len, hgt, wid), tile_frames)
+
+    @torch.no_grad()
+    def decode_video(self, latent: VideoLatent) -> torch.Tensor:
+        """VideoLatent -> [3, T, H, W] in [0, 1], decoded tile by tile into one CPU tensor."""
+        t_len, hgt, wid = latent.size
+        _, h, w, _ = latent.z.shape
+        out = torch.empty(3, t_len, hgt, wid)
+        step = latent.tile_frames // PATCH_T  # latent frames per tile
+        for k, t0 in enumerate(range(0, latent.z.shape[0], step)):
+            z = latent.z[t0:t0 + step]  # [t, h, w, C]
+            grid = (z.shape[0], h, w, 1)
+            batch = _coords_only(grid, VIDEO, self.device, self.dtype)
+            recon = self.model.decode(z.reshape(-1, z.shape[-1]).to(self.device, self.dtype), batch).float().cpu()
+            frames = unpatchify(recon, grid)  # [3, t*4, H', W']
+            f0 = k * latent.tile_frames
+            n = min(frames.shape[1], t_len - f0)
+            out[:, f0:f0 + n] = ((frames[:, :n, :hgt, :wid] + 1) / 2).clamp(0, 1)
+        return out
+
+    def reconstruct_video(self, video: torch.Tensor, tile_frames: int = 16) -> torch.Tensor:
+        return self.decode_video(self.encode_video(video, tile_frames))
+
+    # ---------------------------------------------------------------- 3D
+
+    @torch.no_grad()
+    def encode_asset(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """An asset's voxel tokens (``data_pipeline.assets.voxel_tokens``: features [M, 3072] in
+        [-1, 1], coords [M, 4] = (0, i, j, k)) -> its latent [M, C] (posterior mean)."""
+        batch = PackedBatch.cat([(features.float(), coords.long(), (1, 64, 64, 64), ASSET3D, 1)])
+        return self.model.encode(batch.to(self.device, self.dtype)).mean.float().cpu()
+
+    @torch.no_grad()
+    def decode_asset(self, z: torch.Tensor, coords: torch.Tensor) -> Gaussians:
+        """latent [M, C] at voxel coords [M, 4] -> the asset's Gaussians (fp32, CPU)."""
+        if self.model.gaussian_decoder is None:
+            raise ValueError("this tokenizer has no Gaussian decoder (a stage 1-2 model): it cannot decode 3D")
+        cu = torch.tensor([0, z.shape[0]], dtype=torch.int32, device=self.device)
+        g = self.model.gaussian_decoder(z.to(self.device, self.dtype), coords.long().to(self.device), cu)
+        return g.to("cpu", torch.float32)
+
+    # ---------------------------------------------------------------- discrete tokens, embeddings
+
+    @torch.no_grad()
+    def encode_ids(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """images -> per image its FSQ ids [h, w, G] int64 (G = 8 for C = 48); FSQ models only."""
+        batch = self._pack(images)
+        ids = self.model.encode_ids(batch).cpu()
+        return [ids[a:b].reshape(h, w, -1) for (a, b), (_, h, w, _) in zip(batch.spans(), batch.grids)]
+
+    @torch.no_grad()
+    def decode_ids(self, ids: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """FSQ ids [h, w, G] per image (and each image's (H, W) to crop to) -> images [3, H, W]."""
+        fsq = self.model._require_fsq()
+        return self.decode([ImageLatent(fsq.dequantize(i.reshape(-1, i.shape[-1])).reshape(*i.shape[:2], -1), s)
+                            for i, s in zip(ids, sizes)])
+
+    @torch.no_grad()
+    def embed(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """images -> [B, width] L2-normalised pooled embeddings (the understanding head)."""
+        return self.model.understand(self._pack(images))[0].float().cpu()
+
+
+def _coords_only(grid: tuple[int, int, int, int], modality: str, device, dtype) -> PackedBatch:
+    """A one-sample batch whose features are zero: the decoder reads only coords and lengths."""
+    t, h, w, _ = grid
+    feats, coords, g = patchify(torch.zeros(3, t * PATCH_T, h * 16, w * 16))
+    return PackedBatch.cat([(feats, coords, g, modality, PATCH_T if modality == VIDEO else 1)]).to(device, dtype)

@@ -92,7 +92,8 @@ class Run:
                 batch = micro_batch(step, self.dims.dp_rank * self.grad_accum + a)
                 noise = torch.randn(batch.features.shape, generator=self.noise)
                 batch = dataclasses.replace(batch, features=batch.features + jitter * noise)
-                recon, posterior = self.engine(batch, sample=False)
+                out = self.engine(batch, sample=False)
+                recon, posterior = out.recon, out.posterior
                 loss = F.mse_loss(recon, batch.features) + 1e-3 * posterior.kl().mean()
                 self.engine.backward(loss)
                 self.engine.step()
@@ -137,9 +138,9 @@ class Run:
         plain = AToken(model_config())
         plain.load_state_dict(checkpoint.consolidate(path, "ema"))
         with torch.no_grad(), self.ema.applied_to(self.model):
-            got = self.engine(batch, sample=False)[0]
+            got = self.engine(batch, sample=False).recon
         with torch.no_grad():
-            want = plain(batch, sample=False)[0]
+            want = plain(batch, sample=False).recon
         return (got - want).abs().max().item()
 
     def close(self) -> None:

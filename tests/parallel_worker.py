@@ -92,7 +92,8 @@ def batches() -> list[PackedBatch]:
 
 def forward_loss(model, batch: PackedBatch, b: int) -> tuple[torch.Tensor, dict]:
     """Micro-batch ``b`` -> (recon, loss terms); its posterior noise has a per-batch stream."""
-    recon, posterior = model(batch, generator=torch.Generator().manual_seed(NOISE_SEED + b))
+    out = model(batch, generator=torch.Generator().manual_seed(NOISE_SEED + b))
+    recon, posterior = out.recon, out.posterior
     l1, kl = token_l1(batch, recon).mean(), posterior.kl().mean()
     return recon, {"l1": l1, "kl": kl, "total": l1 + KL_WEIGHT * kl}
 

@@ -1,9 +1,8 @@
 """Data pipeline on real photos (skimage / sklearn): shards, resolution policy, packing, resume, bad data."""
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from streaming import MDSWriter, StreamingDataset
-from streaming.base import dataset as sd_module
-from streaming.base.constant import SHM_TO_CLEAN
 
-from atoken.data_pipeline import (IMAGE_COLUMNS, DataConfig, ImageDataset, build_image_loader, open_rgb,
-                                  resize_for_training, sample_resolution, training_size)
+from atoken.data_pipeline import (IMAGE_COLUMNS, DataConfig, MixedLoader, StreamConfig, StreamDataset, StreamLoader,
+                                  open_rgb, resize_for_training, sample_resolution, training_size)
 from atoken.model.patches import grid_coords, unpatchify
 from atoken.tools.make_image_shards import main as shards_main
 from atoken.tools.make_image_shards import write_image_shards
+
+pytestmark = pytest.mark.usefixtures("stream_env")  # tests/conftest.py: own TMPDIR, shared memory cleaned
 
 
 @pytest.fixture(scope="session")
@@ -44,30 +43,6 @@ def write_photos(photos, folder: Path) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def stream_env(tmp_path, monkeypatch):
-    """Streaming's filelocks in this test's own TMPDIR; unlink the shared memory its datasets made."""
-    tmp = tmp_path / "tmpdir"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches; TMPDIR alone is not enough
-    prefixes = []
-    orig = sd_module.get_shm_prefix
-
-    def record(*a, **kw):
-        prefix, shm = orig(*a, **kw)
-        prefixes.append(prefix)
-        return prefix, shm
-
-    monkeypatch.setattr(sd_module, "get_shm_prefix", record)
-    yield
-    for p in prefixes:  # only our own prefixes: other processes may be using streaming right now
-        for name in SHM_TO_CLEAN:
-            try:
-                os.remove(f"/dev/shm/{p:06}_{name}")
-            except FileNotFoundError:
-                pass
-
-
 @pytest.fixture
 def shards(photos, tmp_path) -> tuple[Path, dict[str, Path]]:
     files = write_photos(photos, tmp_path / "photos")
@@ -77,8 +52,18 @@ def shards(photos, tmp_path) -> tuple[Path, dict[str, Path]]:
     return tmp_path / "shards", files
 
 
+STREAM_FIELDS = {f.name for f in dataclasses.fields(StreamConfig)}
+
+
 def cfg_for(remote, **kw) -> DataConfig:
-    return DataConfig(remote=str(remote), **{"min_res": 64, "max_res": 256, "token_budget": 512, "seed": 3, **kw})
+    """One image_rec stream; keyword arguments go to the stream or the DataConfig, by field name."""
+    kw = {"min_res": 64, "max_res": 256, "token_budget": 512, "seed": 3, **kw}
+    stream = StreamConfig(remote=str(remote), **{k: v for k, v in kw.items() if k in STREAM_FIELDS})
+    return DataConfig(streams={"image_rec": stream}, **{k: v for k, v in kw.items() if k not in STREAM_FIELDS})
+
+
+def build_image_loader(cfg: DataConfig) -> StreamLoader:
+    return StreamLoader(cfg.streams["image_rec"], cfg)
 
 
 # ---------------------------------------------------------------- shards
@@ -181,14 +166,15 @@ def test_packing_one_epoch(shards, tmp_path):
     out, files = shards
     cfg = cfg_for(out)
     loader = build_image_loader(cfg)
+    stream = cfg.streams["image_rec"]
     names, batches = [], []
     while len(names) < len(files):
-        b = next(loader)
+        b = next(loader).batch
         batches.append(b)
         names += b.names
     assert sorted(names[:len(files)]) == sorted(files)  # the first epoch: every sample exactly once
     for b in batches:
-        assert b.num_tokens <= cfg.token_budget
+        assert b.num_tokens <= stream.token_budget
         assert b.cu_seqlens[0] == 0 and b.cu_seqlens[-1] == b.num_tokens
         assert b.seqlens == [t * h * w for t, h, w, _ in b.grids]
         assert b.frames == [1] * b.num_samples and b.modalities == ["image"] * b.num_samples
@@ -197,14 +183,14 @@ def test_packing_one_epoch(shards, tmp_path):
             assert torch.equal(b.coords[lo:hi], grid_coords(t, h, w))
             img = unpatchify(b.features[lo:hi], b.grids[i], frames=1)
             assert img.abs().max() <= 1
-            assert max(h, w) * 16 <= cfg.max_res
+            assert max(h, w) * 16 <= stream.max_res
     # greedy: a batch is closed only because the next sample does not fit
     for b, nxt in zip(batches, batches[1:]):
-        assert b.num_tokens + nxt.seqlens[0] > cfg.token_budget
+        assert b.num_tokens + nxt.seqlens[0] > stream.token_budget
     assert loader.stats()["tokens"] == sum(b.num_tokens for b in batches)
     loader.close()
 
-    with pytest.raises(ValueError, match="cannot hold one 512x512"):
+    with pytest.raises(ValueError, match=r"token_budget=1000 cannot hold its largest sample \(image at max_res=512: 1024 tokens"):
         build_image_loader(cfg_for(out, max_res=512, token_budget=1000))
 
 
@@ -212,7 +198,7 @@ def test_packing_one_epoch(shards, tmp_path):
 
 
 def _batches(loader, n):
-    return [next(loader) for _ in range(n)]
+    return [next(loader).batch for _ in range(n)]
 
 
 def test_resume_identical(shards, tmp_path):
@@ -267,8 +253,9 @@ def test_bad_samples(photos, tmp_path, caplog):
     rows.insert(2, ("rocket_cut.jpg", cut))  # sample 2 of shard 0
     _write_raw_shards(tmp_path / "mixed", rows)
 
-    ds = ImageDataset(cfg_for(tmp_path / "mixed", shuffle=False))
-    marker = ds[2]
+    cfg = cfg_for(tmp_path / "mixed", shuffle=False)
+    ds = StreamDataset(cfg.streams["image_rec"], cfg)
+    marker = ds.sample(2, epoch=0)
     assert marker["shard"] == "shard.00000.mds" and marker["index_in_shard"] == 2 and "truncated" in marker["error"]
     del ds
 
@@ -276,7 +263,7 @@ def test_bad_samples(photos, tmp_path, caplog):
     names = []
     with caplog.at_level(logging.WARNING, logger="atoken.data_pipeline.loader"):
         while len(names) < len(jpgs):
-            names += next(loader).names
+            names += next(loader).batch.names
     assert names[:len(jpgs)] == [f"{n}.jpg" for n in jpgs]  # the others all arrive, in order
     assert "rocket_cut.jpg" in caplog.text and "shard shard.00000.mds, index 2" in caplog.text
     assert loader.samples_bad == caplog.text.count("skipping undecodable sample 'rocket_cut.jpg'") >= 1
@@ -303,3 +290,26 @@ def test_bad_samples(photos, tmp_path, caplog):
         for _ in range(10):
             next(mostly)
     mostly.close()
+
+
+# ---------------------------------------------------------------- mix state at another data-parallel size
+
+
+def test_resume_at_another_world_restarts_oldest_epoch(shards, tmp_path):
+    """Positions saved by 2 data-parallel ranks, resumed by 1: the stream restarts the oldest epoch
+    either rank was in (repeating, never losing), and the counters of rank 0 carry over."""
+    out, files = shards
+    cfg = cfg_for(out)
+    rank_states = [{"epoch": 1, "pos": 3, "rank": 0, "world": 2, "samples_seen": 14, "samples_bad": 1,
+                    "tokens": 900, "batches": 4},
+                   {"epoch": 2, "pos": 1, "rank": 1, "world": 2, "samples_seen": 16, "samples_bad": 0,
+                    "tokens": 950, "batches": 4}]
+    mixed = MixedLoader(cfg)
+    mixed.load_state_dict({"world": 2, "order": mixed.order, "slot": 0, "streams": {"image_rec": rank_states}})
+    loader = mixed.loaders["image_rec"]
+    assert (loader.epoch, loader.pos, loader.samples_seen, loader.samples_bad) == (1, 0, 14, 1)
+    first = next(mixed).batch
+    want = [int(i) for i in loader.epoch_ids(1)[:first.num_samples]]
+    ds = loader.dataset
+    assert first.names == [ds.get_item(i)["name"] for i in want]
+    mixed.close()

@@ -187,12 +187,13 @@ def test_packing_isolation():
     model = AToken(micro_config()).eval()
     imgs = [torch.rand(3, 32, 48) * 2 - 1, torch.rand(3, 48, 32) * 2 - 1, torch.rand(3, 16, 64) * 2 - 1]
     with torch.no_grad():
-        base, _ = model(image_batch(imgs), sample=False)
+        base = model(image_batch(imgs), sample=False).recon
         cu = [0, 6, 12, 16]
         for variant in (torch.rand(3, 48, 32) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1):  # new pixels, new size
             new = [imgs[0], variant, imgs[2]]
             batch = image_batch(new)
-            out, post = model(batch, sample=False)
+            res = model(batch, sample=False)
+            out, post = res.recon, res.posterior
             ncu = batch.cu_seqlens.tolist()
             torch.testing.assert_close(out[:ncu[1]], base[:cu[1]], atol=1e-6, rtol=0)
             torch.testing.assert_close(out[ncu[2]:], base[cu[2]:], atol=1e-6, rtol=0)
@@ -211,7 +212,8 @@ def test_forward_backward_checkpoint_and_rope_toggle():
     batch = image_batch([torch.rand(3, 32, 32), torch.rand(3, 16, 48)])
     grads = []
     for m in (plain, ckpt):
-        recon, post = m(batch, sample=True, generator=torch.Generator().manual_seed(1))
+        res = m(batch, sample=True, generator=torch.Generator().manual_seed(1))
+        recon, post = res.recon, res.posterior
         ((recon - batch.features).abs().mean() + 1e-3 * post.kl().mean()).backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(g is not None and g.isfinite().all() for g in grads[0])

@@ -154,7 +154,12 @@ def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
     single = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])
     for step in range(1, STEPS + 1):
         assert tp[step]["data"] == single[step]["data"]
+        # Step 1 runs the initial weights: only reduction order differs. From step 2 on, Adam's first
+        # updates are ~ lr * sign(grad), so near-zero gradient entries whose sign differs between the
+        # TP all-reduce and one matmul move weights by a full lr step; the KL (weight 1e-8: nothing
+        # holds it) shows that most (measured: 3.5e-4 relative at step 4, 2e-6 with other seeds).
+        rel = {"kl": 1e-3}.get if step > 1 else (lambda key, default: 1e-5)
         for key in ("loss", "l1", "lpips", "kl"):
-            assert tp[step][key] == pytest.approx(single[step][key], rel=1e-4), (step, key)
+            assert tp[step][key] == pytest.approx(single[step][key], rel=rel(key, 1e-4)), (step, key)
     ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
     assert (ckpt / "mp_rank_00_model_states.pt").exists() and (ckpt / "mp_rank_01_model_states.pt").exists()

@@ -65,7 +65,8 @@ def main(argv=None) -> None:
         written, rejected = write_image_shards(photos, str(run / "shards"))
         print(f"shards: {written} training photos, {len(rejected)} rejected, 1 held out ({HELD_OUT})")
 
-    train.main(["--config", "demo", "--set", f"run_dir={run}", "--set", f"data.remote={run / 'shards'}",
+    train.main(["--config", "demo", "--set", f"run_dir={run}",
+                "--set", f"data.streams.image_rec.remote={run / 'shards'}",
                 "--set", f"log.eval_images={holdout}", *[a for o in args.overrides for a in ("--set", o)]])
 
     inference = convert(run, run / "inference")

@@ -161,7 +161,7 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 
 # ------------------------------------------------------------------ per-rank files
 
-def _rank_file(rank: int) -> str:
+def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
@@ -274,7 +274,7 @@ def save(engine, ema, generators: dict[str, torch.Generator], client_state: dict
     part = staging / tag
     # DeepSpeed keeps the client state of one DP rank per TP rank (ZeRO 1/2); every rank keeps its own
     # here, with its RNG (a data loader's position may differ per rank).
-    torch.save({"rng": rng_state(generators), "client": client_state}, part / _rank_file(rank))
+    torch.save({"rng": rng_state(generators), "client": client_state}, part / rank_file(rank))
     tp_rank, d = tp_rank_size(engine)[0], dp_rank(engine)
     if layout.zero_stage == 3 or d == 0:  # ZeRO-3: every rank holds a distinct EMA partition
         torch.save(ema.state_dict(), part / _ema_file(layout.zero_stage, tp_rank, d))
@@ -356,7 +356,7 @@ def load(engine, ema, generators: dict[str, torch.Generator], path: Path) -> dic
         _check_same_model(saved, now)
         client_state = _load_resharded(engine, path, saved, now)
         _load_ema_resharded(engine, ema, path, saved, now)
-    own = path / _rank_file(dist.get_rank())
+    own = path / rank_file(dist.get_rank())
     if saved.sharding()[:2] == now.sharding()[:2] and own.exists():
         own = torch.load(own, weights_only=False)
         set_rng_state(own["rng"], generators)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from atoken.data_pipeline.config import DataConfig
-from atoken.model.config import ModelConfig, preset
+from atoken.data_pipeline.config import DataConfig, StreamConfig
+from atoken.model.config import GaussianDecoderConfig, ModelConfig, gaussian_decoder_preset, preset
 from atoken.model.losses import LossConfig
 
 
@@ -44,6 +44,11 @@ class CheckpointConfig:
     # "none": start fresh (refuses a run directory that already holds checkpoints);
     # a path: that checkpoint directory (``.../checkpoints/step_00000100``).
     resume: str = "auto"
+    # Stage hand-off (training/handoff.py): a run directory or checkpoint of the stage before, whose
+    # weights ("ema" or "raw") start this stage with a fresh optimizer. Ignored once this run has
+    # a checkpoint of its own (a requeued job resumes that).
+    init_from: str | None = None
+    init_weights: str = "ema"
 
 
 @dataclass
@@ -61,17 +66,25 @@ class RunConfig:
     run_dir: str = "runs/stage1"
     stage: int = 1
     model: ModelConfig = field(default_factory=lambda: preset("so400m"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(remote=""))
+    # One image-reconstruction stream (stage 1); named configs (configs.py) set the stage's streams.
+    data: DataConfig = field(default_factory=lambda: DataConfig(streams={"image_rec": StreamConfig()}))
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     steps: int = 200_000
-    grad_accum: int = 1  # packed micro-batches per optimizer step
+    # Rounds of the task mix per optimizer step: a step accumulates grad_accum * (sum of the streams'
+    # micro_batches) packed micro-batches (``accumulation_steps``; data_pipeline/mixing.py).
+    grad_accum: int = 1
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     zero_stage: int = 1  # DeepSpeed ZeRO stage for optimizer state
     seed: int = 0
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Packed micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+        return self.grad_accum * self.data.micro_batches_per_round
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,13 +112,22 @@ def from_dict(cls, d: dict):
     kwargs = {}
     for k, v in d.items():
         t = hints[k]
-        if dataclasses.is_dataclass(t):
-            kwargs[k] = t.from_dict(v) if hasattr(t, "from_dict") else from_dict(t, v)
-        elif typing.get_origin(t) is tuple:
-            kwargs[k] = tuple(v)
-        else:
-            kwargs[k] = v
+        kwargs[k] = _typed(t, v)
     return cls(**kwargs)
+
+
+def _typed(t, v):
+    """A YAML value as type ``t``: dataclasses built field by field, ``dict[str, Dataclass]`` entry by
+    entry, lists into (nested) tuples."""
+    if dataclasses.is_dataclass(t):
+        return t.from_dict(v) if hasattr(t, "from_dict") else from_dict(t, v)
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return {key: _typed(args[1], item) for key, item in (v or {}).items()}
+    if origin is tuple and v is not None:
+        inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis or len(set(args)) == 1) else None
+        return tuple(_typed(inner, x) for x in v) if inner is not None else tuple(v)
+    return v
 
 
 def load_yaml(path: str) -> RunConfig:
@@ -115,29 +137,60 @@ def load_yaml(path: str) -> RunConfig:
 
 def apply_override(cfg: RunConfig, item: str) -> None:
     """Apply one ``a.b.c=value`` override in place. Values parse as YAML (``1e-4``, ``[64, 128]``,
-    ``null``); ``model=base`` selects a model preset."""
+    ``null``); ``model=base`` selects a model preset.
+
+    Data streams are entries of ``data.streams``: ``data.streams.image_rec.remote=s3://b/p`` sets a
+    field, ``data.streams.video_rec={modality: video, remote: ...}`` adds (or replaces) a stream,
+    ``data.streams.video_rec=null`` removes one. With a single stream, ``data.<stream field>=value``
+    (e.g. ``data.remote=...``) is short for that stream's field.
+    """
     if "=" not in item:
         raise ValueError(f"override {item!r} is not of the form key.path=value")
     path, raw = item.split("=", 1)
     *parents, leaf = path.split(".")
-    obj = cfg
+    if parents == ["data"] and leaf not in {f.name for f in dataclasses.fields(DataConfig)}:
+        if leaf not in {f.name for f in dataclasses.fields(StreamConfig)}:
+            raise ValueError(f"override {item!r}: DataConfig and StreamConfig have no field {leaf!r}")
+        if len(cfg.data.streams) != 1:
+            raise ValueError(f"override {item!r}: data.{leaf} is ambiguous with streams {sorted(cfg.data.streams)}; "
+                             f"use data.streams.<name>.{leaf}")
+        parents = ["data", "streams", next(iter(cfg.data.streams))]
+    obj, owner = cfg, None
     for p in parents:
-        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+        if isinstance(obj, dict) and p in obj:
+            obj = obj[p]
+        elif dataclasses.is_dataclass(obj) and hasattr(obj, p):
+            obj, owner = getattr(obj, p), (obj, p)
+        else:
             raise ValueError(f"override {item!r}: no config section {p!r}")
-        obj = getattr(obj, p)
+    value = yaml.safe_load(raw)
+    if isinstance(obj, dict):  # an entry of a dict[str, Dataclass] field (data.streams)
+        entry_type = typing.get_args(typing.get_type_hints(type(owner[0]))[owner[1]])[1]
+        if value is None:
+            if leaf not in obj:
+                raise ValueError(f"override {item!r}: no entry {leaf!r} to remove (have {sorted(obj)})")
+            del obj[leaf]
+        elif isinstance(value, dict):
+            obj[leaf] = from_dict(entry_type, {"name": leaf, **value})
+        else:
+            raise ValueError(f"override {item!r}: give {leaf!r} a mapping of {entry_type.__name__} fields or null")
+        return
     if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
         raise ValueError(f"override {item!r}: {type(obj).__name__} has no field {leaf!r}")
-    value = yaml.safe_load(raw)
     t = typing.get_type_hints(type(obj))[leaf]
     if t is ModelConfig and isinstance(value, str):
         value = preset(value)
-    elif dataclasses.is_dataclass(t):
-        raise ValueError(f"override {item!r}: set the fields of {leaf!r} one by one")
+    elif leaf == "gaussian" and isinstance(obj, ModelConfig):  # a preset name or null
+        value = gaussian_decoder_preset(value) if isinstance(value, str) else value
+        if value is not None and not isinstance(value, GaussianDecoderConfig):
+            raise ValueError(f"override {item!r}: model.gaussian takes a preset name or null")
+    elif dataclasses.is_dataclass(t) or typing.get_origin(t) is dict:
+        raise ValueError(f"override {item!r}: set the fields or entries of {leaf!r} one by one")
     elif t in (int, float) and not isinstance(value, bool):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
             value = t(value)
         except (TypeError, ValueError):
             raise ValueError(f"override {item!r}: {leaf} needs a {t.__name__}") from None
     elif typing.get_origin(t) is tuple:
-        value = tuple(value)
+        value = _typed(t, value)
     setattr(obj, leaf, value)

@@ -1,28 +1,85 @@
 """Named runs: each function returns a complete ``RunConfig`` (``--config NAME``)."""
 from __future__ import annotations
 
-from atoken.data_pipeline.config import DataConfig
-from atoken.model.config import preset
+import dataclasses
+
+from atoken.data_pipeline.config import DataConfig, StreamConfig
+from atoken.model.config import gaussian_decoder_preset, preset
 from atoken.model.losses import LossConfig
 
 from .config import CheckpointConfig, LogConfig, OptimConfig, RunConfig
 
 
+# DESIGN.md's curriculum. Each stage's streams and their micro-batches per round are its task mix;
+# resolutions are the stage's ranges; token budgets hold each stream's largest sample. The
+# understanding streams need the frozen SigLIP2 text tower (and images the SigLIP2 teacher) from
+# local paths: --set loss.text_tower=DIR --set loss.teacher=DIR.
+
+def _image_rec(max_res: int, micro_batches: int = 1) -> StreamConfig:
+    return StreamConfig(modality="image", task="rec", min_res=64, max_res=max_res,
+                        token_budget=(max_res // 16) ** 2, micro_batches=micro_batches)
+
+
+def _video(task: str, max_res: int, micro_batches: int) -> StreamConfig:
+    # Reconstruction tiles of 16-32 frames; understanding at 1 fps, up to 64 frames (DESIGN.md).
+    frames = 32 if task == "rec" else 64
+    return StreamConfig(modality="video", task=task, min_res=64, max_res=max_res, micro_batches=micro_batches,
+                        token_budget=frames // 4 * (max_res // 16) ** 2)
+
+
+def _asset(task: str, micro_batches: int) -> StreamConfig:
+    # A 64^3 asset's surface holds up to ~25k occupied voxels (a cube's shell: 23,816).
+    return StreamConfig(modality="3d", task=task, micro_batches=micro_batches, token_budget=32768)
+
+
 def stage1() -> RunConfig:
-    """Stage 1 as in DESIGN.md: image reconstruction at 64-512 px, latent C = 32, so400m."""
+    """Stage 1: image reconstruction at 64-512 px, latent C = 32, so400m."""
     return RunConfig(
         name="stage1", run_dir="runs/stage1", stage=1, model=preset("so400m"),
-        data=DataConfig(remote="", min_res=64, max_res=512, token_budget=16384),
+        data=DataConfig(streams={"image_rec": _image_rec(512)}),
         steps=200_000,
     )
 
 
+def stage2() -> RunConfig:
+    """Stage 2: + video; images 64-1024, video 64-512 px; mix 22.2 / 11.1 / 66.6 % (image rec /
+    video und / video rec) = 2 / 1 / 6 micro-batches; the latent widens to C = 48 (from stage 1)."""
+    cfg = stage1()
+    cfg.name, cfg.run_dir, cfg.stage, cfg.steps = "stage2", "runs/stage2", 2, 200_000
+    cfg.model = dataclasses.replace(cfg.model, latent_channels=48, understanding=True)
+    cfg.data = dataclasses.replace(cfg.data, streams={
+        "image_rec": _image_rec(1024, 2), "video_und": _video("und", 512, 1), "video_rec": _video("rec", 512, 6)})
+    return cfg
+
+
+def stage3() -> RunConfig:
+    """Stage 3: + 3D (64^3 voxels, Gaussian-splat decoder); images 64-2048, video 64-1024 px; mix
+    22.2 / 11.1 / 44.4 / 11.1 / 11.1 % = 2 / 1 / 4 / 1 / 1 micro-batches."""
+    cfg = stage2()
+    cfg.name, cfg.run_dir, cfg.stage, cfg.steps = "stage3", "runs/stage3", 3, 50_000
+    cfg.model = dataclasses.replace(cfg.model, gaussian=gaussian_decoder_preset("base"))
+    cfg.data = dataclasses.replace(cfg.data, streams={
+        "image_rec": _image_rec(2048, 2), "video_und": _video("und", 1024, 1), "video_rec": _video("rec", 1024, 4),
+        "asset_und": _asset("und", 1), "asset_rec": _asset("rec", 1)})
+    return cfg
+
+
+def stage4() -> RunConfig:
+    """Stage 4: stage 3 with discrete tokens: FSQ on the posterior mean (8 groups x 6 dims x 4 levels)."""
+    cfg = stage3()
+    cfg.name, cfg.run_dir, cfg.stage, cfg.steps = "stage4", "runs/stage4", 4, 100_000
+    cfg.model = dataclasses.replace(cfg.model, quantizer="fsq")
+    return cfg
+
+
 def demo() -> RunConfig:
     """Stage 1 shrunk to minutes on 2 CPU cores: ``tiny`` on the photos bundled with scikit-image
-    and scikit-learn (``tools/demo.py`` writes their shards and fills in ``data.remote``)."""
+    and scikit-learn (``tools/demo.py`` writes their shards and sets
+    ``data.streams.image_rec.remote``)."""
     return RunConfig(
         name="demo", run_dir="runs/demo", stage=1, model=preset("tiny"),
-        data=DataConfig(remote="runs/demo/shards", min_res=64, max_res=128, token_budget=512),
+        data=DataConfig(streams={"image_rec": StreamConfig(modality="image", task="rec", remote="runs/demo/shards",
+                                                            min_res=64, max_res=128, token_budget=512)}),
         # The perceptual net is most of a CPU step: LPIPS/Gram at 64 px instead of 224. The paper's
         # weights (LPIPS 10, Gram 1000) stall the pixel fidelity of a randomly initialised tiny
         # model for hundreds of steps (measured: held-out PSNR flat after 150 steps, vs +3 dB in
@@ -36,4 +93,4 @@ def demo() -> RunConfig:
     )
 
 
-CONFIGS = {"stage1": stage1, "demo": demo}
+CONFIGS = {"stage1": stage1, "stage2": stage2, "stage3": stage3, "stage4": stage4, "demo": demo}

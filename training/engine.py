@@ -40,7 +40,8 @@ def build_engine(model: nn.Module, cfg, mpu=None):
         # One micro-batch is one packed token stream of many samples; DeepSpeed's "batch size" only
         # counts them.
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        # Every micro-batch of the step's task mix (grad_accum rounds of it) is one accumulation step.
+        "gradient_accumulation_steps": cfg.accumulation_steps,
         "gradient_clipping": o.grad_clip,
         # Buckets of 5e7 elements (200 MB in fp32) instead of DeepSpeed's 5e8: the default buffer
         # alone is 1.9 GiB per rank whatever the model size (benchmarks/README.md).

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +31,30 @@ def git_commit() -> str:
         return "unknown"
 
 
+def environment() -> dict:
+    """What ran where: the code's commit, library versions, the device, and the launch (Slurm job,
+    its restart count, nodes, world size). Written with every start and resume to events.jsonl."""
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    env = os.environ
+    return {
+        "commit": git_commit(), "host": socket.gethostname(), "python": sys.version.split()[0],
+        **{pkg: version(pkg) for pkg in ("torch", "deepspeed", "megatron-core", "mosaicml-streaming",
+                                         "flash-attn", "nvidia-dali-cuda120")},
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "world_size": int(env.get("WORLD_SIZE", 1)),
+        "slurm_job": env.get("SLURM_JOB_ID"), "slurm_restart": int(env.get("SLURM_RESTART_COUNT", 0)),
+        "slurm_nodes": env.get("SLURM_JOB_NODELIST"),
+    }
+
+
 class RunLogger:
     def __init__(self, cfg, run_dir: Path, start_step: int, enabled: bool):
         self.enabled, self.run_dir, self.total = enabled, run_dir, cfg.steps
@@ -36,8 +62,7 @@ class RunLogger:
         if not enabled:
             return
         self.metrics = open(run_dir / "metrics.jsonl", "a")
-        self.event("resume" if start_step else "start", step=start_step, commit=git_commit(),
-                   torch=torch.__version__, cuda=torch.cuda.is_available())
+        self.event("resume" if start_step else "start", step=start_step, **environment())
         if cfg.log.wandb_mode != "disabled":
             import wandb
 

@@ -345,13 +345,17 @@ def full_state_dict(model: nn.Module, dims: ParallelDims) -> dict[str, torch.Ten
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], dims: ParallelDims) -> None:
-    """Copy the plain model's tensors into this rank's shards (before the DeepSpeed engine exists)."""
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], dims: ParallelDims,
+                         allow_missing: bool = False) -> None:
+    """Copy the plain model's tensors into this rank's shards (before the DeepSpeed engine exists).
+    ``allow_missing``: parameters absent from ``state`` keep their values (a stage hand-off's new heads)."""
     params = dict(model.named_parameters())
-    if set(params) != set(state):
-        raise KeyError(f"state and model differ: missing {sorted(set(params) - set(state))[:5]}, "
-                       f"unexpected {sorted(set(state) - set(params))[:5]}")
+    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    if unexpected or (missing and not allow_missing):
+        raise KeyError(f"state and model differ: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     for name, p in params.items():
+        if name not in state:
+            continue
         t = state[name]
         if dims.tensor_parallel and getattr(p, "tensor_model_parallel", False):
             t = t.chunk(dims.tp, dim=p.partition_dim)[dims.tp_rank]

@@ -14,18 +14,19 @@ from pathlib import Path
 
 import torch
 
-from atoken.data_pipeline import build_image_loader
+from atoken.data_pipeline import MixedLoader, check_streams
 from atoken.model import Tokenizer
-from atoken.model.losses import ReconstructionLoss
+from atoken.model.objective import Objective
 from atoken.model.metrics import psnr
 
-from . import checkpoint, distributed, parallel
+from . import checkpoint, distributed, handoff, parallel
 from .config import RunConfig, apply_override, load_yaml
 from .configs import CONFIGS
 from .ema import EMA
 from .engine import build_engine
 from .holdout import load_images
 from .logger import RunLogger
+from .preemption import StopSignals
 
 log = logging.getLogger("atoken.train")
 
@@ -65,22 +66,36 @@ def precision(cfg: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def train_step(engine, loss_fn, batches, noise: torch.Generator, cfg: RunConfig, device, amp
+def train_step(engine, objective: Objective, loader: MixedLoader, noise: torch.Generator, device, amp
                ) -> tuple[dict, int, list[str]]:
-    """One optimizer step over ``grad_accum`` packed micro-batches. Returns detached mean losses."""
+    """One optimizer step: the task mix's micro-batches in its round-robin order (``loader.order``,
+    ``cfg.accumulation_steps`` of them), each through the heads and losses of its stream's task.
+    Returns detached mean losses, tokens and sample names."""
     totals, tokens, names = {}, 0, []
-    for _ in range(cfg.grad_accum):
-        batch = next(batches)
+    n = loader.micro_batches_per_step
+    for _ in range(n):
+        micro = next(loader)
+        batch, tasks = micro.batch, (micro.stream.task,)
         tokens, names = tokens + batch.num_tokens, names + batch.names
         batch = batch.to(device)
         with amp:
-            recon, posterior = engine(batch, generator=noise)
-            losses = loss_fn(batch, recon, posterior.kl())
+            out = engine(batch, generator=noise, tasks=tasks)
+            losses = objective(engine.module, batch, out, micro.extras, tasks)
         engine.backward(losses["total"])
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+            totals[k] = totals.get(k, 0.0) + v.detach().float() / n
     return totals, tokens, names
+
+
+def data_metrics(loader: MixedLoader) -> dict:
+    """Packing fill over all streams, and per stream its bad samples and fill."""
+    stats = loader.stats()
+    budget = sum(st["batches"] * loader.loaders[name].stream.token_budget for name, st in stats.items())
+    out = {"pack_fill": sum(st["tokens"] for st in stats.values()) / budget if budget else 0.0}
+    for name, st in stats.items():
+        out[f"data/{name}/samples_bad"], out[f"data/{name}/fill"] = st["samples_bad"], st["fill"]
+    return out
 
 
 def evaluate(model, ema: EMA, images: dict[str, torch.Tensor], device, amp) -> tuple[dict, list]:
@@ -94,6 +109,7 @@ def evaluate(model, ema: EMA, images: dict[str, torch.Tensor], device, amp) -> t
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     dist_info = distributed.init()
+    signals = StopSignals()  # from here on SIGUSR1/SIGTERM mean: checkpoint after this step, then exit
     logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
                         format=f"[%(asctime)s r{dist_info.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_dir, device = Path(cfg.run_dir), dist_info.device
@@ -108,7 +124,12 @@ def main(argv=None) -> None:
     dims = parallel.init_parallel(cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.seed)
     torch.manual_seed(cfg.seed)  # the same weights on every rank
     model = parallel.build_model(cfg.model, dims, checkpoint=cfg.parallel.activation_checkpointing).to(device)
-    loss_fn = ReconstructionLoss(cfg.loss).to(device)
+    # A run's own checkpoint wins; otherwise a later stage starts from the stage before (handoff.py).
+    resume_from = checkpoint.resolve(cfg.checkpoint.resume, ckpt_dir)
+    init_record = None
+    if resume_from is None and cfg.checkpoint.init_from:
+        init_record = handoff.apply(model, cfg.model, cfg.checkpoint.init_from, cfg.checkpoint.init_weights, dims)
+    objective = Objective.from_config(cfg.loss).to(device)
     engine = build_engine(model, cfg, mpu=parallel.mpu_for(dims))
     ema = EMA(model, cfg.optim.ema_decay)
     # Per data-parallel rank from here on; the TP ranks of a group must agree (same batch, same noise).
@@ -116,22 +137,20 @@ def main(argv=None) -> None:
     # The posterior's noise has its own stream, checkpointed per rank: whatever else draws from the
     # global RNG (DataLoader iterators do) cannot shift it, so a resumed run samples the same noise.
     noise = torch.Generator(device).manual_seed(cfg.seed + 1 + dims.dp_rank)
-    loader = build_image_loader(cfg.data, replication=dims.tp)
+    # Every s3:// stream is checked before any dataset is built (clear errors, not deep in a worker).
+    # The ranks of a TP group share a data-parallel rank, so they read the same samples.
+    check_streams(cfg.data)
+    loader = MixedLoader(cfg.data, cfg.grad_accum, rank=dims.dp_rank, world=dims.dp, group=dims.dp_group)
     amp = precision(cfg, device)
 
     start = 0
-    resume_from = checkpoint.resolve(cfg.checkpoint.resume, ckpt_dir)
     if resume_from is not None:
         state = checkpoint.load(engine, ema, {"noise": noise}, resume_from)
         start = state["step"]
-        loader.load_state_dict(state["data"])
-        if dims.dp > 1:
-            # NOTE: each rank gets its own loader state back, but streaming's position is global and
-            # ranks consume different sample counts under packing: the interrupted epoch may repeat
-            # samples. Exact multi-rank data resume belongs to the data issue.
-            log.warning("data-parallel world of %d: samples of the interrupted epoch may repeat after "
-                        "this resume (exact multi-rank data resume is not built yet)", dims.dp)
+        loader.load_state_dict(state["data"])  # every DP rank's position in every stream
     logger = RunLogger(cfg, run_dir, start, enabled=dist_info.is_main)
+    if init_record:
+        logger.event("init_from", **init_record)
     holdout = load_images(cfg.log.eval_images) if cfg.log.eval_images else {}
 
     def run_eval(step: int) -> None:
@@ -141,24 +160,29 @@ def main(argv=None) -> None:
 
     if start == 0:
         run_eval(0)
-    batches = iter(loader)
     for step in range(start + 1, cfg.steps + 1):
-        losses, tokens, names = train_step(engine, loss_fn, batches, noise, cfg, device, amp)
+        losses, tokens, names = train_step(engine, objective, loader, noise, device, amp)
         ema.update(model, step)
         last = step == cfg.steps
         metrics = None
         if step % cfg.log.every == 0 or last:
             metrics = {"loss": losses.pop("total").item(), **{k: v.item() for k, v in losses.items()},
                        "lr": max(engine.get_lr()), "tokens": tokens, "samples_bad": loader.samples_bad,
-                       "pack_fill": loader.stats()["fill"],
+                       **data_metrics(loader),
                        "data": hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]}
         logger.step(step, tokens, metrics)
         if step % cfg.log.eval_every == 0 or last:
             run_eval(step)
-        if step % cfg.checkpoint.every == 0 or last:
+        stop = signals.poll()  # collective: every rank stops after the same step
+        if step % cfg.checkpoint.every == 0 or last or stop:
             client = {"step": step, "data": loader.state_dict(), "config": cfg.to_dict()}
             checkpoint.save(engine, ema, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep)
             logger.event("checkpoint", step=step)
+        if stop and not last:
+            logger.event(signals.describe(stop), step=step)  # "requeue" or "stop", after its checkpoint
+            logger.close()
+            distributed.shutdown()
+            raise SystemExit(signals.exit_code(stop))
     logger.event("end", step=cfg.steps)
     logger.close()
     distributed.shutdown()

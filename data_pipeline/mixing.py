@@ -1,0 +1,121 @@
+"""Round-robin task mixing: every optimizer step runs the same interleaved sequence of micro-batches.
+
+The mix is the streams' ``micro_batches`` (stage 2: image rec 2, video und 1, video rec 6).
+``mix_order`` spreads each stream evenly over one round: the k-th of a stream's n micro-batches sits
+at (k + 1/2) / n of the round, and ties go to the stream listed first. For image_rec 2, video_und 1,
+video_rec 6 that is::
+
+    video_rec, image_rec, video_rec, video_rec, video_und, video_rec, image_rec, video_rec, video_rec
+
+An optimizer step is ``grad_accum`` rounds. Every rank follows the same order, so all data-parallel
+ranks run the same task in the same micro-batch (and so build the same graph).
+
+``MixedLoader.state_dict`` is collective over the data-parallel group: it gathers every rank's
+position in every stream, so the checkpoint holds the whole data state and each rank resumes exactly
+its own. At another data-parallel size the positions do not carry over (each rank's slice of an
+epoch changes): every stream restarts at the start of the oldest epoch any rank was in, repeating
+what was read of it since (logged with its count) and losing nothing.
+"""
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from typing import Any
+
+import torch.distributed as dist
+
+from .config import DataConfig, StreamConfig
+from .loader import StreamLoader
+from .packing import MicroBatch
+
+log = logging.getLogger(__name__)
+
+
+def mix_order(streams: dict[str, StreamConfig]) -> list[str]:
+    """Stream names of one round of the mix, in order (module docstring)."""
+    slots = sorted((Fraction(2 * k + 1, 2 * s.micro_batches), i, name)
+                   for i, (name, s) in enumerate(streams.items()) for k in range(s.micro_batches))
+    return [name for _, _, name in slots]
+
+
+class MixedLoader:
+    """``next(mixed)`` is the next ``MicroBatch`` of the step's order (``mixed.order``, one entry per
+    micro-batch of an optimizer step); ``.stream`` says which stream, task and modality it holds.
+
+    ``rank``/``world``/``group``: this rank among the data-parallel ranks, and their process group
+    (the tensor-parallel ranks of a group pass the same rank and read the same samples).
+    """
+
+    def __init__(self, data: DataConfig, grad_accum: int = 1, rank: int = 0, world: int = 1, group=None):
+        data.check()
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        self.data, self.rank, self.world, self.group = data, rank, world, group
+        self.loaders = {name: StreamLoader(s, data, rank, world) for name, s in data.streams.items()}
+        self.order = mix_order(data.streams) * grad_accum
+        self.slot = 0  # index into order of the next micro-batch
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> "MixedLoader":
+        return self
+
+    def __next__(self) -> MicroBatch:
+        name = self.order[self.slot]
+        micro = next(self.loaders[name])
+        self.slot = (self.slot + 1) % len(self.order)
+        return micro
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every data-parallel rank's position in every stream. Collective: all ranks call it."""
+        local = {name: loader.state_dict() for name, loader in self.loaders.items()}
+        if self.world > 1:
+            ranks: list[Any] = [None] * self.world
+            dist.all_gather_object(ranks, local, group=self.group)
+        else:
+            ranks = [local]
+        return {"world": self.world, "order": self.order, "slot": self.slot,
+                "streams": {name: [r[name] for r in ranks] for name in self.loaders}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state_dict`` (of any data-parallel size; see the module docstring)."""
+        self.slot = state["slot"] if state["order"] == self.order else 0
+        if state["order"] != self.order:
+            log.warning("the task mix changed since the checkpoint (%s -> %s): the step's order starts over",
+                        state["order"], self.order)
+        for name in sorted(set(state["streams"]) - set(self.loaders)):
+            log.warning("stream %r of the checkpoint is not configured any more: its position is dropped", name)
+        for name, loader in self.loaders.items():
+            ranks = state["streams"].get(name)
+            if ranks is None:
+                log.info("stream %r is new: it starts at its beginning", name)
+            elif state["world"] == self.world:
+                loader.load_state_dict(ranks[self.rank])
+            else:
+                loader.load_state_dict(_restart_oldest_epoch(name, ranks, self.rank, self.world))
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per stream: the loader's counters (``StreamLoader.stats``)."""
+        return {name: loader.stats() for name, loader in self.loaders.items()}
+
+    @property
+    def samples_bad(self) -> int:
+        return sum(loader.samples_bad for loader in self.loaders.values())
+
+    def close(self) -> None:
+        for loader in self.loaders.values():
+            loader.close()
+
+
+def _restart_oldest_epoch(name: str, ranks: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+    """A state for ``rank`` of ``world`` from states saved at another data-parallel size: the start of
+    the oldest epoch in progress, with the counters of the old rank of the same index (if any)."""
+    oldest = min(r["epoch"] for r in ranks)
+    repeated = sum(r["pos"] for r in ranks if r["epoch"] == oldest)
+    log.warning("stream %r: checkpoint of %d data-parallel ranks resumed on %d: restarting epoch %d, "
+                "%d+ samples of it (and any the faster ranks read of later epochs) are read again",
+                name, len(ranks), world, oldest, repeated)
+    base = ranks[rank] if rank < len(ranks) else {k: 0 for k in ("samples_seen", "samples_bad", "tokens", "batches")}
+    return {**base, "epoch": oldest, "pos": 0, "rank": rank, "world": world}

@@ -1,0 +1,133 @@
+"""The whole objective over one packed micro-batch of any mix of modalities and tasks (DESIGN.md).
+
+    L      = rec_weight (0.2) * L_rec + sem_weight (1.0) * L_sem + kl_weight (1e-8) * L_KL
+    L_rec  = L1 + 10 LPIPS + 1000 Gram        image tokens   (losses.ReconstructionLoss)
+           + L1                               video tokens   (native resolution, real frames)
+           + L1 of rendered views             3D samples     (splatting.gaussian_view_loss, per asset)
+    L_sem  = distill_loss (KL, T = 2)         images: the frozen SigLIP2 teacher's image-text
+                                              similarities over all the micro-batch's captions
+           + sigmoid_loss                     video and 3D: against their captions' text embeddings
+The terms a micro-batch has no samples for are 0; "rec" and "und" pick which half runs (a
+micro-batch of one stream has one task; the mixed-batch test runs both).
+
+Not built: the image CLIP/feature reconstruction term (weight 1 in the paper): it needs gradients
+through the teacher on reconstructed pixels; the teacher here is inference-only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .autoencoder import AToken, Outputs
+from .losses import LossConfig, ReconstructionLoss
+from .packed import ASSET3D, IMAGE, PackedBatch
+from .splatting import gaussian_view_loss
+from .understanding import TextTower, distill_loss
+
+
+class Objective(nn.Module):
+    """forward(model, batch, out, extras, tasks) -> scalar terms, "total" among them.
+
+    ``extras``: per sample what the losses need beyond its tokens ("caption"; for 3D "views"
+    [V, 3, H, W] in [0, 1] and "cameras"). The frozen networks (perceptual net, text tower, teacher)
+    are kept out of this module's parameters and state_dict, like the perceptual net before.
+    """
+
+    def __init__(self, cfg: LossConfig, text_tower: TextTower | None = None, teacher: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.rec = ReconstructionLoss(cfg)
+        self._frozen = (text_tower, teacher)
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> "Objective":
+        """Loads the text tower and the teacher from their local paths when the config names them."""
+        tower = TextTower.from_pretrained(cfg.text_tower) if cfg.text_tower else None
+        teacher = None
+        if cfg.teacher:
+            from .siglip2 import Siglip2ImageTower
+
+            teacher = Siglip2ImageTower.from_pretrained(cfg.teacher)
+        return cls(cfg, tower, teacher)
+
+    @property
+    def text_tower(self) -> TextTower | None:
+        return self._frozen[0]
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._frozen[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        for m in self._frozen:
+            if m is not None:
+                m._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, model: AToken, batch: PackedBatch, out: Outputs, extras: list[dict[str, Any]],
+                tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        cfg, zero = self.cfg, batch.features.new_zeros((), dtype=torch.float32)
+        terms = {k: zero for k in ("l1", "lpips", "gram", "l1_3d", "kl", "rec", "distill", "sigmoid", "sem")}
+        if "rec" in tasks:
+            pixels = [i for i, m in enumerate(batch.modalities) if m != ASSET3D]
+            if pixels:
+                sub, rows = batch.select(pixels) if len(pixels) < batch.num_samples else (batch, None)
+                recon = out.recon if rows is None else out.recon[rows]
+                r = self.rec(sub, recon, out.posterior.kl())
+                terms.update(l1=r["l1"], lpips=r["lpips"], gram=r["gram"])
+            assets = [i for i, m in enumerate(batch.modalities) if m == ASSET3D]
+            if assets:
+                losses = []
+                for k, i in enumerate(assets):
+                    views, cameras = _required(extras[i], ("views", "cameras"), batch.names, i)
+                    losses.append(gaussian_view_loss(out.gaussians.sample(k), views, cameras,
+                                                     backend=cfg.render_backend))
+                terms["l1_3d"] = torch.stack(losses).mean()
+            terms["kl"] = out.posterior.kl().float().mean()
+            terms["rec"] = (cfg.l1_weight * (terms["l1"] + terms["l1_3d"]) + cfg.lpips_weight * terms["lpips"]
+                            + cfg.gram_weight * terms["gram"])
+        if "und" in tasks:
+            emb = out.embedding  # [B, width], L2-normalised
+            images = [i for i, m in enumerate(batch.modalities) if m == IMAGE]
+            others = [i for i, m in enumerate(batch.modalities) if m != IMAGE]
+            tower = self._need(self.text_tower, "loss.text_tower", "understanding")
+            if images:
+                teacher = self._need(self.teacher, "loss.teacher", "image understanding (distillation)")
+                sub, _ = batch.select(images)
+                # The texts to score against: every caption of the micro-batch (not only the images').
+                captions = [e["caption"] for e in extras if e.get("caption")]
+                for i in images:
+                    _caption(extras, i, batch.names)  # each image needs its own caption
+                txt = tower.embed(captions)
+                scale = torch.tensor(tower.logit_scale if tower.logit_scale is not None else 0.0).exp()
+                terms["distill"] = distill_loss(emb[images], teacher(sub)[0], txt, scale, cfg.distill_temperature)
+            if others:
+                txt = tower.embed([_caption(extras, i, batch.names) for i in others])
+                terms["sigmoid"] = model.understanding.sigmoid_loss(emb[others], txt.to(emb.device))
+            terms["sem"] = terms["distill"] + terms["sigmoid"]
+        terms["total"] = cfg.rec_weight * terms["rec"] + cfg.sem_weight * terms["sem"] + cfg.kl_weight * terms["kl"]
+        return terms
+
+    @staticmethod
+    def _need(module, key: str, what: str):
+        if module is None:
+            raise ValueError(f"{what} needs the frozen SigLIP2 network: set {key} to a local checkpoint directory")
+        return module
+
+
+def _caption(extras: list[dict[str, Any]], i: int, names: list[str]) -> str:
+    text = extras[i].get("caption") if i < len(extras) else None
+    if not text:
+        name = names[i] if i < len(names) else f"#{i}"
+        raise ValueError(f"sample {name!r} has no caption: understanding streams need captioned samples")
+    return text
+
+
+def _required(extra: dict[str, Any], keys: tuple[str, ...], names: list[str], i: int) -> list[Any]:
+    missing = [k for k in keys if k not in extra]
+    if missing:
+        name = names[i] if i < len(names) else f"#{i}"
+        raise ValueError(f"3D sample {name!r} lacks its reconstruction targets {missing}")
+    return [extra[k] for k in keys]

@@ -1,0 +1,193 @@
+"""The understanding branch: SigLIP2's attention-pooling (MAP) head, the two semantic losses, and
+the frozen SigLIP2 text tower.
+
+    encoder tokens [N, width] --MAPHead, per packed sample--> embedding [B, width] (L2-normalised)
+
+    images:       distill_loss(student, frozen SigLIP2 image embedding, text embeddings)   (KL, T = 2)
+    video and 3D: sigmoid_loss(embedding, caption embedding, logit_scale, logit_bias)
+
+Logit scale convention (read in the installed HF ``Siglip2Model.forward``: ``logits *
+logit_scale.exp() + logit_bias``, and tested against its loss): the learned parameter is the LOG
+of the scale t, so DESIGN.md's 4.8438 is log t (t = exp(4.8438) ~ 127, the size trained SigLIP
+models reach; training from scratch would start at log 10) and -15.5625 is the bias b. Read as a
+plain scale, 4.8438 with b = -15.5625 would make every logit negative (|cos| <= 1): no pair could
+ever be scored positive.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TransformerConfig
+from .transformer import MLP, LinearSpec
+
+LOGIT_SCALE_INIT = 4.8438  # log t
+LOGIT_BIAS_INIT = -15.5625
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (SigLIP's ``MAPHead`` / HF ``Siglip2MultiheadAttentionPoolingHead``).
+
+    A learned probe attends, per sample, over that sample's tokens of the packed stream; the result
+    goes through ``x + MLP(LayerNorm(x))``. Parameters: ``probe`` [width], ``q`` and ``kv`` (HF's
+    ``in_proj`` split into its q rows and its k, v rows), ``out`` (``out_proj``), ``norm``, ``mlp``.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        w = cfg.width
+        self.probe = nn.Parameter(torch.zeros(w))
+        self.q = nn.Linear(w, w)
+        self.kv = nn.Linear(w, 2 * w)  # output rows [k (heads, head_dim); v (heads, head_dim)]
+        self.out = nn.Linear(w, w)
+        self.norm = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg, LinearSpec())  # the head is replicated, never tensor-parallel
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The probe as SigLIP2 initialises it (xavier over HF's [1, 1, width] shape); the linears and
+        the norm keep their own (``AToken.reset_parameters`` re-initialises those)."""
+        nn.init.xavier_uniform_(self.probe.view(1, 1, -1))
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, width] packed tokens, cu_seqlens [B + 1] -> (embedding [B, width] L2-normalised,
+        pooled [B, width] before normalisation, as HF's ``pooler_output``). Every sample needs a token."""
+        n, h, d = x.shape[0], self.heads, self.head_dim
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        b = lens.shape[0]
+        ids = torch.repeat_interleave(torch.arange(b, device=x.device), lens.to(x.device))  # [N]
+        q = self.q(self.probe).view(h, d).float() * d ** -0.5  # the probe's query, the same for all samples
+        k, v = self.kv(x).view(n, 2, h, d).float().unbind(1)  # each [N, h, d]
+        scores = (k * q).sum(-1)  # [N, h]
+        # Softmax over each sample's tokens, as segment operations on the packed stream.
+        idx = ids[:, None].expand(n, h)
+        peak = scores.new_full((b, h), -torch.inf).scatter_reduce(0, idx, scores, "amax")  # [B, h]
+        w = (scores - peak[ids]).exp()
+        w = w / w.new_zeros(b, h).index_add(0, ids, w)[ids]  # [N, h]
+        pooled = v.new_zeros(b, h, d).index_add(0, ids, w[..., None] * v).flatten(1)  # [B, width] fp32
+        pooled = self.out(pooled.to(x.dtype))
+        pooled = pooled + self.mlp(self.norm(pooled))
+        return F.normalize(pooled.float(), dim=-1), pooled
+
+
+class Understanding(nn.Module):
+    """``AToken.understanding``: the MAP head and the sigmoid loss' learnable log-scale and bias."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.head = MAPHead(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor([LOGIT_SCALE_INIT]))  # [1], log t
+        self.logit_bias = nn.Parameter(torch.tensor([LOGIT_BIAS_INIT]))  # [1]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.head.reset_parameters()
+        self.logit_scale.fill_(LOGIT_SCALE_INIT)
+        self.logit_bias.fill_(LOGIT_BIAS_INIT)
+
+    def sigmoid_loss(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
+        return sigmoid_loss(img_emb, txt_emb, self.logit_scale, self.logit_bias)
+
+
+def sigmoid_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss over a batch of matching pairs (row i of each is one pair).
+
+    img_emb, txt_emb [B, D], L2-normalised; logits = exp(logit_scale) * img @ txt.T + logit_bias
+    [B, B]; label +1 on the diagonal, -1 elsewhere; -sum(log sigmoid(label * logits)) / B, as
+    big_vision and HF ``Siglip2Model(return_loss=True)``. In fp32. Negatives are this batch's only
+    (no all-gather across data-parallel ranks).
+    """
+    if img_emb.shape != txt_emb.shape or img_emb.ndim != 2:
+        raise ValueError(f"sigmoid_loss needs two [B, D] embeddings, got {tuple(img_emb.shape)} and "
+                         f"{tuple(txt_emb.shape)}")
+    logits = logit_scale.float().exp() * img_emb.float() @ txt_emb.float().t() + logit_bias.float()
+    labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+def distill_loss(student_img: torch.Tensor, teacher_img: torch.Tensor, txt: torch.Tensor, scale: float | torch.Tensor,
+                 temperature: float = 2.0) -> torch.Tensor:
+    """KL(teacher || student) of image-to-text similarity distributions, averaged over images.
+
+    student_img, teacher_img [B, D] and txt [K, D] L2-normalised (the teacher's text tower embeds
+    both sides' texts, e.g. class prompts or the batch's captions); p = softmax_K(scale * img @
+    txt.T / temperature). ``scale`` is the teacher's logit scale t = exp(log t), a constant: the
+    student is pulled to the teacher's distribution as the teacher itself scores it.
+    NOTE: multiplied by temperature**2 (Hinton et al. 2015) so the gradient's size does not shrink
+    as 1/T**2 when the temperature changes; at T = 2 this is 4x the plain KL. In fp32.
+    """
+    if student_img.shape != teacher_img.shape or student_img.ndim != 2 or txt.ndim != 2 \
+            or txt.shape[1] != student_img.shape[1]:
+        raise ValueError(f"distill_loss needs student, teacher [B, D] and texts [K, D], got "
+                         f"{tuple(student_img.shape)}, {tuple(teacher_img.shape)}, {tuple(txt.shape)}")
+    txt = txt.float()
+    s = F.log_softmax(scale * student_img.float() @ txt.t() / temperature, dim=-1)  # [B, K]
+    with torch.no_grad():
+        t = F.log_softmax(scale * teacher_img.float() @ txt.t() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+class TextTower(nn.Module):
+    """The frozen SigLIP2 text tower, loaded from a LOCAL directory (never downloaded).
+
+    The directory is a HF ``save_pretrained`` of ``Siglip2TextModel`` or of a whole ``Siglip2Model``
+    (only its text weights are read, plus its trained ``logit_scale`` / ``logit_bias`` when present:
+    ``exp(logit_scale)`` is the teacher's scale for ``distill_loss``). Its tokenizer is loaded when
+    the directory has one; texts are padded to ``max_length`` (SigLIP trained with
+    padding="max_length", 64 tokens).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, max_length: int = 64,
+                 logit_scale: float | None = None, logit_bias: float | None = None):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.logit_scale, self.logit_bias = logit_scale, logit_bias  # log t and b, or None (text-only dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_length: int = 64) -> "TextTower":
+        from transformers import AutoTokenizer, Siglip2TextModel  # only the understanding branch needs it
+
+        from .siglip2 import read_safetensors  # (siglip2 imports this module)
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}/config.json not found: pass a local SigLIP2 checkpoint directory "
+                                    "(save_pretrained of Siglip2Model or Siglip2TextModel)")
+        model = Siglip2TextModel.from_pretrained(path, local_files_only=True)
+        tokenizer = None
+        if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        logits = read_safetensors(path, "logit_")
+        scale, bias = (float(logits[k]) if k in logits else None for k in ("logit_scale", "logit_bias"))
+        return cls(model, tokenizer, max_length, scale, bias)
+
+    @property
+    def width(self) -> int:
+        return self.model.config.projection_size
+
+    @torch.no_grad()
+    def embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [K, L] -> [K, projection_size] fp32, L2-normalised (HF ``text_embeds``)."""
+        device = next(self.model.parameters()).device
+        pooled = self.model(input_ids=input_ids.to(device)).pooler_output
+        return F.normalize(pooled.float(), dim=-1)
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """texts -> [K, projection_size] fp32, L2-normalised."""
+        if self.tokenizer is None:
+            raise ValueError("this text tower was loaded without a tokenizer: use embed_ids, or add the "
+                             "tokenizer files to its directory")
+        ids = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt").input_ids
+        return self.embed_ids(ids)
+
+    def train(self, mode: bool = True) -> "TextTower":
+        return super().train(False)  # frozen: stays in eval mode
+

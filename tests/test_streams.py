@@ -1,0 +1,329 @@
+"""Streams from a real S3 server (SeaweedFS, tests/s3_server.py): round trip, two ranks, the task mix,
+exact resume, bad samples, an outage mid-read, and bad storage settings failing at start.
+
+The shards are real photos (scikit-image), cropped into small images so decoding stays cheap,
+written to S3 by ``atoken-make-image-shards``. Skips when the ``weed`` binary is missing.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streaming import MDSWriter, StreamingDataset
+
+from atoken.data_pipeline import (IMAGE_COLUMNS, DataConfig, MixedLoader, RetryConfig, StreamConfig, StreamLoader,
+                                  check_streams, epoch_order, mix_order)
+from atoken.training.config import RunConfig, apply_override, load_yaml
+from atoken.training.distributed import free_port
+
+pytestmark = pytest.mark.usefixtures("stream_env")  # tests/conftest.py: own TMPDIR, shared memory cleaned
+BUCKET = "atoken"  # conftest's s3_server bucket
+WORKER = Path(__file__).with_name("stream_worker.py")
+# Short waits so an outage test takes seconds; 30 attempts ride out a stop + start of the server.
+FAST_RETRY = RetryConfig(attempts=30, backoff=0.2, backoff_max=1.0, timeout=20.0)
+
+
+def crops(n: int, seed: int) -> dict[str, np.ndarray]:
+    """``n`` small crops (24-120 px a side) of real photos, name -> uint8 [h, w, 3]."""
+    import skimage.data as sk
+    photos = [getattr(sk, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = (int(x) for x in rng.integers(24, 121, size=2))
+        y, x = int(rng.integers(0, img.shape[0] - h)), int(rng.integers(0, img.shape[1] - w))
+        out[f"s{seed}_{i:03d}.png"] = img[y:y + h, x:x + w]
+    return out
+
+
+def write_folder(images: dict[str, np.ndarray], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, a in images.items():
+        Image.fromarray(a).save(folder / name)
+    return folder
+
+
+# Shard writers by modality: (write source files into a folder -> their names, the CLI's main, the MDS
+# column holding each file's bytes). Video and 3D writers (tools/make_video_shards.py,
+# tools/make_3d_shards.py) join here as parameters of test_round_trip.
+def _image_source(folder: Path) -> list[str]:
+    images = crops(10, seed=7)
+    write_folder(images, folder)
+    return sorted(images)
+
+
+def _image_cli(argv: list[str]) -> int:
+    from atoken.tools.make_image_shards import main
+    return main(argv)
+
+
+SHARD_WRITERS = {"image": (_image_source, _image_cli, "image")}
+
+# The S3 datasets of this module: prefix -> number of crops (seeds differ, so names tell them apart).
+DATASETS = {"a": 24, "b": 14, "c": 18}
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_server, tmp_path_factory) -> dict[str, str]:
+    """Three image datasets on S3 written by the shard CLI; prefix -> s3:// URL."""
+    from atoken.tools.make_image_shards import main as shards_main
+
+    root, urls = tmp_path_factory.mktemp("photos"), {}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env().items():
+            mp.setenv(k, v)
+        for seed, (prefix, n) in enumerate(DATASETS.items()):
+            folder = write_folder(crops(n, seed), root / prefix)
+            urls[prefix] = f"s3://{BUCKET}/images/{prefix}"
+            assert shards_main([str(folder), urls[prefix], "--size-limit", "20kb", "--no-progress"]) == 0
+    return urls
+
+
+def data_config(urls: dict[str, str], cache: Path, mix=(2, 1, 6), **kw) -> DataConfig:
+    """Stage 2's mix shape (2 / 1 / 6 micro-batches) over the three image datasets."""
+    streams = {}
+    for (prefix, url), micro, task in zip(urls.items(), mix, ("rec", "und", "rec")):
+        streams[f"img_{prefix}"] = StreamConfig(modality="image", task=task, remote=url, local=str(cache / prefix),
+                                                micro_batches=micro, min_res=32, max_res=128, token_budget=128)
+    return DataConfig(streams=streams, seed=5, shuffle_block=8, retry=FAST_RETRY, **kw)
+
+
+def take(loader, steps: int) -> list[tuple[str, list[str], torch.Tensor]]:
+    out = []
+    for _ in range(steps * loader.micro_batches_per_step):
+        micro = next(loader)
+        out.append((micro.stream.name, micro.batch.names, micro.batch.features))
+    return out
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_yaml_round_trip_and_overrides(tmp_path):
+    cfg = RunConfig()
+    apply_override(cfg, "data.remote=s3://b/img")  # one stream: data.<field> is short for its field
+    apply_override(cfg, "data.streams.video_rec={modality: video, remote: s3://b/vid, micro_batches: 6, "
+                        "frame_strides: [[1, 2], [4, 8]]}")
+    apply_override(cfg, "data.streams.image_rec.micro_batches=2")
+    apply_override(cfg, "data.retry.attempts=3")
+    apply_override(cfg, "grad_accum=2")
+    assert cfg.data.streams["image_rec"].remote == "s3://b/img"
+    video = cfg.data.streams["video_rec"]
+    assert video.name == "video_rec" and video.frame_strides == ((1, 2), (4, 8))
+    assert cfg.accumulation_steps == 2 * (2 + 6)
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert load_yaml(str(tmp_path / "c.yaml")) == cfg  # typed again: StreamConfig entries, tuples
+    with pytest.raises(ValueError, match="ambiguous"):
+        apply_override(cfg, "data.max_res=256")
+    with pytest.raises(ValueError, match="modality must be one of"):
+        apply_override(cfg, "data.streams.x={modality: audio}")
+    apply_override(cfg, "data.streams.video_rec=null")
+    assert list(cfg.data.streams) == ["image_rec"]
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        apply_override(cfg, "data.streams.image_rec.nope=1")
+
+
+def test_epoch_order_partitions_every_epoch():
+    counts = np.array([5, 3, 8, 1, 7])
+    for epoch in range(3):
+        for world in (1, 2, 3):
+            parts = [epoch_order(counts, 1, epoch, r, world, block=4) for r in range(world)]
+            assert sorted(np.concatenate(parts).tolist()) == list(range(counts.sum()))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    a, b = epoch_order(counts, 1, 0, 0, 1, block=4), epoch_order(counts, 1, 1, 0, 1, block=4)
+    assert not np.array_equal(a, b)  # a new order each epoch
+    assert np.array_equal(epoch_order(counts, 1, 0, 0, 1, shuffle=False), np.arange(24))
+    with pytest.raises(ValueError, match="cannot split 24 samples over 32"):
+        epoch_order(counts, 1, 0, 0, 32)
+
+
+# ---------------------------------------------------------------- S3
+
+
+@pytest.mark.parametrize("modality", sorted(SHARD_WRITERS))
+def test_round_trip(modality, s3_env, tmp_path):
+    """Shards written to S3 by the modality's CLI come back whole, and decode into samples."""
+    source, cli, column = SHARD_WRITERS[modality]
+    folder = tmp_path / "src"
+    files = source(folder)
+    url = f"s3://{BUCKET}/round_trip/{modality}"
+    assert cli([str(folder), url, "--size-limit", "16kb", "--no-progress"]) == 0
+    ds = StreamingDataset(remote=url, local=str(tmp_path / "raw"), batch_size=1, shuffle=False)
+    rows = [ds[i] for i in range(ds.num_samples)]
+    assert [r["name"] for r in rows] == files and ds.num_shards > 1
+    for r in rows:
+        assert r[column] == (folder / r["name"]).read_bytes()
+    del ds
+    stream = StreamConfig(modality=modality, remote=url, local=str(tmp_path / "cache"), min_res=32, max_res=128,
+                          token_budget=64, name="rt")
+    loader = StreamLoader(stream, DataConfig(streams={"rt": stream}, retry=FAST_RETRY))
+    names = []
+    while len(names) < len(files):
+        micro = next(loader)
+        assert micro.batch.modalities == [modality] * micro.batch.num_samples
+        names += micro.batch.names
+    assert sorted(names[:len(files)]) == files
+    loader.close()
+
+
+def test_mix_counts_and_single_rank_resume(s3_env, s3_data, tmp_path):
+    cfg = data_config(s3_data, tmp_path / "c0")
+    order = ["img_c", "img_a", "img_c", "img_c", "img_b", "img_c", "img_a", "img_c", "img_c"]
+    assert mix_order(cfg.streams) == order  # documented in mixing.py
+    straight = MixedLoader(cfg, grad_accum=2)
+    assert straight.order == order * 2 and straight.micro_batches_per_step == 18
+    steps, cut = 3, 1
+    ref = take(straight, steps)
+    # Over the window the per-stream counts are the mix exactly, in the round-robin order.
+    assert [s for s, _, _ in ref] == order * 2 * steps
+    assert {n: sum(s == n for s, _, _ in ref) for n in cfg.streams} == {"img_a": 12, "img_b": 6, "img_c": 36}
+    # Every stream's first epoch: each sample exactly once (img_c rolls over several epochs here).
+    for name, n in (("img_a", 24), ("img_b", 14), ("img_c", 18)):
+        seen = [x for s, names, _ in ref if s == name for x in names]
+        assert len(seen) >= n and sorted(seen[:n]) == sorted(f"s{'abc'.index(name[-1])}_{i:03d}.png" for i in range(n))
+    straight.close()
+
+    first = MixedLoader(dataclasses.replace(cfg, streams=_recached(cfg, tmp_path / "c1")), grad_accum=2)
+    part = take(first, cut)
+    state = first.state_dict()
+    assert state["slot"] == 0 and {len(r) for r in state["streams"].values()} == {1}
+    assert state["streams"]["img_c"][0]["epoch"] >= 1  # mid-epoch, after a rollover
+    first.close()
+    del first
+    resumed = MixedLoader(dataclasses.replace(cfg, streams=_recached(cfg, tmp_path / "c2")), grad_accum=2)
+    resumed.load_state_dict(state)
+    got = part + take(resumed, steps - cut)
+    resumed.close()
+    for (s1, n1, f1), (s2, n2, f2) in zip(ref, got):
+        assert s1 == s2 and n1 == n2 and torch.equal(f1, f2)
+
+
+def _recached(cfg: DataConfig, root: Path) -> dict[str, StreamConfig]:
+    """The streams of ``cfg`` with fresh (cold) cache folders under ``root``."""
+    return {n: dataclasses.replace(s, local=str(root / n)) for n, s in cfg.streams.items()}
+
+
+def test_two_ranks(s3_env, s3_data, tmp_path, stream_env):
+    """torchrun, 2 processes: disjoint first epochs covering each dataset; exact resume of the mix."""
+    cfg = data_config(s3_data, tmp_path / "unused")
+    spec = {"data": dataclasses.asdict(cfg), "cache": str(tmp_path / "cache"), "steps": 3, "resume_at": 1}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(WORKER), str(tmp_path / "spec.json"), str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(stream_env), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = json.loads(out.read_text())
+    for name, n in zip(cfg.streams, DATASETS.values()):
+        a, b = (set(r["epoch"][name]) for r in ranks)
+        assert not a & b and len(a) + len(b) == n, name  # disjoint, together the whole epoch
+    for r in ranks:
+        assert r["resumed"] == r["straight"]  # no sample lost or repeated, in any stream
+    # The resume point is one where the ranks had read different amounts (packing), per stream.
+    state = ranks[0]["state"]
+    assert state["world"] == 2
+    assert any(p[0]["pos"] != p[1]["pos"] or p[0]["epoch"] != p[1]["epoch"] for p in state["streams"].values())
+    assert ranks[0]["straight"] != ranks[1]["straight"]
+
+
+def test_bad_samples(s3_env, tmp_path, caplog):
+    """A truncated image among good ones: skipped, counted for its stream with shard and index."""
+    good = crops(6, seed=11)
+    rows = []
+    for name, a in good.items():
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=90)
+        rows.append((name, buf.getvalue()))
+    rows.insert(3, ("cut.jpg", rows[0][1][: len(rows[0][1]) // 2]))
+    url = f"s3://{BUCKET}/bad/mixed"
+    with MDSWriter(columns=IMAGE_COLUMNS, out=url, size_limit="10kb") as w:
+        for name, data in rows:
+            w.write({"image": data, "width": 1, "height": 1, "name": name})
+    bad_shard = None
+    ds = StreamingDataset(remote=url, local=str(tmp_path / "probe"), batch_size=1, shuffle=False)
+    shard_id, in_shard = ds.spanner[3]
+    bad_shard = ds.shards[shard_id].raw_data.basename
+    del ds
+    good_url = f"s3://{BUCKET}/bad/good"
+    with MDSWriter(columns=IMAGE_COLUMNS, out=good_url) as w:
+        for name, data in rows[:3]:
+            w.write({"image": data, "width": 1, "height": 1, "name": name})
+    streams = {"mixed": StreamConfig(remote=url, local=str(tmp_path / "m"), min_res=32, max_res=128, token_budget=128),
+               "good": StreamConfig(remote=good_url, local=str(tmp_path / "g"), min_res=32, max_res=128,
+                                    token_budget=128)}
+    cfg = DataConfig(streams=streams, shuffle=False, max_bad_fraction=0.5, retry=FAST_RETRY)
+    mixed = MixedLoader(cfg)
+    names = []
+    with caplog.at_level(logging.WARNING, logger="atoken.data_pipeline.loader"):
+        while len(names) < len(good):
+            micro = next(mixed)
+            names += micro.batch.names if micro.stream.name == "mixed" else []
+    assert names[:len(good)] == list(good)  # the others all arrive, in order
+    stats = mixed.stats()
+    assert stats["mixed"]["samples_bad"] == 1 and stats["good"]["samples_bad"] == 0
+    assert f"'cut.jpg' (stream mixed, shard {bad_shard}, index {in_shard}, sample 3)" in caplog.text
+    mixed.close()
+
+
+def test_outage_mid_read(s3_server, s3_env, s3_data, tmp_path, caplog):
+    """The server stops while a cold-cache reader runs and comes back: the reader waits (retrying) and
+    continues with exactly the samples of an undisturbed run."""
+    cfg = data_config({"a": s3_data["a"]}, tmp_path / "ref", mix=(1,))
+    undisturbed = MixedLoader(cfg)
+    ref = take(undisturbed, 4)
+    undisturbed.close()
+    cold = copy.deepcopy(cfg)
+    cold.streams["img_a"].local = str(tmp_path / "cold")
+    reader = MixedLoader(cold)
+    got = take(reader, 1)
+    downloaded = len(list((tmp_path / "cold").glob("*.mds")))
+    assert 0 < downloaded < StreamingDataset(remote=s3_data["a"], local=str(tmp_path / "probe"),
+                                             batch_size=1).num_shards  # more shards still to download
+    s3_server.stop()
+    restarter = threading.Thread(target=lambda: (time.sleep(2.0), s3_server.start()))
+    restarter.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="atoken.data_pipeline.storage"):
+            got += take(reader, 3)
+    finally:
+        restarter.join()
+    assert "retrying in" in caplog.text  # the outage was hit
+    for (s1, n1, f1), (s2, n2, f2) in zip(ref, got, strict=True):
+        assert n1 == n2 and torch.equal(f1, f2)
+    reader.close()
+
+
+@pytest.mark.parametrize("case", ["bucket", "credentials", "prefix", "endpoint"])
+def test_bad_storage_fails_at_start(case, s3_server, s3_env, s3_data, monkeypatch):
+    url = {"bucket": "s3://no-such-bucket/images/a", "prefix": f"s3://{BUCKET}/images/nothing-here"}.get(
+        case, s3_data["a"])
+    if case == "credentials":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    if case == "endpoint":
+        monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    cfg = DataConfig(streams={"img": StreamConfig(remote=url)},
+                     retry=RetryConfig(attempts=2, backoff=0.1, backoff_max=0.1, timeout=5.0))
+    want = {"bucket": r"bucket 'no-such-bucket' at endpoint http://127\.0\.0\.1:\d+: the bucket does not exist",
+            "credentials": r"bucket 'atoken' at endpoint .*: access denied .*wrong credentials",
+            "prefix": r"bucket 'atoken' at endpoint .*: no s3://atoken/images/nothing-here/index\.json: .* is not "
+                      r"an MDS dataset",
+            "endpoint": r"bucket 'atoken' at endpoint http://127\.0\.0\.1:\d+: the endpoint cannot be reached"}[case]
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"stream 'img': " + want):
+        check_streams(cfg)
+    assert time.monotonic() - t0 < 15

@@ -1,0 +1,58 @@
+"""Initialise an AToken model from a local SigLIP2 (naflex) checkpoint, as an inference directory.
+
+    atoken-import-siglip2 /models/siglip2-so400m-patch16-naflex --out init/so400m
+    atoken-import-siglip2 HF_DIR --out DIR --latent-channels 48 --seed 1
+
+The encoder and the MAP head take SigLIP2's vision weights (``model/siglip2.py`` has the mapping);
+the latent projection, the decoder and the sigmoid scale / bias are freshly initialised from
+``--seed``. The result is an atoken inference directory (config.json + model.safetensors, fp32,
+``Tokenizer.from_pretrained`` loads it) holding stage 1's initial weights. RoPE stays on unless
+``--no-rope`` (only to reproduce SigLIP2 exactly, e.g. to check an import).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from atoken.model.autoencoder import AToken
+from atoken.model.siglip2 import load_siglip2, model_config
+from atoken.model.tokenizer import FORMAT
+
+
+def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, seed: int = 0,
+                   rope: bool = True) -> Path:
+    cfg = model_config(src, latent_channels=latent_channels, rope=rope)
+    torch.manual_seed(seed)
+    model = AToken(cfg)
+    written = load_siglip2(model, src)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    meta = {"format": FORMAT, "version": 1, "model": cfg.to_dict(), "dtype": "float32", "weights": "siglip2-import",
+            "source": {"siglip2": str(Path(src).resolve()), "imported_tensors": len(written), "seed": seed}}
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="atoken-import-siglip2", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="local SigLIP2 checkpoint directory (Siglip2VisionModel or Siglip2Model, safetensors)")
+    p.add_argument("--out", required=True, help="inference directory to write")
+    p.add_argument("--latent-channels", type=int, default=32, help="C of the new latent (32 in stage 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the parts SigLIP2 does not provide")
+    p.add_argument("--no-rope", action="store_true", help="encoder without RoPE (reproduces SigLIP2 exactly)")
+    args = p.parse_args(argv)
+    out = import_siglip2(args.src, args.out, args.latent_channels, args.seed, rope=not args.no_rope)
+    meta = json.loads((out / "config.json").read_text())
+    enc = meta["model"]["encoder"]
+    print(f"wrote {out}: encoder {enc['depth']} x {enc['width']} and MAP head from {args.src} "
+          f"({meta['source']['imported_tensors']} tensors), RoPE {'off' if args.no_rope else 'on'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Stage hand-off: stage N+1 starts from stage N's final checkpoint with a fresh optimizer.
+
+What carries over is the model's weights (EMA or raw, ``checkpoint.init_weights``), converted to the
+new stage's model config:
+  * the latent widens 32 -> 48 channels at stage 2 (``AToken.widen_latent``: reconstructions unchanged);
+  * FSQ (stage 4) and other parameter-free switches need nothing;
+  * heads new in this stage (e.g. the Gaussian decoder at stage 3) keep their fresh initialisation,
+    and are listed in the log.
+Anything else that differs (another width or depth, a narrower latent, a checkpoint that is not
+one) is refused before any weight is touched, with what differs.
+
+Resuming a stage's own checkpoint always wins over ``init_from``: a requeued stage-2 job continues
+stage 2, it does not start over from stage 1.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from atoken.model import AToken, ModelConfig
+
+from . import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def source_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory, its ``checkpoints/`` or a checkpoint itself."""
+    p = Path(path)
+    for ckpt_dir in (p / "checkpoints", p):
+        tag = checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
+        if tag is not None:
+            return ckpt_dir / tag
+    if checkpoint.is_checkpoint(p):
+        return p
+    raise FileNotFoundError(f"checkpoint.init_from={str(path)!r}: no complete checkpoint there (expected a run "
+                            "directory, its checkpoints/ folder, or a checkpoints/step_* directory)")
+
+
+def source_model_config(ckpt: Path) -> ModelConfig:
+    """The model config the checkpoint was trained with (saved in every checkpoint's client state)."""
+    try:
+        client = torch.load(ckpt / checkpoint.rank_file(0), map_location="cpu", weights_only=False)["client"]
+        return ModelConfig.from_dict(client["config"]["model"])
+    except (FileNotFoundError, KeyError, TypeError) as e:
+        raise ValueError(f"{ckpt}: cannot read the model config it was trained with ({e})") from None
+
+
+def check_compatible(old: ModelConfig, new: ModelConfig, source: Path) -> None:
+    """Raise ValueError naming every difference that a hand-off cannot bridge."""
+    problems = []
+    for part in ("encoder", "decoder"):
+        a, b = getattr(old, part), getattr(new, part)
+        if a != b:
+            diff = {k: (getattr(a, k), getattr(b, k)) for k in vars(a) if getattr(a, k) != getattr(b, k)}
+            problems.append(f"{part} differs (checkpoint vs this stage: {diff})")
+    if old.pos_table_size != new.pos_table_size:
+        problems.append(f"pos_table_size {old.pos_table_size} vs {new.pos_table_size}")
+    if new.latent_channels < old.latent_channels:
+        problems.append(f"the latent cannot narrow from {old.latent_channels} to {new.latent_channels} channels")
+    if problems:
+        raise ValueError(f"cannot start this stage from {source}: " + "; ".join(problems))
+
+
+def initial_state(new: ModelConfig, source: str | Path, weights: str = "ema"
+                  ) -> tuple[dict[str, torch.Tensor], Path, ModelConfig]:
+    """The plain (TP=1) state dict to start from, its checkpoint, and the config it was trained with.
+    Parameters new in this stage are absent from the dict (they keep their initialisation)."""
+    ckpt = source_checkpoint(source)
+    old = source_model_config(ckpt)
+    check_compatible(old, new, ckpt)
+    prev = AToken(old)
+    prev.load_state_dict(checkpoint.consolidate(ckpt, weights))
+    if new.latent_channels > old.latent_channels:
+        prev.widen_latent(new.latent_channels)
+        log.info("widened the latent from %d to %d channels", old.latent_channels, new.latent_channels)
+    return prev.state_dict(), ckpt, old
+
+
+def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights: str, dims) -> dict:
+    """Load the previous stage's weights into ``model`` (TP shards; before the engine exists).
+    Returns a record for the run's events."""
+    from .parallel import load_full_state_dict
+
+    state, ckpt, old = initial_state(new, source, weights)
+    names = {n for n, _ in model.named_parameters()}
+    unexpected = sorted(set(state) - names)
+    if unexpected:
+        raise ValueError(f"cannot start this stage from {ckpt}: this model has no {unexpected[:5]} "
+                         f"({len(unexpected)} in all)")
+    fresh = sorted(names - set(state))
+    load_full_state_dict(model, state, dims, allow_missing=True)
+    if fresh:
+        log.info("new in this stage, freshly initialised: %s", sorted({n.split(".")[0] for n in fresh}))
+    log.info("initialised from %s (%s weights)", ckpt, weights)
+    return {"init_from": str(ckpt), "init_weights": weights, "latent": [old.latent_channels, new.latent_channels],
+            "fresh": sorted({n.split(".")[0] for n in fresh})}
