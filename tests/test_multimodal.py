@@ -149,7 +149,7 @@ def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
 
     shards = write_inputs(tmp_path)
     siglip = write_tiny_siglip2(tmp_path / "siglip2", WIDTH, HEADS, MLP)
-    run, steps = tmp_path / "run", 12
+    run, steps = tmp_path / "run", 24
     streams = {
         "image_rec": dict(modality="image", task="rec", remote=str(shards["photos"]), min_res=32, max_res=48,
                           token_budget=27),
@@ -168,7 +168,7 @@ def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
             "data.streams.image_rec=null", *[f"data.streams.{k}={json.dumps(v)}" for k, v in streams.items()],
             f"loss.text_tower={siglip}", f"loss.teacher={siglip}", "loss.perceptual_size=32",
             "loss.lpips_weight=1.0", "loss.gram_weight=10.0", "loss.render_backend=torch",
-            "optim.lr=2e-3", "optim.warmup_steps=1", "optim.encoder_lr_mult=1.0", "precision=fp32",
+            "data.shuffle=false", "optim.lr=2e-3", "optim.warmup_steps=1", "optim.encoder_lr_mult=1.0", "precision=fp32",
             "log.every=1", "log.eval_every=100000", "checkpoint.every=100000", f"steps={steps}", f"run_dir={run}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-m", "atoken.training.train", "--config", "demo",
@@ -177,6 +177,9 @@ def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    for key in ("l1", "l1_3d", "sigmoid"):
-        first, last = np.mean([r[key] for r in rows[:3]]), np.mean([r[key] for r in rows[-3:]])
-        assert 0 < last < first, (key, [round(r[key], 4) for r in rows])
+    # Unshuffled, every stream cycles through its samples with a period dividing 4 steps: the first
+    # and the last 4 steps saw the same samples.
+    curves = {k: [r[k] for r in rows] for k in ("image_rec/rec", "video_rec/rec", "video_und/sem", "asset_rec/rec",
+                                                  "asset_und/sem")}
+    flat = {k: [round(v, 4) for v in c] for k, c in curves.items() if not 0 < np.mean(c[-4:]) < np.mean(c[:4])}
+    assert not flat, f"losses that did not fall: {flat}"

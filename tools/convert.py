@@ -10,13 +10,11 @@ data-parallel shards are merged). The result loads with ``Tokenizer.from_pretrai
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from atoken.model.tokenizer import FORMAT
+from atoken.model.tokenizer import save_inference_dir
 from atoken.training import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -53,15 +51,10 @@ def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str =
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     ckpt = find_checkpoint(src)
     state, client = load_weights(ckpt, weights)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     run_cfg = client["config"]
-    meta = {"format": FORMAT, "version": 1, "model": run_cfg["model"],
-            "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype], "weights": weights,
-            "source": {"checkpoint": str(ckpt.resolve()), "step": client["step"], "stage": run_cfg["stage"]}}
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+    save_inference_dir(out, state, run_cfg["model"], weights, dtype=DTYPES[dtype],
+                       source={"checkpoint": str(ckpt.resolve()), "step": client["step"], "stage": run_cfg["stage"]})
+    return Path(out)
 
 
 def main(argv=None) -> None:

@@ -16,11 +16,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from atoken.model.autoencoder import AToken
 from atoken.model.siglip2 import load_siglip2, model_config
-from atoken.model.tokenizer import FORMAT
+from atoken.model.tokenizer import save_inference_dir
 
 
 def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, seed: int = 0,
@@ -29,13 +28,9 @@ def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, 
     torch.manual_seed(seed)
     model = AToken(cfg)
     written = load_siglip2(model, src)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    meta = {"format": FORMAT, "version": 1, "model": cfg.to_dict(), "dtype": "float32", "weights": "siglip2-import",
-            "source": {"siglip2": str(Path(src).resolve()), "imported_tensors": len(written), "seed": seed}}
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+    save_inference_dir(out, model.state_dict(), cfg.to_dict(), "siglip2-import",
+                       source={"siglip2": str(Path(src).resolve()), "imported_tensors": len(written), "seed": seed})
+    return Path(out)
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,13 @@
-"""Reconstruct image files through a tokenizer and print each one's PSNR.
+"""Reconstruct images, videos and 3D assets through a tokenizer and print each one's PSNR.
 
-    atoken-reconstruct runs/demo/inference photo.jpg more/*.png --out recon/
+    atoken-reconstruct runs/demo/inference photo.jpg clip.mp4 mesh.obj --out recon/
 
-Each image is encoded to its latent and decoded back at its own size; the reconstruction is written
-to ``--out`` as PNG under the input's name.
+By extension:
+  images  encoded to their latent and decoded at their own size -> ``<stem>.png``
+  videos  decoded with PyAV, encoded and decoded by temporal tiles of ``--tile-frames`` (memory is
+          bounded by the tile, not the video) -> ``<stem>.webm`` (VP9); PSNR over all frames
+  3D      rendered from ``--views`` cameras (Mitsuba), voxelised, encoded, decoded to Gaussians
+          -> ``<stem>.ply`` in the standard 3DGS layout; PSNR of the Gaussians' renders vs the views
 """
 from __future__ import annotations
 
@@ -40,16 +44,69 @@ def reconstruct_files(tokenizer: Tokenizer, paths: list[Path], out: Path) -> dic
     return results
 
 
+def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_frames: int) -> float:
+    from atoken.data_pipeline.video_decode import decode_all, encode_video, inspect_video
+
+    data = path.read_bytes()
+    try:
+        info, frames = inspect_video(data), decode_all(data)  # uint8 [T, H, W, 3]
+    except Exception as e:  # noqa: BLE001 - any decode failure: name the file
+        raise SystemExit(f"{path}: cannot decode video ({e})") from e
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 255  # [3, T, H, W]
+    recon = tokenizer.reconstruct_video(video, tile_frames)
+    frames_out = (recon.clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0).numpy()
+    (out / f"{path.stem}.webm").write_bytes(encode_video(frames_out, round(info.fps) or 25))
+    return psnr(video, recon)
+
+
+def reconstruct_asset_file(tokenizer: Tokenizer, path: Path, out: Path, views: int, resolution: int) -> float:
+    from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens
+    from atoken.model.ply import save_ply
+    from atoken.model.splatting import render
+
+    try:
+        raw = prepare_asset(path, views=views, resolution=resolution)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot prepare 3D asset ({e})") from e
+    rgb = torch.from_numpy(decode_views(raw["views"], views)[..., :3]).float() / 255  # [V, H, W, 3]
+    viewmats, ks = torch.from_numpy(raw["viewmats"]), torch.from_numpy(raw["Ks"])
+    voxels = torch.from_numpy(raw["voxels"].astype("int64"))
+    features, coords = voxel_tokens(voxels, rgb * 2 - 1, viewmats, ks)
+    gaussians = tokenizer.decode_asset(tokenizer.encode_asset(features, coords), coords)
+    save_ply(gaussians, out / f"{path.stem}.ply")
+    with torch.no_grad():
+        images, _ = render(gaussians, viewmats, ks, resolution, resolution)
+    return psnr(rgb.permute(0, 3, 1, 2), images.clamp(0, 1))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="atoken-reconstruct", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="inference directory written by atoken-convert")
-    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("inputs", nargs="+", type=Path, help="image, video and 3D files (by extension)")
     p.add_argument("--out", type=Path, default=Path("reconstructions"), help="output folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--tile-frames", type=int, default=16, help="video: frames per temporal tile (default 16)")
+    p.add_argument("--views", type=int, default=8, help="3D: rendered views (default 8)")
+    p.add_argument("--resolution", type=int, default=256, help="3D: render resolution (default 256)")
     args = p.parse_args(argv)
+    from atoken.data_pipeline.assets import ASSET_EXTENSIONS
+    from atoken.data_pipeline.video import VIDEO_EXTENSIONS
+
+    missing = [str(f) for f in args.inputs if not f.is_file()]
+    if missing:
+        p.error(f"no such file: {', '.join(missing)}")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
-    for name, value in reconstruct_files(tok, args.images, args.out).items():
+    args.out.mkdir(parents=True, exist_ok=True)
+    videos = [f for f in args.inputs if f.suffix.lower() in VIDEO_EXTENSIONS]
+    assets = [f for f in args.inputs if f.suffix.lower() in ASSET_EXTENSIONS]
+    images = [f for f in args.inputs if f not in videos and f not in assets]
+    results = reconstruct_files(tok, images, args.out) if images else {}
+    for f in videos:
+        results[f.name] = reconstruct_video_file(tok, f, args.out, args.tile_frames)
+    for f in assets:
+        results[f.name] = reconstruct_asset_file(tok, f, args.out, args.views, args.resolution)
+    for name, value in results.items():
         print(f"{name}: PSNR {value:.2f} dB")
     print(f"reconstructions written to {args.out}/")
 

@@ -38,6 +38,10 @@ def _env_from_slurm() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    # Tasks on this node (streaming elects one leader per node by it). SLURM_TASKS_PER_NODE reads
+    # like "8(x4),6": the first entry is this node's count on homogeneous allocations.
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
+    os.environ["LOCAL_WORLD_SIZE"] = per_node.split(",")[0].split("(")[0]
 
 
 def init() -> DistInfo:

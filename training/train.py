@@ -85,6 +85,10 @@ def train_step(engine, objective: Objective, loader: MixedLoader, noise: torch.G
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + v.detach().float() / n
+        # Per stream, its task's own term (reconstruction or semantic), averaged over its micro-batches.
+        term = "rec" if micro.stream.task == "rec" else "sem"
+        key = f"{micro.stream.name}/{term}"
+        totals[key] = totals.get(key, 0.0) + losses[term].detach().float() / loader.order.count(micro.stream.name)
     return totals, tokens, names
 
 
@@ -108,6 +112,10 @@ def evaluate(model, ema: EMA, images: dict[str, torch.Tensor], device, amp) -> t
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    if cfg.zero_stage == 3 and cfg.model.understanding:
+        # NOTE: the sigmoid loss reads the head's logit scale and bias outside a module forward,
+        # where ZeRO-3 has them partitioned.
+        raise SystemExit("zero_stage=3 with the understanding head is not supported yet; use ZeRO 1 or 2")
     dist_info = distributed.init()
     signals = StopSignals()  # from here on SIGUSR1/SIGTERM mean: checkpoint after this step, then exit
     logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
