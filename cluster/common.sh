@@ -41,11 +41,15 @@ atoken_launch() {
   fi
   args+=("$@")
 
+  # Rank 0 runs on this (the batch) node and writes this file when it stopped for a requeue.
+  export ATOKEN_REQUEUE_FILE="${TMPDIR:-/tmp}/atoken-requeue-${SLURM_JOB_ID}"
+  rm -f "$ATOKEN_REQUEUE_FILE"
+
   echo "[atoken] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES} node(s), ${SLURM_NTASKS} task(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
   srun --kill-on-bad-exit=1 --cpu-bind=none python -u -m atoken.training.train "${args[@]}" &
   local pid=$!
   # srun forwards the signals it gets to every task; the trainer finishes its step, checkpoints,
-  # and exits with 75 (requeue) on USR1 or 143 (stop) on TERM.
+  # and on USR1 writes $ATOKEN_REQUEUE_FILE and exits 0; on TERM it exits 143 (stop).
   trap 'echo "[atoken] USR1: checkpoint and requeue"; kill -USR1 "$pid"' USR1
   trap 'echo "[atoken] TERM: checkpoint and stop"; kill -TERM "$pid"' TERM
   while kill -0 "$pid" 2>/dev/null; do
@@ -54,7 +58,8 @@ atoken_launch() {
   local rc=0
   wait "$pid" || rc=$?
   trap - USR1 TERM
-  if (( rc == 75 )); then
+  if (( rc == 0 )) && [[ -f "$ATOKEN_REQUEUE_FILE" ]]; then
+    rm -f "$ATOKEN_REQUEUE_FILE"
     echo "[atoken] checkpoint written; requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

@@ -30,8 +30,9 @@ from ..model.config import PATCH_HW
 # The MDS schema of image shards, the one place it is defined (writer and reader share it).
 # ``image`` holds the file's original encoded bytes; width/height are after EXIF orientation.
 IMAGE_COLUMNS = {"image": "bytes", "width": "int32", "height": "int32", "name": "str"}
-# Optional columns a writer may add later; readers must not require them.
+# Optional columns: our writer always adds them ("" and -1 when absent); readers must not require them.
 OPTIONAL_COLUMNS = {"caption": "str", "label": "int32"}
+IMAGE_WRITER_COLUMNS = {**IMAGE_COLUMNS, **OPTIONAL_COLUMNS}
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif")
 

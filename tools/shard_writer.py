@@ -30,6 +30,12 @@ def list_files(folder: str | os.PathLike, extensions: Iterable[str]) -> list[Pat
                   key=lambda p: p.relative_to(root).as_posix())
 
 
+def sidecar_caption(path: Path) -> str:
+    """The caption of an input: the text of ``<stem>.txt`` beside it (stripped), or "" if none."""
+    sidecar = path.with_suffix(".txt")
+    return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+
+
 def reason(e: BaseException) -> str:
     """A one-line rejection reason for an exception."""
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

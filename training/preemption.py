@@ -1,11 +1,13 @@
 """Stop cleanly when the scheduler asks: finish the step, checkpoint, exit with a code that says why.
 
-Slurm sends ``SIGUSR1`` ahead of a time limit or preemption (``#SBATCH --signal=B:USR1@180``; the
+Slurm sends ``SIGUSR1`` ahead of a time limit or preemption (``#SBATCH --signal=B:USR1@300``; the
 batch script forwards it to every task through srun). The trainer then finishes its current step,
-writes a checkpoint and exits with ``REQUEUE_EXIT_CODE``; the batch script sees that code and
-requeues the job, which resumes from that checkpoint. ``SIGTERM`` (``scancel``, or the kill at the
-end of the grace time) gets the same checkpoint but exits with ``STOPPED_EXIT_CODE``: nobody asked
-for the job to come back.
+writes a checkpoint and asks for a requeue: under the batch script (``ATOKEN_REQUEUE_FILE`` set),
+rank 0 writes that file and every rank exits 0, so srun's ``--kill-on-bad-exit`` cannot kill a
+rank still finishing (one rank's early non-zero exit would); the script sees the file and requeues
+the job, which resumes from that checkpoint. Without the variable the exit code says it:
+``REQUEUE_EXIT_CODE``. ``SIGTERM`` (``scancel``, or the kill at the end of the grace time) gets the
+same checkpoint but exits with ``STOPPED_EXIT_CODE``: nobody asked for the job to come back.
 
 Ranks receive the signal at different moments, possibly in different steps, so they agree once per
 step: each rank's flag is max-reduced over a gloo (CPU) group, which never waits on the GPU stream.
@@ -13,8 +15,10 @@ step: each rank's flag is max-reduced over a gloo (CPU) group, which never waits
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,7 +62,15 @@ class StopSignals:
 
     @staticmethod
     def exit_code(flag: int) -> int:
-        return REQUEUE_EXIT_CODE if flag == _REQUEUE else STOPPED_EXIT_CODE
+        """Request the requeue (rank 0 writes ``ATOKEN_REQUEUE_FILE`` if set) and return the exit code."""
+        if flag != _REQUEUE:
+            return STOPPED_EXIT_CODE
+        marker = os.environ.get("ATOKEN_REQUEUE_FILE")
+        if not marker:
+            return REQUEUE_EXIT_CODE
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            Path(marker).write_text("requeue\n")
+        return 0
 
     @staticmethod
     def describe(flag: int) -> str:

@@ -189,8 +189,9 @@ def main(argv=None) -> None:
         if stop and not last:
             logger.event(signals.describe(stop), step=step)  # "requeue" or "stop", after its checkpoint
             logger.close()
-            distributed.shutdown()
-            raise SystemExit(signals.exit_code(stop))
+            code = signals.exit_code(stop)
+            distributed.shutdown()  # a barrier: the requeue file exists before any rank exits
+            raise SystemExit(code)
     logger.event("end", step=cfg.steps)
     logger.close()
     distributed.shutdown()
