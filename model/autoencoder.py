@@ -24,7 +24,7 @@ from .fsq import FSQ
 from .gaussians import GaussianDecoder, Gaussians
 from .packed import ASSET3D, PackedBatch
 from .rope import rope_angles
-from .transformer import Angles, LinearSpec, Transformer, make_norm
+from .transformer import Angles, LinearSpec, Transformer, init_weights, make_norm
 from .understanding import Understanding
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in fp32
@@ -139,13 +139,7 @@ class AToken(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                m.reset_parameters()
+        init_weights(self, std)
         nn.init.normal_(self.encoder.pos_embed, std=std)
         if self.understanding is not None:
             self.understanding.reset_parameters()

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GaussianDecoderConfig, TransformerConfig, gaussian_decoder_preset  # noqa: F401
 from .rope import rope_angles
-from .transformer import Angles, Block, LinearSpec, make_norm
+from .transformer import Angles, Block, LinearSpec, init_weights, make_norm
 
 # Raw values per Gaussian: position offset 3, scale 3, rotation 4, opacity 1, RGB 3.
 GAUSSIAN_CHANNELS = 14
@@ -171,13 +171,7 @@ class GaussianDecoder(nn.Module):
     def reset_parameters(self, std: float = 0.02) -> None:
         """Trunk linears as ``AToken.reset_parameters``; the head small (see ``head_init_std``).
         NOTE: a parent that re-initialises every nn.Linear must call this again afterwards."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                m.reset_parameters()
+        init_weights(self, std)
         s = self.cfg.head_init_std
         nn.init.trunc_normal_(self.head.weight, std=s, a=-2 * s, b=2 * s)
         nn.init.zeros_(self.head.bias)

@@ -149,3 +149,15 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cu_seqlens, max_seqlen, angles)
         return self.linear.unshard_sequence(x, num_tokens)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Every Linear of ``module``: truncated normal(std) weights, zero biases; norms: their own reset."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            m.reset_parameters()

@@ -5,9 +5,7 @@ Real meshes from the pymeshlab wheel (textured bunny, vertex-coloured airplane);
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,6 @@ import trimesh
 from scipy.ndimage import binary_dilation
 from scipy.spatial import cKDTree
 from streaming import StreamingDataset
-from streaming.base import dataset as sd_module
-from streaming.base.constant import SHM_TO_CLEAN
 
 from atoken.data_pipeline.assets import (ASSET_COLUMNS, VOXEL_GRID, asset_sample, decode_views, load_mesh, normalize,
                                          trimesh_part, voxel_tokens, voxelize)
@@ -32,28 +28,8 @@ MESHES = Path(pymeshlab.__file__).parent / "tests" / "sample_meshes"
 BUNNY, AIRPLANE = MESHES / "bunny10k_textured.obj", MESHES / "colored_airplane.ply"
 
 
-@pytest.fixture(autouse=True)
-def stream_env(tmp_path, monkeypatch):
-    """Streaming's filelocks in this test's own TMPDIR; unlink the shared memory its datasets made."""
-    tmp = tmp_path / "tmpdir"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches; TMPDIR alone is not enough
-    prefixes = []
-    orig = sd_module.get_shm_prefix
-
-    def record(*a, **kw):
-        prefix, shm = orig(*a, **kw)
-        prefixes.append(prefix)
-        return prefix, shm
-
-    monkeypatch.setattr(sd_module, "get_shm_prefix", record)
-    yield
-    for p in prefixes:  # only our own prefixes: other processes may be using streaming right now
-        for name in SHM_TO_CLEAN:
-            try:
-                os.remove(f"/dev/shm/{p:06}_{name}")
-            except FileNotFoundError:
-                pass
+# tests/conftest.py: streaming's filelocks in this test's own TMPDIR, its shared memory unlinked after.
+pytestmark = pytest.mark.usefixtures("stream_env")
 
 
 @pytest.fixture(scope="module")
