@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ ACCESS_KEY, SECRET_KEY = "atoken-test-key", "atoken-test-secret"
 
 
 def weed_binary() -> str | None:
-    return shutil.which("weed")
+    # The venv's bin folder first: `make test` runs the venv's python without activating it.
+    return shutil.which("weed", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 
 class S3Server:
