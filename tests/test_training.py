@@ -163,3 +163,18 @@ def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
             assert tp[step][key] == pytest.approx(single[step][key], rel=rel(key, 1e-4)), (step, key)
     ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
     assert (ckpt / "mp_rank_00_model_states.pt").exists() and (ckpt / "mp_rank_01_model_states.pt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "stage2"], "need the frozen SigLIP2 text tower"),
+    (["--config", "stage2", "--set", "loss.text_tower=/m", "--set", "model.understanding=false"],
+     "set model.understanding=true"),
+    (["--config", "stage3", "--set", "loss.text_tower=/m", "--set", "model.gaussian=null"], "need the Gaussian decoder"),
+    (["--config", "stage1", "--set", "zero_stage=3", "--set", "model.understanding=true"], "zero_stage=3"),
+])
+def test_runs_that_cannot_work_are_refused_at_start(args, message, capsys):
+    from atoken.training.train import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err

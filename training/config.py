@@ -86,6 +86,23 @@ class RunConfig:
         """Packed micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
         return self.grad_accum * self.data.micro_batches_per_round
 
+    def check(self) -> None:
+        """Raise ValueError for combinations that cannot run, before anything is built."""
+        und = [s for s in self.data.streams.values() if s.task == "und"]
+        if und and not self.model.understanding:
+            raise ValueError(f"streams {[s.name for s in und]} are understanding streams: set model.understanding=true")
+        if und and not self.loss.text_tower:
+            raise ValueError(f"streams {[s.name for s in und]} need the frozen SigLIP2 text tower: "
+                             "set loss.text_tower to a local checkpoint directory")
+        if any(s.modality == "image" for s in und) and not self.loss.teacher:
+            raise ValueError("image understanding distils the SigLIP2 teacher: set loss.teacher to a local directory")
+        if any(s.modality == "3d" and s.task == "rec" for s in self.data.streams.values()) and not self.model.gaussian:
+            raise ValueError("3D reconstruction streams need the Gaussian decoder: set model.gaussian (e.g. =base)")
+        if self.zero_stage == 3 and self.model.understanding:
+            # NOTE: the sigmoid loss reads the head's logit scale and bias outside a module forward,
+            # where ZeRO-3 has them partitioned.
+            raise ValueError("zero_stage=3 with the understanding head is not supported yet; use ZeRO 1 or 2")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -55,6 +55,10 @@ def parse_args(argv=None) -> RunConfig:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         raise SystemExit(0)
+    try:
+        cfg.check()
+    except ValueError as e:
+        p.error(str(e))
     return cfg
 
 
@@ -112,10 +116,6 @@ def evaluate(model, ema: EMA, images: dict[str, torch.Tensor], device, amp) -> t
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
-    if cfg.zero_stage == 3 and cfg.model.understanding:
-        # NOTE: the sigmoid loss reads the head's logit scale and bias outside a module forward,
-        # where ZeRO-3 has them partitioned.
-        raise SystemExit("zero_stage=3 with the understanding head is not supported yet; use ZeRO 1 or 2")
     dist_info = distributed.init()
     signals = StopSignals()  # from here on SIGUSR1/SIGTERM mean: checkpoint after this step, then exit
     logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
