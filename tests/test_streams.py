@@ -302,6 +302,47 @@ def test_bad_samples(s3_env, tmp_path, caplog):
     mixed.close()
 
 
+def test_bad_video_and_empty_mesh_among_good_ones(s3_env, tmp_path, caplog):
+    """Shards on S3 (written directly: the writers reject such inputs) holding a garbage video, a
+    truncated one and an empty asset among good samples: each bad one is skipped and counted for its
+    stream, the good ones arrive."""
+    from atoken.data_pipeline.assets import ASSET_COLUMNS, prepare_asset
+    from atoken.data_pipeline.video import VIDEO_COLUMNS
+    from atoken.data_pipeline.video_decode import inspect_video
+
+    video = (_VIDEOS / "carphone_pristine.mp4").read_bytes()
+    info = inspect_video(video)
+    meta = {"fps": info.fps, "frames": info.frames, "width": info.width, "height": info.height, "caption": ""}
+    videos = [("good_a.mp4", video), ("garbage.mp4", b"\x00not a video" * 100), ("good_b.mp4", video),
+              ("cut.mp4", video[: len(video) // 3])]
+    with MDSWriter(columns=VIDEO_COLUMNS, out=f"s3://{BUCKET}/bad/videos") as w:
+        for name, data in videos:
+            w.write({"video": data, **meta, "name": name})
+    asset = {**prepare_asset(_MESHES / "colored_airplane.ply", views=2, resolution=32, spp=2), "caption": ""}
+    # An empty mesh as a shard could hold one: nothing rendered (MDS cannot store an empty voxel array;
+    # atoken-make-3d-shards rejects a faceless mesh before it gets this far).
+    assets = [("airplane.ply", asset), ("empty.obj", {**asset, "views": b""}), ("airplane_again.ply", asset)]
+    with MDSWriter(columns=ASSET_COLUMNS, out=f"s3://{BUCKET}/bad/assets") as w:
+        for name, sample in assets:
+            w.write({**sample, "name": name})
+    streams = {"vid": StreamConfig(modality="video", remote=f"s3://{BUCKET}/bad/videos", local=str(tmp_path / "v"),
+                                   min_res=32, max_res=32, clip_frames=(8, 8), token_budget=8),
+               "obj": StreamConfig(modality="3d", remote=f"s3://{BUCKET}/bad/assets", local=str(tmp_path / "a"),
+                                   token_budget=4000, views=1)}
+    mixed = MixedLoader(DataConfig(streams=streams, shuffle=False, max_bad_fraction=0.6, retry=FAST_RETRY))
+    seen = {"vid": [], "obj": []}
+    with caplog.at_level(logging.WARNING, logger="atoken.data_pipeline.loader"):
+        while len(seen["vid"]) < 2 or len(seen["obj"]) < 2:
+            micro = next(mixed)
+            seen[micro.stream.name] += micro.batch.names
+    assert seen["vid"][:2] == ["good_a.mp4", "good_b.mp4"] and seen["obj"][:2] == ["airplane.ply", "airplane_again.ply"]
+    stats = mixed.stats()
+    assert stats["vid"]["samples_bad"] == 2 and stats["obj"]["samples_bad"] == 1
+    for name in ("'garbage.mp4' (stream vid", "'cut.mp4' (stream vid", "'empty.obj' (stream obj"):
+        assert name in caplog.text
+    mixed.close()
+
+
 def test_outage_mid_read(s3_server, s3_env, s3_data, tmp_path, caplog):
     """The server stops while a cold-cache reader runs and comes back: the reader waits (retrying) and
     continues with exactly the samples of an undisturbed run."""
