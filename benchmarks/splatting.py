@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from atoken.data_pipeline.render import look_at
 from atoken.model.gaussians import GaussianDecoder, Gaussians, gaussian_decoder_preset
 from atoken.model.splatting import HAVE_GSPLAT, render_gsplat, render_torch
 from common import cpu_info, device_slug, git_state, proc_status_bytes, sync
@@ -59,19 +60,12 @@ def shell_scene(grid: int, per_voxel: int, seed: int, device: torch.device) -> G
 
 
 def orbit(views: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mats = []
-    for a in torch.linspace(0, 2 * math.pi, views + 1)[:-1].tolist():
-        eye = torch.tensor([1.6 * math.cos(a), 0.4, 1.6 * math.sin(a)])
-        fwd = -eye / eye.norm()
-        right = torch.linalg.cross(fwd, torch.tensor([0.0, -1.0, 0.0]))
-        right = right / right.norm()
-        rot = torch.stack([right, torch.linalg.cross(fwd, right), fwd])
-        m = torch.eye(4)
-        m[:3, :3], m[:3, 3] = rot, -rot @ eye
-        mats.append(m)
+    a = torch.linspace(0, 2 * math.pi, views + 1)[:-1]
+    eyes = torch.stack([1.6 * a.cos(), torch.full_like(a, 0.4), 1.6 * a.sin()], -1)
+    mats = torch.from_numpy(look_at(eyes.numpy(), up=(0.0, -1.0, 0.0)))
     f = 0.8 * size / 2 / (0.5 * math.sqrt(3) / 1.6)  # the cube's circumsphere fills 80% of the image
     k = torch.tensor([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
-    return torch.stack(mats).to(device), k.expand(views, 3, 3).contiguous().to(device)
+    return mats.to(device), k.expand(views, 3, 3).contiguous().to(device)
 
 
 def measure(fn, g: Gaussians, cams, size: int, target: torch.Tensor, repeats: int, device: torch.device) -> dict:

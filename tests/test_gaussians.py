@@ -6,6 +6,7 @@ import pytest
 import torch
 from plyfile import PlyData
 
+from atoken.data_pipeline.render import look_at
 from atoken.model.gaussians import (GaussianDecoder, GaussianDecoderConfig, Gaussians, gaussian_decoder_preset,
                                     window_partition)
 from atoken.model.ply import SH_C0, load_ply, save_ply
@@ -170,19 +171,11 @@ def test_bad_input_is_named():
 
 def orbit_cameras(n: int, radius: float = 1.2, size: int = 32) -> dict:
     """n cameras on a circle around the origin, looking at it (OpenCV world-to-camera)."""
-    mats = []
-    for a in torch.linspace(0, 2 * math.pi, n + 1)[:-1]:
-        eye = torch.tensor([radius * math.cos(a), 0.3, radius * math.sin(a)])
-        fwd = -eye / eye.norm()
-        right = torch.linalg.cross(fwd, torch.tensor([0.0, -1.0, 0.0]))
-        right = right / right.norm()
-        rot = torch.stack([right, torch.linalg.cross(fwd, right), fwd])
-        m = torch.eye(4)
-        m[:3, :3], m[:3, 3] = rot, -rot @ eye
-        mats.append(m)
+    a = torch.linspace(0, 2 * math.pi, n + 1)[:-1]
+    eyes = torch.stack([radius * a.cos(), torch.full_like(a, 0.3), radius * a.sin()], -1)
     f = size * 2.0  # a ~28 degree field of view
     k = torch.tensor([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
-    return {"viewmats": torch.stack(mats), "Ks": k.expand(n, 3, 3).clone()}
+    return {"viewmats": torch.from_numpy(look_at(eyes.numpy(), up=(0.0, -1.0, 0.0))), "Ks": k.expand(n, 3, 3).clone()}
 
 
 def test_decoder_render_l1_fits_a_small_target():
