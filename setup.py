@@ -68,6 +68,7 @@ setup(
             "atoken-convert=atoken.tools.convert:main",
             "atoken-reconstruct=atoken.tools.reconstruct:main",
             "atoken-evaluate=atoken.tools.evaluate:main",
+            "atoken-zero-shot=atoken.tools.zero_shot:main",
         ]
     },
 )

@@ -9,7 +9,8 @@ resolution policy (``data_pipeline.images``: longer side uniform over 64..512 px
 seeded), exactly ``--tokens`` tokens. After ``--warmup`` untimed steps, ``--steps`` steps are
 timed, each: forward (``AToken(cfg)(batch)``), the loss (0.2 * L1 + 1e-8 * KL of
 ``ReconstructionLoss``; ``--lpips`` uses the full ``ReconstructionLoss`` with LPIPS + Gram),
-backward, a torch AdamW step. On CUDA: bf16 autocast, a device sync after each step, and
+backward, an AdamW step (``training.engine.make_optimizer``: apex FusedAdam or torch's fused AdamW on
+CUDA). ``--compile`` compiles the transformer blocks as training's ``compile=true`` does. On CUDA: bf16 autocast, a device sync after each step, and
 ``torch.cuda.max_memory_allocated`` over the timed steps. On CPU: fp32, and the growth of the
 process' peak resident set (``VmHWM``) over the timed steps.
 
@@ -46,6 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from atoken.model import AToken, PackedBatch, preset
@@ -53,6 +55,8 @@ from atoken.model.attention import get_attention_backend
 from atoken.model.config import PATCH_DIM
 from atoken.model.losses import LossConfig, ReconstructionLoss, token_l1
 from atoken.model.rope import apply_rope
+from atoken.training.compile import compile_blocks
+from atoken.training.engine import make_optimizer
 from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync
 
 # ------------------------------------------------------------------ FLOPs
@@ -129,9 +133,47 @@ class Memory:
 
 # ------------------------------------------------------------------ training step
 
+def count_host_syncs(step, device) -> dict:
+    """Run ``step`` once under CUDA's sync debug mode: every op that makes the host wait on the
+    device warns. Returns the count and the distinct call sites."""
+    if device.type != "cuda":
+        return {"checked": False, "why": "CUDA only"}
+    import warnings
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message)]
+    return {"checked": True, "count": len(where), "where": sorted(set(where))[:20],
+            "note": "torch's sync debug mode is a prototype: it does not catch every synchronizing op"}
+
+
+def profile_step(step, device, out_dir: Path, name: str) -> dict:
+    """One step under torch.profiler: the top kernels by device time, and a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts, record_shapes=False) as prof:
+        step()
+        sync(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = list(prof.key_averages())
+    (out_dir / f"profile_{name}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    prof.export_chrome_trace(str(out_dir / f"trace_{name}.json"))
+    total = sum(getattr(e, key) for e in events)
+    top = sorted(events, key=lambda e: -getattr(e, key))[:25]
+    return {"sort": key, "total_us": total,
+            "top": [{"name": e.key[:120], "us": getattr(e, key), "share": getattr(e, key) / total if total else 0,
+                     "calls": e.count} for e in top]}
+
+
 def bench_train(model, batch: PackedBatch, loss_fn, args, device) -> dict:
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    opt = make_optimizer(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
     c = LossConfig()
 
     def step():
@@ -159,8 +201,12 @@ def bench_train(model, batch: PackedBatch, loss_fn, args, device) -> dict:
         loss = step()
         sync(device)
         times.append(time.perf_counter() - t)
-    return {"step_times_s": times, "step_s": statistics.median(times), "memory": mem.peak(),
-            "final_loss": float(loss.detach())}
+    out = {"step_times_s": times, "step_s": statistics.median(times), "memory": mem.peak(),
+           "final_loss": float(loss.detach()), "optimizer": type(opt).__module__ + "." + type(opt).__name__,
+           "host_syncs_per_step": count_host_syncs(step, device)}
+    if args.profile:
+        out["profile"] = profile_step(step, device, Path(args.profile), f"{args.tag}_{model.cfg.encoder.width}")
+    return out
 
 
 # ------------------------------------------------------------------ packed vs padded
@@ -213,6 +259,8 @@ def bench_packed_vs_padded(model, batch: PackedBatch, args, device) -> dict:
     gyp = xp.new_zeros(b, lmax, cfg.width)
     gyp[ids, pos] = gy  # no gradient flows from padding rows
 
+    padded_fn = torch.compile(padded_transformer, dynamic=False) if args.compile else padded_transformer
+
     def packed():
         xi = x.detach().requires_grad_()
         with autocast(device):
@@ -222,7 +270,7 @@ def bench_packed_vs_padded(model, batch: PackedBatch, args, device) -> dict:
     def padded():
         xi = xp.detach().requires_grad_()
         with autocast(device):
-            y = padded_transformer(enc, xi, key_mask, cosp, sinp)
+            y = padded_fn(enc, xi, key_mask, cosp, sinp)
         y.backward(gyp.to(y.dtype))
 
     # Same function, same weights: check the outputs agree on the real rows (forward only).
@@ -254,6 +302,7 @@ def bench_packed_vs_padded(model, batch: PackedBatch, args, device) -> dict:
     return {"scope": "encoder Transformer blocks (attention + MLP, RoPE), forward + backward",
             "packed_attention_backend": get_attention_backend(probe)[0],
             "padded_attention": "F.scaled_dot_product_attention, bool key-padding mask [B, 1, 1, Lmax]",
+            "compiled": bool(args.compile),
             "samples": b, "tokens": n, "max_len": lmax, "padded_tokens": b * lmax,
             "padding_fraction": 1 - n / (b * lmax),
             "packed_times_s": tp, "padded_times_s": tq, "packed_s": mp, "padded_s": mq,
@@ -286,6 +335,9 @@ def table(results: list[dict]) -> str:
             "MFU | peak mem (MiB) | padded/packed | padding |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if "error" in r:
+            rows.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | {r['tokens']} | {r['error']} |")
+            continue
         pp = r.get("packed_vs_padded") or {}
         rows.append(
             f"| {r['model']} | {r['params'] / 1e6:.1f} | {r['tokens']} | {r['samples']} | {r['step_s']:.3f} | "
@@ -310,6 +362,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float,
                    help="device peak, TFLOP/s (default: 989 on CUDA = H100 bf16 dense; CPU: measured fp32 matmul)")
     p.add_argument("--no-padded", action="store_true", help="skip the packed vs padded comparison")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (training.compile.compile_blocks), as compile=true "
+                        "does in training; the padded comparison compiles its function too")
+    p.add_argument("--profile", metavar="DIR", help="profile one step per model: top kernels in the JSON, "
+                                                    "the table and a Chrome trace in DIR")
+    p.add_argument("--tag", default="", help="label stored in the JSON and in output names (e.g. eager, compiled)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", help="JSON path (default benchmarks/results/train_step_<device>.json)")
     return p.parse_args(argv)
@@ -341,10 +399,19 @@ def main(argv=None) -> None:
             cfg.encoder.depth = cfg.decoder.depth = args.depth
         torch.manual_seed(args.seed)
         model = AToken(cfg).to(device)
+        if args.compile:
+            compile_blocks(model)
         params = sum(p.numel() for p in model.parameters())
         flops = train_flops(cfg, batch.seqlens)
         t0 = time.perf_counter()
-        r = bench_train(model, batch, loss_fn, args, device)
+        try:
+            r = bench_train(model, batch, loss_fn, args, device)
+        except torch.cuda.OutOfMemoryError as e:  # record it and go on with the next model
+            print(f"{name}: out of memory at {args.tokens} tokens: {str(e).splitlines()[0]}", flush=True)
+            results.append({"model": name, "params": params, "tokens": batch.num_tokens, "error": "CUDA OOM"})
+            del model
+            torch.cuda.empty_cache()
+            continue
         step = r["step_s"]
         res = {"model": name, "depth": cfg.encoder.depth, "params": params,
                "matmul_params_per_token": matmul_params_per_token(cfg), "tokens": batch.num_tokens,
@@ -360,6 +427,7 @@ def main(argv=None) -> None:
               + (f", padded/packed {pp['padded_over_packed']:.2f}x (padding {100 * pp['padding_fraction']:.0f}%,"
                  f" max diff {pp['max_abs_diff_forward']:.1e})" if pp else ""), flush=True)
         del model
+        torch._dynamo.reset()  # each model compiles afresh (the blocks of all models share one code object)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -370,6 +438,9 @@ def main(argv=None) -> None:
         "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
         "versions": versions(),
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "compiled_blocks": bool(args.compile), "tag": args.tag,
+        "attention_backend": get_attention_backend(
+            torch.empty(1, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32))[0],
         "peak_flops": peak, "peak_flops_source": peak_src,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "image_sizes": [f"{h}x{w}" for h, w in sizes], "seqlens": batch.seqlens,
@@ -377,7 +448,8 @@ def main(argv=None) -> None:
                          "3 * 4*sum(L_i^2)*width per layer; norms, RoPE, GELU, loss, LPIPS, optimizer not counted",
         "results": results,
     }
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"train_step_{device_slug(dev)}.json")
+    suffix = f"_{args.tag}" if args.tag else ""
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"train_step_{device_slug(dev)}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(results))

@@ -95,8 +95,9 @@ class Encoder(nn.Module):
             resized.append(r[0].flatten(1).t())  # [h*w, width]
         device = batch.coords.device
         ids = batch.sample_ids().to(device)  # [N]
-        base = torch.tensor([offset[k] for k in hw], device=device)[ids]
-        row_len = torch.tensor([w for _, w in hw], device=device)[ids]
+        # Per-sample [B] tables built on the host, copied without waiting on the device.
+        base = torch.tensor([offset[k] for k in hw]).to(device, non_blocking=True)[ids]
+        row_len = torch.tensor([w for _, w in hw]).to(device, non_blocking=True)[ids]
         index = base + batch.coords[:, 1] * row_len + batch.coords[:, 2]  # [N]
         return torch.cat(resized)[index]
 

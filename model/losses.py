@@ -56,8 +56,8 @@ def token_l1(batch: PackedBatch, recon: torch.Tensor) -> torch.Tensor:
     n = recon.shape[0]
     # [N, 4]: mean |error| per frame of each token.
     per_frame = (recon.float() - batch.features.float()).abs().view(n, PATCH_T, -1).mean(-1)
-    lens = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
-    frames = torch.repeat_interleave(torch.tensor(batch.frames, device=recon.device), lens.long().to(recon.device))
+    frames = torch.repeat_interleave(torch.tensor(batch.frames), torch.tensor(batch.seqlens))  # [N], on the host
+    frames = frames.to(recon.device, non_blocking=True)
     real = torch.arange(PATCH_T, device=recon.device)[None] < frames[:, None]  # [N, 4]
     return (per_frame * real).sum(-1) / frames
 
@@ -85,10 +85,10 @@ def image_pairs(batch: PackedBatch, recon: torch.Tensor, size: int) -> tuple[tor
     idx = [i for i, m in enumerate(batch.modalities) if m == IMAGE]
     if not idx:
         return None
-    cu = batch.cu_seqlens.tolist()
+    spans = batch.spans()
 
     def resized(tokens: torch.Tensor, i: int) -> torch.Tensor:
-        img = unpatchify(tokens[cu[i]:cu[i + 1]], batch.grids[i], batch.frames[i])[:, 0]  # [3, H, W]
+        img = unpatchify(tokens[slice(*spans[i])], batch.grids[i], batch.frames[i])[:, 0]  # [3, H, W]
         return F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
     with torch.no_grad():

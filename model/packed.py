@@ -5,7 +5,9 @@ all samples; sample ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i + 1]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import copy
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,8 +35,12 @@ class PackedBatch:
             raise ValueError(f"features must be [N, {PATCH_DIM}], got {tuple(self.features.shape)}")
         if self.coords.shape != (n, 4):
             raise ValueError(f"coords must be [{n}, 4], got {tuple(self.coords.shape)}")
-        if self.cu_seqlens.shape != (b + 1,) or int(self.cu_seqlens[-1]) != n:
-            raise ValueError(f"cu_seqlens {self.cu_seqlens.tolist()} does not cover {n} tokens of {b} samples")
+        # The lengths on the host, read once here (batches are built on the CPU) and carried by
+        # ``to()``: the forward pass then needs no device -> host copy (a sync) for max_seqlen.
+        cu = self.cu_seqlens.tolist()
+        if len(cu) != b + 1 or cu[0] != 0 or cu[-1] != n:
+            raise ValueError(f"cu_seqlens {cu} does not cover {n} tokens of {b} samples")
+        self._lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
         if len(self.modalities) != b:
             raise ValueError(f"{len(self.modalities)} modalities for {b} samples")
         if not self.frames:
@@ -50,12 +56,12 @@ class PackedBatch:
 
     @property
     def seqlens(self) -> list[int]:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+        return list(self._lengths)
 
     def spans(self) -> list[tuple[int, int]]:
         """Per sample, its (start, end) rows in the token stream."""
-        cu = self.cu_seqlens.tolist()
-        return list(zip(cu[:-1], cu[1:]))
+        ends = list(itertools.accumulate(self._lengths))
+        return list(zip([0, *ends[:-1]], ends))
 
     @property
     def max_seqlen(self) -> int:
@@ -64,11 +70,17 @@ class PackedBatch:
     def sample_ids(self) -> torch.Tensor:
         """[N] int64: which sample each token belongs to."""
         lens = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-        return torch.repeat_interleave(torch.arange(self.num_samples, device=lens.device), lens.long())
+        # output_size from the host lengths: without it repeat_interleave syncs to size its output.
+        return torch.repeat_interleave(torch.arange(self.num_samples, device=lens.device), lens.long(),
+                                       output_size=self.num_tokens)
 
-    def to(self, device, dtype: torch.dtype | None = None) -> "PackedBatch":
-        return replace(self, features=self.features.to(device=device, dtype=dtype or self.features.dtype),
-                       coords=self.coords.to(device), cu_seqlens=self.cu_seqlens.to(device))
+    def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "PackedBatch":
+        """The same batch on ``device``; no validation again, so no device -> host sync."""
+        out = copy.copy(self)
+        out.features = self.features.to(device=device, dtype=dtype or self.features.dtype, non_blocking=non_blocking)
+        out.coords = self.coords.to(device, non_blocking=non_blocking)
+        out.cu_seqlens = self.cu_seqlens.to(device, non_blocking=non_blocking)
+        return out
 
     def select(self, samples: list[int]) -> tuple["PackedBatch", torch.Tensor]:
         """The sub-batch of the given samples (in that order) and its rows in this batch: [n] int64."""

@@ -9,7 +9,8 @@ An inference directory holds ``config.json`` (the model config and provenance) a
                                           tiles: memory is bounded by the tile, not the video
   3D      voxel tokens of an asset        encode_asset -> latent [M, C] -> decode_asset -> Gaussians
   ids     FSQ models (stage 4)            encode_ids / decode_ids: [h, w, 8] int64 codes per image
-  embed   models with the MAP head        embed(images) -> [B, width] L2-normalised
+  embed   models with the MAP head        embed(images) -> [B, width] L2-normalised;
+                                          embed_video(clips) -> [B, width], one sample per clip
 """
 from __future__ import annotations
 
@@ -208,6 +209,18 @@ class Tokenizer:
     def embed(self, images: list[torch.Tensor]) -> torch.Tensor:
         """images -> [B, width] L2-normalised pooled embeddings (the understanding head)."""
         return self.model.understand(self._pack(images))[0].float().cpu()
+
+    @torch.no_grad()
+    def embed_video(self, videos: list[torch.Tensor]) -> torch.Tensor:
+        """videos: list of [3, T, H, W] in [0, 1], T a multiple of 4 -> [B, width] L2-normalised pooled
+        embeddings. Each clip is one sample, attended over all its frames at once, as training's
+        understanding clips are (1 fps, up to 64 frames: ``data_pipeline.clips``)."""
+        parts = []
+        for i, v in enumerate(videos):
+            if v.ndim != 4 or v.shape[0] != 3 or v.shape[1] % PATCH_T:
+                raise ValueError(f"video {i}: expected [3, T, H, W], T a multiple of {PATCH_T}, got {tuple(v.shape)}")
+            parts.append((*patchify(pad_to_patches(v.float() * 2 - 1)), VIDEO, PATCH_T))
+        return self.model.understand(PackedBatch.cat(parts).to(self.device, self.dtype))[0].float().cpu()
 
 
 def _coords_only(grid: tuple[int, int, int, int], modality: str, device, dtype) -> PackedBatch:

@@ -60,7 +60,7 @@ class MAPHead(nn.Module):
         n, h, d = x.shape[0], self.heads, self.head_dim
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         b = lens.shape[0]
-        ids = torch.repeat_interleave(torch.arange(b, device=x.device), lens.to(x.device))  # [N]
+        ids = torch.repeat_interleave(torch.arange(b, device=x.device), lens.to(x.device), output_size=n)  # [N]
         q = self.q(self.probe).view(h, d).float() * d ** -0.5  # the probe's query, the same for all samples
         k, v = self.kv(x).view(n, 2, h, d).float().unbind(1)  # each [N, h, d]
         scores = (k * q).sum(-1)  # [N, h]

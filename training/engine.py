@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from torch import nn
 
 from .schedule import lr_factor
+
+logger = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, optim) -> list[dict]:
@@ -24,16 +27,34 @@ def param_groups(model: nn.Module, optim) -> list[dict]:
             for (enc, decay), ps in sorted(groups.items())]
 
 
+def make_optimizer(groups, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay, one fused kernel per step on CUDA: apex's ``FusedAdam``
+    when apex is importable, else torch's ``AdamW(fused=True)``; on CPU torch's ``AdamW``.
+    The choice is logged."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        try:
+            from apex.optimizers import FusedAdam
+        except Exception as e:  # ImportError, or an apex built for another torch / CUDA
+            why = f"apex unavailable: {type(e).__name__}: {e}"
+        else:
+            logger.info("optimizer: apex.optimizers.FusedAdam (adam_w_mode)")
+            return FusedAdam(groups, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True)
+    else:
+        why = "no CUDA"
+    logger.info("optimizer: torch.optim.AdamW(fused=%s) (%s)", cuda, why)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=cuda)
+
+
 def build_engine(model: nn.Module, cfg, mpu=None):
     """Wrap ``model`` in a DeepSpeed engine with ZeRO stage ``cfg.zero_stage``.
 
-    A torch AdamW (fused on CUDA) instead of DeepSpeed's JIT-compiled Adam kernels: no build step.
+    The optimizer is ``make_optimizer``'s (not DeepSpeed's JIT-compiled Adam kernels: no build step).
     """
     import deepspeed  # here, after distributed.init() has chosen DeepSpeed's accelerator
 
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
-                            fused=torch.cuda.is_available())
+    opt = make_optimizer(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, functools.partial(lr_factor, warmup=o.warmup_steps, total=cfg.steps, peak=o.lr, floor=o.min_lr))
     ds_config = {

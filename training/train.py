@@ -16,10 +16,12 @@ import torch
 
 from atoken.data_pipeline import MixedLoader, check_streams
 from atoken.model import Tokenizer
+from atoken.model.attention import log_attention_backend
 from atoken.model.objective import Objective
 from atoken.model.metrics import psnr
 
 from . import checkpoint, distributed, handoff, parallel
+from .compile import compile_blocks
 from .config import RunConfig, apply_override, load_yaml
 from .configs import CONFIGS
 from .ema import EMA
@@ -137,6 +139,8 @@ def main(argv=None) -> None:
     init_record = None
     if resume_from is None and cfg.checkpoint.init_from:
         init_record = handoff.apply(model, cfg.model, cfg.checkpoint.init_from, cfg.checkpoint.init_weights, dims)
+    if cfg.compile:
+        compile_blocks(model)
     objective = Objective.from_config(cfg.loss).to(device)
     engine = build_engine(model, cfg, mpu=parallel.mpu_for(dims))
     ema = EMA(model, cfg.optim.ema_decay)
@@ -150,6 +154,9 @@ def main(argv=None) -> None:
     check_streams(cfg.data)
     loader = MixedLoader(cfg.data, cfg.grad_accum, rank=dims.dp_rank, world=dims.dp, group=dims.dp_group)
     amp = precision(cfg, device)
+    # The attention kernel, logged once at start (compiled blocks log nothing while traced).
+    log_attention_backend(torch.empty(1, device=device, dtype=amp.fast_dtype if isinstance(amp, torch.autocast)
+                                      else torch.float32))
 
     start = 0
     if resume_from is not None:

@@ -1,0 +1,153 @@
+"""Packed varlen attention kernels on one mixed-resolution batch: forward + backward time and TFLOP/s.
+
+    python benchmarks/attention.py                      # a GPU: so400m's heads (16 x 72), bf16
+    python benchmarks/attention.py --heads 12 --head-dim 64
+
+The batch has the sequence lengths of ``train_step.py``'s packed images (``common.image_sizes``).
+Each variant computes the same block-diagonal attention over q, k, v [N, heads, head_dim]:
+
+  torch_varlen  ``torch.nn.attention.varlen.varlen_attn`` (what ``model.attention`` uses on CUDA)
+  flash_attn    flash-attn's ``flash_attn_varlen_func``, when installed
+  flex          ``flex_attention`` (compiled) with a document block mask built from the sample ids
+  sdpa_loop     one ``F.scaled_dot_product_attention`` per sample (the portable fallback)
+  njt_*         SDPA on nested (jagged) tensors, with its flash / efficient / cuDNN backend forced
+  padded        SDPA over the samples padded to [B, heads, Lmax, D] with a key-padding mask
+
+FLOPs: 4 * sum_i L_i^2 * heads * head_dim forward, 2.5x that backward (as flash-attn counts).
+Outputs are checked against ``sdpa_loop`` (max abs difference). Writes
+``results/attention_<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from atoken.model import attention as attn
+from atoken.model.attention import sdpa_loop_attention
+from atoken.model.config import PATCH_HW
+from common import device_slug, git_state, image_sizes
+
+
+def timed(fn, warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--min-res", type=int, default=256)
+    p.add_argument("--max-res", type=int, default=512)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=72)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("attention.py times CUDA kernels: no CUDA device here")
+    dev = torch.device("cuda")
+    sizes = image_sizes(args.tokens, args.seed, args.min_res, args.max_res)
+    lens = [(h // PATCH_HW) * (w // PATCH_HW) for h, w in sizes]
+    n, b, lmax, h, d = sum(lens), len(lens), max(lens), args.heads, args.head_dim
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+    cu = cu.to(dev)
+    g = torch.Generator(device=dev).manual_seed(args.seed)
+    q, k, v = (torch.randn(n, h, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    dy = torch.randn(n, h, d, device=dev, dtype=torch.bfloat16, generator=g)
+    ids = torch.repeat_interleave(torch.arange(b, device=dev), cu[1:] - cu[:-1], output_size=n)
+    pos = torch.arange(n, device=dev) - cu.long()[ids]
+    fwd_flops = 4 * sum(L * L for L in lens) * h * d
+
+    def run(f):
+        def step():
+            qi, ki, vi = (t.detach().requires_grad_() for t in (q, k, v))
+            y = f(qi, ki, vi)
+            y.backward(dy)
+            return y
+        return step
+
+    variants = {}
+    variants["sdpa_loop"] = lambda q_, k_, v_: sdpa_loop_attention(q_, k_, v_, cu)
+    if attn.torch_varlen_attn is not None:
+        variants["torch_varlen"] = lambda q_, k_, v_: attn.torch_varlen_attn(q_, k_, v_, cu, cu, lmax, lmax)
+    if attn.flash_attn_varlen_func is not None:
+        variants["flash_attn"] = lambda q_, k_, v_: attn.flash_attn_varlen_func(q_, k_, v_, cu, cu, lmax, lmax)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        block_mask = create_block_mask(lambda _b, _h, qi, ki: ids[qi] == ids[ki], None, None, n, n, device=dev)
+        variants["flex"] = lambda q_, k_, v_: flex(q_.transpose(0, 1)[None], k_.transpose(0, 1)[None],
+                                                    v_.transpose(0, 1)[None], block_mask=block_mask)[0].transpose(0, 1)
+    except Exception as e:  # noqa: BLE001 - recorded, the others still run
+        print(f"flex unavailable: {type(e).__name__}: {e}")
+    # Nested (jagged) tensors: SDPA picks a varlen kernel itself; each backend forced in turn.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    offsets = cu.long()
+
+    def njt(backend):
+        def f(q_, k_, v_):
+            qn, kn, vn = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q_, k_, v_))
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(qn, kn, vn)  # [B, h, (L_i), D] jagged
+            return o.transpose(1, 2).values()
+        return f
+    for name, backend in (("njt_flash", SDPBackend.FLASH_ATTENTION), ("njt_efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("njt_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        variants[name] = njt(backend)
+    mask = torch.zeros(b, lmax, dtype=torch.bool, device=dev)
+    mask[ids, pos] = True
+
+    def padded(q_, k_, v_):
+        qp, kp, vp = (t.new_zeros(b, lmax, h, d).index_put((ids, pos), t).transpose(1, 2) for t in (q_, k_, v_))
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:, None, None, :])  # [B, h, Lmax, D]
+        return o.transpose(1, 2)[ids, pos]
+    variants["padded"] = padded
+
+    ref = sdpa_loop_attention(q, k, v, cu).float()
+    results = {}
+    for name, f in variants.items():
+        try:
+            err = (f(q, k, v).float() - ref).abs().max().item()
+            ts = timed(run(f), args.warmup, args.reps)
+        except Exception as e:  # noqa: BLE001
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(f"{name}: {results[name]['error']}")
+            continue
+        med = statistics.median(ts)
+        results[name] = {"fwd_bwd_s": med, "times_s": ts, "tflops": 3.5 * fwd_flops / med / 1e12, "max_abs_diff": err}
+        print(f"{name:13s} {med * 1e3:8.2f} ms  {results[name]['tflops']:6.1f} TFLOP/s  max diff {err:.1e}", flush=True)
+
+    info = torch.cuda.get_device_properties(dev)
+    report = {"benchmark": "attention", "command": shlex.join([sys.executable, *sys.argv]),
+              "device": {"type": "cuda", "name": info.name}, "versions": {"torch": torch.__version__,
+                                                                          "cuda": torch.version.cuda, **git_state()},
+              "settings": vars(args), "samples": b, "tokens": n, "max_len": lmax, "seqlens": lens,
+              "fwd_flops": fwd_flops, "flops_counted": "fwd 4*sum(L^2)*heads*head_dim, fwd+bwd 3.5x fwd",
+              "results": results}
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"attention_{device_slug(report['device'])}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
