@@ -20,11 +20,9 @@ Outputs are checked against ``sdpa_loop`` (max abs difference). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from atoken.model import attention as attn
 from atoken.model.attention import sdpa_loop_attention
 from atoken.model.config import PATCH_HW
-from common import device_slug, git_state, image_sizes
+from common import device_slug, git_state, image_sizes, write_report
 
 
 def timed(fn, warmup: int, reps: int) -> list[float]:
@@ -143,9 +141,7 @@ def main(argv=None) -> None:
               "settings": vars(args), "samples": b, "tokens": n, "max_len": lmax, "seqlens": lens,
               "fwd_flops": fwd_flops, "flops_counted": "fwd 4*sum(L^2)*heads*head_dim, fwd+bwd 3.5x fwd",
               "results": results}
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"attention_{device_slug(report['device'])}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = write_report(report, args.out, f"attention_{device_slug(report['device'])}.json")
     print(f"wrote {out}")
 
 

@@ -3,6 +3,7 @@ git state, and /proc readers. The scripts run as files (``python benchmarks/x.py
 so this folder is on ``sys.path`` and they ``import common``."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -101,3 +102,11 @@ def proc_status_bytes(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def write_report(report: dict, out: str | None, default_name: str) -> Path:
+    """Write ``report`` as JSON to ``out``, or to ``results/<default_name>`` beside the scripts."""
+    path = Path(out) if out else Path(__file__).resolve().parent / "results" / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 import platform
 import shlex
@@ -48,7 +47,7 @@ from atoken.data_pipeline.packing import GreedyPacker
 from atoken.data_pipeline.samples import image_sample
 from atoken.data_pipeline.video import video_sample
 from atoken.data_pipeline.video_decode import VideoDecoder, dali_available, decode_all, encode_video, inspect_video
-from common import cpu_info, device_slug, git_state
+from common import cpu_info, device_slug, git_state, write_report
 
 
 class TimedDecoder(VideoDecoder):
@@ -219,9 +218,7 @@ def main(argv=None) -> None:
                    "prepare_s": prep_s},
         "cases": cases, "packing": pack,
     }
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"loader_throughput_{device_slug(cpu_info())}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = write_report(report, args.out, f"loader_throughput_{device_slug(cpu_info())}.json")
     print(f"wrote {out}")
 
 

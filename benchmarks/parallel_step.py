@@ -40,7 +40,6 @@ import argparse
 import functools
 import gc
 import inspect
-import json
 import logging
 import os
 import platform
@@ -214,7 +213,7 @@ from atoken.training.engine import build_engine  # noqa: E402
 from atoken.training.parallel import build_model, init_parallel, mpu_for  # noqa: E402
 from atoken.training.train import precision  # noqa: E402
 from common import (cpu_info, cpu_model, device_slug, git_state, image_sizes, packed_batch,  # noqa: E402
-                    proc_status_bytes, sync)
+                    proc_status_bytes, sync, write_report)
 
 
 # ------------------------------------------------------------------ peak memory
@@ -611,9 +610,7 @@ def main(argv=None) -> None:
                          "image_sizes_per_dp_rank": {r: [f"{h}x{w}" for h, w in s] for r, s in sizes.items()}},
             "results": results,
         }
-        out = Path(args.out or Path(__file__).resolve().parent / "results" / f"parallel_step_{device_slug(dev)}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
+        out = write_report(report, args.out, f"parallel_step_{device_slug(dev)}.json")
         print(table(results))
         print(f"[bench] wrote {out}")
     distributed.shutdown()

@@ -24,7 +24,6 @@ Writes ``benchmarks/results/splatting_<device>.json`` (``--out`` changes it).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import shlex
@@ -39,7 +38,7 @@ import torch
 from atoken.data_pipeline.render import look_at
 from atoken.model.gaussians import GaussianDecoder, Gaussians, gaussian_decoder_preset
 from atoken.model.splatting import HAVE_GSPLAT, render_gsplat, render_torch
-from common import cpu_info, device_slug, git_state, proc_status_bytes, sync
+from common import cpu_info, device_slug, git_state, proc_status_bytes, sync, write_report
 
 PARAMS = ("means", "scales", "quats", "opacities", "colors")
 
@@ -183,9 +182,7 @@ def main() -> None:
         "reference": ref_name,
         "results": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in results.items()},
     }
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"splatting_{device_slug(info)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out, f"splatting_{device_slug(info)}.json")
     print(f"wrote {out}")
 
 

@@ -35,7 +35,6 @@ Writes ``benchmarks/results/train_step_<device>.json`` (``--out`` changes it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -57,7 +56,7 @@ from atoken.model.losses import LossConfig, ReconstructionLoss, token_l1
 from atoken.model.rope import apply_rope
 from atoken.training.compile import compile_blocks
 from atoken.training.engine import make_optimizer
-from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync
+from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync, write_report
 
 # ------------------------------------------------------------------ FLOPs
 
@@ -449,9 +448,7 @@ def main(argv=None) -> None:
         "results": results,
     }
     suffix = f"_{args.tag}" if args.tag else ""
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"train_step_{device_slug(dev)}{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = write_report(report, args.out, f"train_step_{device_slug(dev)}{suffix}.json")
     print(table(results))
     print(f"wrote {out}")
 

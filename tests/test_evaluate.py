@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -217,36 +216,23 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys):
     assert "not an atoken inference directory" in capsys.readouterr().err
 
 
-def test_mds_source_names_unreadable_samples(tmp_path, monkeypatch):
+def test_mds_source_names_unreadable_samples(tmp_path, stream_env):
     from streaming import MDSWriter
-    from streaming.base import dataset as sd_module
-    from streaming.base.constant import SHM_TO_CLEAN
 
     from atoken.data_pipeline.images import IMAGE_COLUMNS
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # streaming's filelocks in this test's folder
-    prefixes, orig = [], sd_module.get_shm_prefix
-    monkeypatch.setattr(sd_module, "get_shm_prefix", lambda *a, **kw: prefixes.append(orig(*a, **kw)) or prefixes[-1])
     shards = tmp_path / "shards"
     png = tmp_path / "c.png"
     Image.fromarray(skdata.chelsea()[:40, :56]).save(png)
     with MDSWriter(columns=IMAGE_COLUMNS, out=str(shards)) as w:
         w.write({"image": png.read_bytes(), "width": 56, "height": 40, "name": "cat.png"})
         w.write({"image": b"garbage", "width": 1, "height": 1, "name": "bad.jpg"})
-    try:
-        assert ev.is_mds(str(shards)) and not ev.is_mds(str(tmp_path))
-        total, items = ev.mds_items(str(shards))
-        items = list(items)
-        assert total == 2 and [it.name for it in items] == ["cat.png", "bad.jpg"]
-        assert items[0].image.shape == (3, 40, 56) and items[0].error is None
-        assert items[1].image is None and "shard.00000.mds#1" in items[1].error
-    finally:
-        for prefix, _ in prefixes:
-            for name in SHM_TO_CLEAN:
-                try:
-                    os.remove(f"/dev/shm/{prefix:06}_{name}")
-                except FileNotFoundError:
-                    pass
+    assert ev.is_mds(str(shards)) and not ev.is_mds(str(tmp_path))
+    total, items = ev.mds_items(str(shards))
+    items = list(items)
+    assert total == 2 and [it.name for it in items] == ["cat.png", "bad.jpg"]
+    assert items[0].image.shape == (3, 40, 56) and items[0].error is None
+    assert items[1].image is None and "shard.00000.mds#1" in items[1].error
 
 
 # ---------------------------------------------------------------- video, rFVD, 3D
@@ -478,25 +464,7 @@ def test_evaluate_cli_videos_end_to_end(tmp_path, capsys, carphone, carphone_fra
     assert "--i3d-weights" in rep["video"]["rfvd"]["note"]
 
 
-@pytest.fixture
-def streaming_tmp(tmp_path, monkeypatch):
-    """Streaming's filelocks in this test's folder; its shared memory removed afterwards."""
-    from streaming.base import dataset as sd_module
-    from streaming.base.constant import SHM_TO_CLEAN
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    prefixes, orig = [], sd_module.get_shm_prefix
-    monkeypatch.setattr(sd_module, "get_shm_prefix", lambda *a, **kw: prefixes.append(orig(*a, **kw)) or prefixes[-1])
-    yield
-    for prefix, _ in prefixes:
-        for name in SHM_TO_CLEAN:
-            try:
-                os.remove(f"/dev/shm/{prefix:06}_{name}")
-            except FileNotFoundError:
-                pass
-
-
-def test_video_mds_shards_resized_and_unreadable_named(tmp_path, carphone, streaming_tmp):
+def test_video_mds_shards_resized_and_unreadable_named(tmp_path, carphone, stream_env):
     from streaming import MDSWriter
 
     from atoken.data_pipeline.video import VIDEO_COLUMNS
@@ -557,7 +525,7 @@ def test_asset_view_metrics_match_scikit_image_and_an_exact_render_is_inf(lpips_
 
 
 @needs_inception
-def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, streaming_tmp):
+def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, stream_env):
     from streaming import MDSWriter
 
     from atoken.data_pipeline.assets import ASSET_COLUMNS, asset_sample, prepare_asset

@@ -74,6 +74,7 @@ from atoken.data_pipeline.images import IMAGE_EXTENSIONS, decode_image
 from atoken.model.metrics import fid_from_features, psnr, ssim
 from atoken.model.perceptual import LPIPS, load_perceptual
 from atoken.model.tokenizer import Tokenizer
+from atoken.tools.shard_writer import list_files, reason
 
 MIN_SIDE = 11  # the SSIM window
 FID_NOTE = ("FID over fewer than several thousand images is biased high (it falls as N grows): compare "
@@ -125,10 +126,6 @@ class AssetSettings:
     spp: int = 16
 
 
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}"
-
-
 def _to_8bit(x: torch.Tensor) -> torch.Tensor:
     """Values in [0, 1] rounded to 8 bits, as a saved PNG or video frame would hold them."""
     return (x.clamp(0, 1) * 255).round() / 255
@@ -140,32 +137,32 @@ def _decode(name: str, data: bytes) -> Item:
     try:
         img = (decode_image(data) + 1) / 2
     except Exception as e:  # noqa: BLE001 - any decode failure is reported, not raised
-        return Item(name, error=_error(e))
+        return Item(name, error=reason(e))
     if min(img.shape[-2:]) < MIN_SIDE:
         return Item(name, error=f"too small for SSIM's {MIN_SIDE}x{MIN_SIDE} window: {tuple(img.shape[-2:])}")
     return Item(name, img)
 
 
 def is_mds(spec: str) -> bool:
+    """MDS shards (an s3:// or other remote prefix, or a folder with index.json), not a folder of files."""
     return "://" in spec or (Path(spec) / "index.json").is_file()
 
 
-def _files(spec: str, extensions: tuple[str, ...], flag: str, what: str) -> tuple[Path, list[Path]]:
+def input_files(spec: str, extensions: tuple[str, ...], flag: str, what: str) -> tuple[Path, list[Path]]:
     """(root, files): one file, or the files with ``extensions`` under a folder (sorted, recursive)."""
     root = Path(spec)
     if root.is_file():
         return root.parent, [root]
     if not root.is_dir():
         raise FileNotFoundError(f"{flag} {spec!r}: no such folder, file or MDS index")
-    paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
+    paths = list_files(root, extensions)
     if not paths:
         raise FileNotFoundError(f"no {what} files ({', '.join(extensions)}) under {spec!r}")
     return root, paths
 
 
 def folder_items(spec: str) -> tuple[int, Iterator[Item]]:
-    root, paths = _files(spec, IMAGE_EXTENSIONS, "--images", "image")
+    root, paths = input_files(spec, IMAGE_EXTENSIONS, "--images", "image")
     return len(paths), (_decode(p.relative_to(root).as_posix(), p.read_bytes()) for p in paths)
 
 
@@ -236,7 +233,7 @@ def _decode_video(name: str, data: bytes, settings: VideoSettings) -> Item:
     try:
         clip, fps = read_video(data, settings.frames, settings.max_side)
     except Exception as e:  # noqa: BLE001 - any decode failure is reported, not raised
-        return Item(name, error=_error(e))
+        return Item(name, error=reason(e))
     if min(clip.shape[-2:]) < MIN_SIDE:
         return Item(name, error=f"too small for SSIM's {MIN_SIDE}x{MIN_SIDE} window: {tuple(clip.shape[-2:])}")
     return Item(name, data=clip, meta={"fps": fps})
@@ -249,7 +246,7 @@ def video_items(spec: str, settings: VideoSettings) -> Source:
         return "mds", total, items
     from atoken.data_pipeline.video import VIDEO_EXTENSIONS
 
-    root, paths = _files(spec, VIDEO_EXTENSIONS, "--videos", "video")
+    root, paths = input_files(spec, VIDEO_EXTENSIONS, "--videos", "video")
     return "folder", len(paths), (_decode_video(p.relative_to(root).as_posix(), p.read_bytes(), settings)
                                   for p in paths)
 
@@ -263,7 +260,7 @@ def _decode_asset(name: str, raw: Callable[[], dict]) -> Item:
     try:
         sample = asset_sample({**raw(), "name": name}, np.random.default_rng(0), StreamConfig(modality="3d"))
     except Exception as e:  # noqa: BLE001 - a mesh or sample that fails to load, render or voxelise
-        return Item(name, error=_error(e))
+        return Item(name, error=reason(e))
     return Item(name, data=sample, meta={"voxels": int(sample["coords"].shape[0])})
 
 
@@ -278,7 +275,7 @@ def asset_items(spec: str, settings: AssetSettings) -> Source:
         return lambda: prepare_asset(path, views=settings.views, resolution=settings.resolution,
                                      spp=settings.spp)
 
-    root, paths = _files(spec, ASSET_EXTENSIONS, "--assets", "mesh")
+    root, paths = input_files(spec, ASSET_EXTENSIONS, "--assets", "mesh")
     return "folder", len(paths), (_decode_asset(p.relative_to(root).as_posix(), prepared(p)) for p in paths)
 
 
@@ -413,7 +410,8 @@ def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: tor
     return record, renders
 
 
-def _versions(extra: tuple[str, ...] = ()) -> dict:
+def versions(extra: tuple[str, ...] = ()) -> dict:
+    """Python's and these packages' versions, for reports."""
     out = {"python": platform.python_version()}
     for pkg in ("atoken", "torch", "numpy", "scipy", "pillow", "mosaicml-streaming", *extra):
         try:
@@ -548,7 +546,7 @@ def _evaluate_videos(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, ou
             try:
                 f = i3d([x, r]).cpu().numpy()
             except Exception as e:  # noqa: BLE001 - e.g. a clip too short for the detector
-                fvd_failed.append({"name": item.name, "error": _error(e)})
+                fvd_failed.append({"name": item.name, "error": reason(e)})
             else:
                 feats_orig.append(f[:1])
                 feats_recon.append(f[1:])
@@ -680,7 +678,7 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
     if assets:
         report["assets"] = _evaluate_assets(tok, lpips, assets, sources["assets"], out, limit, asset, grid_k,
                                             grid_cell, progress)
-    report.update({"versions": _versions(("av",) * bool(videos) + ("mitsuba", "trimesh") * bool(assets)),
+    report.update({"versions": versions(("av",) * bool(videos) + ("mitsuba", "trimesh") * bool(assets)),
                    "command": command, "seconds": round(time.time() - started, 1)})
     report = _json_safe(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -44,9 +44,7 @@ usable, 2 bad input (a missing file or column, a model without the understanding
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import shlex
 import sys
 import time
@@ -65,6 +63,8 @@ from atoken.data_pipeline.video import VIDEO_EXTENSIONS, resize_clip
 from atoken.model.config import PATCH_T
 from atoken.model.tokenizer import Tokenizer
 from atoken.model.understanding import TextTower
+from atoken.tools.evaluate import input_files, is_mds, versions
+from atoken.tools.shard_writer import reason, sidecar_caption
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 TIES = "rank = number of candidates scoring >= the true one (itself included): ties count against the model"
@@ -89,10 +89,6 @@ def _failed(name: str, kind: str, error: str) -> Item:
     return Item(name, kind=kind, error=error)
 
 
-def _reason(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
 # ------------------------------------------------------------------------------------- clips
 
 def eval_frame_indices(num_frames: int, fps: float, und_fps: float = 1.0, max_frames: int = 64) -> np.ndarray:
@@ -113,10 +109,6 @@ def eval_frame_indices(num_frames: int, fps: float, und_fps: float = 1.0, max_fr
 
 
 # ------------------------------------------------------------------------------------- inputs
-
-def is_mds(spec: str) -> bool:
-    return "://" in spec or (Path(spec) / "index.json").is_file()
-
 
 def _image(data: bytes, res: int) -> torch.Tensor:
     """Encoded bytes -> [3, H, W] in [0, 1], at longer side ``res`` by the training policy (0: native)."""
@@ -171,7 +163,7 @@ def image_source(spec: str, res: int) -> tuple[str, int, list[str] | None, Itera
                 try:
                     sample = ds[idx]
                 except Exception as e:  # noqa: BLE001 - reported, not raised
-                    yield _failed(where, UNREADABLE, f"{_reason(e)} ({where})")
+                    yield _failed(where, UNREADABLE, f"{reason(e)} ({where})")
                     continue
                 name = str(sample.get("name") or where)
                 label = int(sample["label"])
@@ -182,17 +174,11 @@ def image_source(spec: str, res: int) -> tuple[str, int, list[str] | None, Itera
                 try:
                     yield Item(name, _image(sample["image"], res), label=label)
                 except Exception as e:  # noqa: BLE001
-                    yield _failed(name, UNREADABLE, f"{_reason(e)} ({where})")
+                    yield _failed(name, UNREADABLE, f"{reason(e)} ({where})")
 
         return "mds", ds.num_samples, None, mds_items()
 
-    root = Path(spec)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--images {spec!r}: no such folder or MDS index")
-    paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
-    if not paths:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {spec!r}")
+    root, paths = input_files(spec, IMAGE_EXTENSIONS, "--images", "image")
     names = [p.relative_to(root).as_posix() for p in paths]
     classes = sorted({n.split("/")[0] for n in names if "/" in n})  # as make_image_shards.class_names
     if not classes:
@@ -206,7 +192,7 @@ def image_source(spec: str, res: int) -> tuple[str, int, list[str] | None, Itera
             try:
                 yield Item(name, _image(p.read_bytes(), res), label=classes.index(name.split("/")[0]))
             except Exception as e:  # noqa: BLE001
-                yield _failed(name, UNREADABLE, _reason(e))
+                yield _failed(name, UNREADABLE, reason(e))
 
     return "folder", len(paths), classes, folder_items()
 
@@ -226,7 +212,7 @@ def video_source(spec: str, res: int, und_fps: float, max_frames: int,
             clip = decoder.decode(data, eval_frame_indices(frames, fps, und_fps, max_frames))
             return Item(name, _clip(clip, res), caption=caption)
         except Exception as e:  # noqa: BLE001
-            return _failed(name, UNREADABLE, f"{_reason(e)} ({where})")
+            return _failed(name, UNREADABLE, f"{reason(e)} ({where})")
 
     if is_mds(spec):
         ds = open_mds(spec, ("video", "frames", "fps", "caption"), "write the shards with atoken-make-video-shards")
@@ -237,7 +223,7 @@ def video_source(spec: str, res: int, und_fps: float, max_frames: int,
                 try:
                     s = ds[idx]
                 except Exception as e:  # noqa: BLE001
-                    yield _failed(where, UNREADABLE, f"{_reason(e)} ({where})")
+                    yield _failed(where, UNREADABLE, f"{reason(e)} ({where})")
                     continue
                 name, caption = str(s.get("name") or where), (s["caption"] or "").strip()
                 if not caption:
@@ -247,14 +233,7 @@ def video_source(spec: str, res: int, und_fps: float, max_frames: int,
 
         return "mds", ds.num_samples, mds_items()
 
-    from atoken.tools.shard_writer import list_files, sidecar_caption
-
-    root = Path(spec)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--videos {spec!r}: no such folder or MDS index")
-    paths = list_files(root, VIDEO_EXTENSIONS)
-    if not paths:
-        raise FileNotFoundError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {spec!r}")
+    root, paths = input_files(spec, VIDEO_EXTENSIONS, "--videos", "video")
 
     def folder_items() -> Iterator[Item]:
         for p in paths:
@@ -263,7 +242,7 @@ def video_source(spec: str, res: int, und_fps: float, max_frames: int,
                 caption = sidecar_caption(p)
                 data = p.read_bytes()
             except Exception as e:  # noqa: BLE001
-                yield _failed(name, UNREADABLE, _reason(e))
+                yield _failed(name, UNREADABLE, reason(e))
                 continue
             if not caption:
                 txt = p.with_suffix(".txt").relative_to(root).as_posix()
@@ -387,16 +366,6 @@ def class_embeddings(tower: TextTower, class_names: list[str], templates: list[s
 
 # ------------------------------------------------------------------------------------- report
 
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("atoken", "torch", "transformers", "numpy", "pillow", "av", "mosaicml-streaming"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def _model_info(model_dir: str, tok: Tokenizer) -> dict:
     meta = json.loads((Path(model_dir) / "config.json").read_text())
     und = tok.model.understanding
@@ -513,7 +482,7 @@ def classify(model_dir: str, text_tower: str, images: str, out: str | Path, *, c
                      "similarity": "cosine", "ties": TIES, "batch_size": batch_size, "device": str(tok.device),
                      "dtype": str(tok.dtype).removeprefix("torch."), "text_max_length": max_length,
                      "confusion": "confusion.npy: int64 [K, K], rows true class, columns top-1 prediction"},
-        "per_item": per_item, "versions": _versions(), "command": command,
+        "per_item": per_item, "versions": versions(("transformers", "av")), "command": command,
         "seconds": round(time.time() - started, 1),
     }
     _write(out, report)
@@ -566,7 +535,7 @@ def retrieve(model_dir: str, text_tower: str, videos: str, out: str | Path, *, v
                      "similarity": "cosine", "ties": TIES, "batch_size": batch_size, "device": str(tok.device),
                      "dtype": str(tok.dtype).removeprefix("torch."), "text_max_length": max_length,
                      "decode_backend": backend},
-        "per_item": kept, "versions": _versions(), "command": command,
+        "per_item": kept, "versions": versions(("transformers", "av")), "command": command,
         "seconds": round(time.time() - started, 1),
     }
     _write(Path(out), report)
