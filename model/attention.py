@@ -70,12 +70,16 @@ def get_attention_backend(q: torch.Tensor) -> tuple[str, str]:
     return "sdpa", f"auto fallback ({why})"
 
 
+def _log_once(name: str, reason: str) -> None:
+    if (name, reason) not in _logged:  # once per distinct choice, not every layer and step
+        _logged.add((name, reason))
+        logger.info("attention backend: %s (%s)", name, reason)
+
+
 def log_attention_backend(q: torch.Tensor) -> str:
     """Log (once per distinct choice) and return the backend calls with tensors like ``q`` use."""
     name, reason = get_attention_backend(q)
-    if (name, reason) not in _logged:
-        _logged.add((name, reason))
-        logger.info("attention backend: %s (%s)", name, reason)
+    _log_once(name, reason)
     return name
 
 
@@ -86,10 +90,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Scale is 1/sqrt(head_dim); no dropout, no causal mask.
     """
     name, reason = get_attention_backend(q)
-    # Once per distinct choice, not every layer and step; not while torch.compile traces (a side
-    # effect there would split the graph; the trainer logs its choice at start, eagerly).
-    if (name, reason) not in _logged and not torch.compiler.is_compiling():
-        log_attention_backend(q)
+    # Not while torch.compile traces: a side effect there would split the graph (the trainer logs
+    # its choice at start, eagerly).
+    if not torch.compiler.is_compiling():
+        _log_once(name, reason)
     if name == "flash_attn":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)

@@ -78,7 +78,7 @@ class RunConfig:
     # micro_batches) packed micro-batches (``accumulation_steps``; data_pipeline/mixing.py).
     grad_accum: int = 1
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
-    compile: bool = False  # torch.compile each transformer block (training/compile.py)
+    compile: bool = False  # torch.compile each transformer block (training/compile.py); tested at tp=1 only
     zero_stage: int = 1  # DeepSpeed ZeRO stage for optimizer state
     seed: int = 0
 
