@@ -142,7 +142,11 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
         assert time.monotonic() < deadline, f"the job was not requeued: {slurm.job(job)}"
         assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), slurm.job(job)
         time.sleep(0.2)
-    # Slurm holds a requeued job for two minutes (BeginTime); a cluster waits, the test need not.
+    # Slurm holds a requeued job for two minutes (BeginTime); a cluster waits, the test need not. But
+    # not at once: slurmd revoked the first launch's credential at the requeue, with one-second
+    # resolution, and refuses a relaunch of the same job id within that second ("Job credential
+    # revoked"; the job then fails without running, as seen in CI once).
+    time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     finished(slurm, job, run_dir)
 
