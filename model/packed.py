@@ -74,12 +74,12 @@ class PackedBatch:
         return torch.repeat_interleave(torch.arange(self.num_samples, device=lens.device), lens.long(),
                                        output_size=self.num_tokens)
 
-    def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device, dtype: torch.dtype | None = None) -> "PackedBatch":
         """The same batch on ``device``; no validation again, so no device -> host sync."""
         out = copy.copy(self)
-        out.features = self.features.to(device=device, dtype=dtype or self.features.dtype, non_blocking=non_blocking)
-        out.coords = self.coords.to(device, non_blocking=non_blocking)
-        out.cu_seqlens = self.cu_seqlens.to(device, non_blocking=non_blocking)
+        out.features = self.features.to(device=device, dtype=dtype or self.features.dtype)
+        out.coords = self.coords.to(device)
+        out.cu_seqlens = self.cu_seqlens.to(device)
         return out
 
     def select(self, samples: list[int]) -> tuple["PackedBatch", torch.Tensor]:
