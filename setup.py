@@ -66,6 +66,8 @@ setup(
             "atoken-make-3d-shards=atoken.tools.make_3d_shards:main",
             "atoken-import-siglip2=atoken.tools.import_siglip2:main",
             "atoken-convert=atoken.tools.convert:main",
+            "atoken-import-official=atoken.tools.official:import_main",
+            "atoken-export-official=atoken.tools.official:export_main",
             "atoken-reconstruct=atoken.tools.reconstruct:main",
             "atoken-evaluate=atoken.tools.evaluate:main",
             "atoken-zero-shot=atoken.tools.zero_shot:main",

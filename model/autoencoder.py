@@ -1,18 +1,25 @@
 """AToken: a transformer autoencoder over the packed sparse 4D token stream.
 
     features [N, 3072] -> encoder (patch embed + resized position table, transformer, LayerNorm)
-      -> latent Linear -> Gaussian posterior (mean, logvar) [N, C] -> z (a sample, the mean, or
-         with ``quantizer="fsq"`` the FSQ-quantized mean; FSQ ids [N, C / 6] are the discrete tokens)
-      -> decoder (up-projection, transformer, RMSNorm, pixel head) -> recon [N, 3072]
+      -> latent Linear (no bias) -> Gaussian posterior (mean, logvar) [N, C] -> z (a sample, the
+         mean, or with ``quantizer="fsq"`` the FSQ-quantized mean; FSQ ids [N, C / 6] are the tokens)
+      -> decoder (up-projection + its own resized position table, transformer with per-head
+         QK-norm, RMSNorm, pixel head) -> recon [N, 3072]
     encoder tokens [N, width] -> understanding (MAP head, per sample) -> embedding [B, width]
 
-Both transformers apply 4D RoPE from ``batch.coords`` in every layer. Parameter prefixes
+This is the released AToken's structure (``tools/official.py`` maps its weights one to one).
+Attention runs over chunks of 4 latent frames (``packed.AttentionLayout``): a video longer than 16
+frames is encoded and decoded as independent chunks, t restarting at 0 in each, while the MAP head
+pools over all of a sample's tokens. Both transformers apply 4D RoPE from the chunk-relative
+coordinates in every layer; position tables are resized to each chunk's (max x + 1, max y + 1).
+Parameter prefixes
 ``encoder.``, ``latent.``, ``decoder.`` (and ``understanding.`` when configured) are relied on by
 the trainer (encoder LR x0.1).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +29,8 @@ import torch.nn.functional as F
 from .config import PATCH_DIM, ModelConfig
 from .fsq import FSQ
 from .gaussians import GaussianDecoder, Gaussians
-from .packed import ASSET3D, PackedBatch
+from .kv_cache import KVCache
+from .packed import ASSET3D, AttentionLayout, PackedBatch
 from .rope import rope_angles
 from .transformer import Angles, LinearSpec, Transformer, init_weights, make_norm
 from .understanding import Understanding
@@ -69,56 +77,62 @@ class Outputs:
     embedding: torch.Tensor | None = None  # [B, width] L2-normalised pooled embedding per sample
 
 
+def position_embedding(table: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    """[N, width]: the learned table [s * s, width] resized to each chunk's (max x + 1, max y + 1) and
+    read at each token's (x, y); z and t are ignored.
+
+    Resized as HF Siglip2 (naflex) and the release do: bilinear, antialias, in fp32 (CPU antialias
+    needs it), row-major over (row x, column y).
+    """
+    s = math.isqrt(table.shape[0])
+    grid = table.reshape(s, s, -1).permute(2, 0, 1)[None].float()  # [1, width, s, s]
+    resized, offset = [], {}
+    for h, w in dict.fromkeys(layout.table_hw):  # each distinct size once
+        offset[(h, w)] = sum(r.shape[0] for r in resized)
+        r = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        resized.append(r[0].flatten(1).t())  # [h*w, width]
+    device = layout.coords.device
+    # Per-chunk [S] tables built on the host, copied without waiting on the device.
+    base = torch.tensor([offset[k] for k in layout.table_hw]).to(device, non_blocking=True)[layout.chunk_ids]
+    row_len = torch.tensor([w for _, w in layout.table_hw]).to(device, non_blocking=True)[layout.chunk_ids]
+    index = base + layout.coords[:, 1] * row_len + layout.coords[:, 2]  # [N]
+    return torch.cat(resized)[index]
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
         super().__init__()
-        tc, self.pos_table_size = cfg.encoder, cfg.pos_table_size
+        tc = cfg.encoder
         self.patch_embed = nn.Linear(PATCH_DIM, tc.width)
         # SigLIP2's learned table, row-major over a (size, size) grid of (row, column).
         self.pos_embed = nn.Parameter(torch.empty(cfg.pos_table_size ** 2, tc.width))
         self.transformer = Transformer(tc, linear, rope=cfg.encoder_rope, checkpoint=checkpoint)
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)  # SigLIP2's post_layernorm
 
-    def position_embedding(self, batch: PackedBatch) -> torch.Tensor:
-        """[N, width]: the table resized to each sample's (H, W) patch grid, read at its (x, y).
-
-        Resized as HF Siglip2 (naflex) does: bilinear, antialias, in fp32 (CPU antialias needs it).
-        The same table serves every t; z is ignored.
-        """
-        s = self.pos_table_size
-        table = self.pos_embed.reshape(s, s, -1).permute(2, 0, 1)[None].float()  # [1, width, s, s]
-        hw = [(g[1], g[2]) for g in batch.grids]
-        resized, offset = [], {}
-        for h, w in dict.fromkeys(hw):  # each distinct grid once
-            offset[(h, w)] = sum(r.shape[0] for r in resized)
-            r = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-            resized.append(r[0].flatten(1).t())  # [h*w, width]
-        device = batch.coords.device
-        ids = batch.sample_ids().to(device)  # [N]
-        # Per-sample [B] tables built on the host, copied without waiting on the device.
-        base = torch.tensor([offset[k] for k in hw]).to(device, non_blocking=True)[ids]
-        row_len = torch.tensor([w for _, w in hw]).to(device, non_blocking=True)[ids]
-        index = base + batch.coords[:, 1] * row_len + batch.coords[:, 2]  # [N]
-        return torch.cat(resized)[index]
-
-    def forward(self, batch: PackedBatch, angles: Angles | None) -> torch.Tensor:
-        x = self.patch_embed(batch.features)  # [N, width]
-        x = x + self.position_embedding(batch).to(x.dtype)
-        x = self.transformer(x, batch.cu_seqlens, batch.max_seqlen, angles)
+    def forward(self, features: torch.Tensor, layout: AttentionLayout, angles: Angles | None) -> torch.Tensor:
+        x = self.patch_embed(features)  # [N, width]
+        x = x + position_embedding(self.pos_embed, layout).to(x.dtype)
+        x = self.transformer(x, layout.cu_seqlens, layout.max_seqlen, angles)
         return self.norm(x)
 
 
 class Decoder(nn.Module):
+    """z [N, C] -> up-projection + its own resized position table -> transformer -> RMSNorm -> pixels."""
+
     def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
         super().__init__()
         tc = cfg.decoder
         self.up = nn.Linear(cfg.latent_channels, tc.width, bias=tc.bias)
+        self.pos_embed = nn.Parameter(torch.empty(cfg.pos_table_size ** 2, tc.width))
         self.transformer = Transformer(tc, linear, checkpoint=checkpoint)
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)
         self.head = nn.Linear(tc.width, PATCH_DIM, bias=tc.bias)
 
-    def forward(self, z: torch.Tensor, batch: PackedBatch, angles: Angles | None) -> torch.Tensor:
-        x = self.transformer(self.up(z), batch.cu_seqlens, batch.max_seqlen, angles)  # [N, width]
+    def forward(self, z: torch.Tensor, layout: AttentionLayout, angles: Angles | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = self.up(z)
+        x = x + position_embedding(self.pos_embed, layout).to(x.dtype)
+        x = self.transformer(x, layout.cu_seqlens, layout.max_seqlen, angles, cache)  # [N, width]
         return self.head(self.norm(x))  # [N, 3072]
 
 
@@ -130,7 +144,8 @@ class AToken(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg, linear, checkpoint)
-        self.latent = nn.Linear(cfg.encoder.width, 2 * cfg.latent_channels)  # -> (mean, logvar)
+        # The release's ``proj``: no bias.
+        self.latent = nn.Linear(cfg.encoder.width, 2 * cfg.latent_channels, bias=False)  # -> (mean, logvar)
         self.decoder = Decoder(cfg, linear, checkpoint)
         self.understanding = Understanding(cfg.encoder) if cfg.understanding else None
         self.fsq = FSQ(cfg.latent_channels, cfg.fsq_levels, cfg.fsq_group_dims) if cfg.quantizer == "fsq" else None
@@ -142,31 +157,35 @@ class AToken(nn.Module):
     def reset_parameters(self, std: float = 0.02) -> None:
         init_weights(self, std)
         nn.init.normal_(self.encoder.pos_embed, std=std)
+        nn.init.normal_(self.decoder.pos_embed, std=std)
         if self.understanding is not None:
             self.understanding.reset_parameters()
         if self.gaussian_decoder is not None:
             self.gaussian_decoder.reset_parameters(std)  # its head starts small, not at ``std``
 
-    def rope(self, batch: PackedBatch, head_dim: int) -> Angles:
-        return rope_angles(batch.coords, head_dim, self.cfg.rope_theta)
+    def rope(self, layout: AttentionLayout, head_dim: int) -> Angles:
+        return rope_angles(layout.coords, head_dim, self.cfg.rope_theta)
 
-    def features(self, batch: PackedBatch, angles: Angles | None = None) -> torch.Tensor:
+    def features(self, batch: PackedBatch, layout: AttentionLayout | None = None,
+                 angles: Angles | None = None) -> torch.Tensor:
         """The encoder's output tokens [N, width] (what both the latent and the MAP head read)."""
+        layout = layout or batch.attention_layout()
         if angles is None:
-            angles = self.rope(batch, self.cfg.encoder.head_dim)
-        return self.encoder(batch, angles)
+            angles = self.rope(layout, self.cfg.encoder.head_dim)
+        return self.encoder(batch.features, layout, angles)
 
     def posterior(self, features: torch.Tensor) -> Posterior:
         mean, logvar = self.latent(features).chunk(2, dim=-1)  # each [N, C]
         return Posterior(mean, logvar.clamp(*LOGVAR_RANGE))
 
-    def encode(self, batch: PackedBatch, angles: Angles | None = None) -> Posterior:
-        return self.posterior(self.features(batch, angles))
+    def encode(self, batch: PackedBatch) -> Posterior:
+        return self.posterior(self.features(batch))
 
     def understand(self, batch: PackedBatch, features: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (embedding [B, width] L2-normalised, unnormalised pooled [B, width]) per sample;
-        ``features`` [N, width] reuses an encoder pass (e.g. the one of ``forward``)."""
+        """-> (embedding [B, width] L2-normalised, unnormalised pooled [B, width]) per sample, pooled
+        over all of a sample's tokens (every chunk of a video); ``features`` [N, width] reuses an
+        encoder pass (e.g. the one of ``forward``)."""
         if self.understanding is None:
             raise ValueError("this model has no understanding head: build it with ModelConfig(understanding=True)")
         if features is None:
@@ -184,15 +203,26 @@ class AToken(nn.Module):
         return self._require_fsq().quantize(self.encode(batch).mean)[1]
 
     def decode_ids(self, ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """FSQ ids [N, G] -> recon [N, 3072]; reads only batch.coords and batch.cu_seqlens."""
+        """FSQ ids [N, G] -> recon [N, 3072]; reads only batch.coords and the batch's lengths."""
         z = self._require_fsq().dequantize(ids)
         return self.decode(z.to(self.decoder.up.weight.dtype), batch)
 
-    def decode(self, z: torch.Tensor, batch: PackedBatch, angles: Angles | None = None) -> torch.Tensor:
-        """z [N, C] -> recon [N, 3072]; reads only batch.coords and batch.cu_seqlens."""
+    def decode(self, z: torch.Tensor, batch: PackedBatch, layout: AttentionLayout | None = None,
+               angles: Angles | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """z [N, C] -> recon [N, 3072]; reads only batch.coords and the batch's lengths. ``cache``
+        (inference, one video): attend to the previous chunk's cached frames too (``KVCache``)."""
+        layout = layout or batch.attention_layout()
+        if cache is not None:
+            layout = cache.begin(layout)  # this chunk's t shifted past the cached frames
+            angles = None
         if angles is None:
-            angles = self.rope(batch, self.cfg.decoder.head_dim)
-        return self.decoder(z, batch, angles)
+            angles = self.rope(layout, self.cfg.decoder.head_dim)
+        if cache is None:
+            return self.decoder(z, layout, angles)
+        cache.key_angles = self.rope(cache.key_layout, self.cfg.decoder.head_dim)
+        recon = self.decoder(z, layout, angles, cache)
+        cache.end()
+        return recon
 
     def forward(self, batch: PackedBatch, sample: bool = True, generator: torch.Generator | None = None,
                 tasks: tuple[str, ...] = ("rec",)) -> Outputs:
@@ -205,8 +235,9 @@ class AToken(nn.Module):
         unknown = set(tasks) - {"rec", "und"}
         if unknown or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of ('rec', 'und'), got {tasks}")
-        enc_angles = self.rope(batch, self.cfg.encoder.head_dim)  # once per forward, for all layers
-        feats = self.features(batch, enc_angles)
+        layout = batch.attention_layout()  # once per forward: chunks, chunk-relative t
+        enc_angles = self.rope(layout, self.cfg.encoder.head_dim)  # once per forward, for all layers
+        feats = self.features(batch, layout, enc_angles)
         out = Outputs()
         if "und" in tasks:
             out.embedding = self.understand(batch, feats)[0]
@@ -220,8 +251,8 @@ class AToken(nn.Module):
         assets = [i for i, m in enumerate(batch.modalities) if m == ASSET3D]
         if not assets:  # the common case: no gathering
             dec_hd = self.cfg.decoder.head_dim
-            dec_angles = enc_angles if dec_hd == self.cfg.encoder.head_dim else self.rope(batch, dec_hd)
-            out.recon = self.decode(z, batch, dec_angles)
+            dec_angles = enc_angles if dec_hd == self.cfg.encoder.head_dim else self.rope(layout, dec_hd)
+            out.recon = self.decode(z, batch, layout, dec_angles)
             return out
         pixels = [i for i in range(batch.num_samples) if i not in set(assets)]
         out.recon = z.new_zeros(batch.num_tokens, PATCH_DIM)  # rows of 3D samples stay 0 (not decoded)

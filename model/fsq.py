@@ -29,9 +29,10 @@ class FSQ(nn.Module):
         self.codebook_size = levels ** group_dims
         # NOTE: computed as the reference implementation does (int32 tensor ops in fp32) and kept as the
         # exact fp32 values, so inputs at a rounding boundary land on the same side as there.
-        lv = torch.tensor(levels, dtype=torch.int32)
+        # (On the CPU always: the model may be built on the meta device.)
+        lv = torch.tensor(levels, dtype=torch.int32, device="cpu")
         half_l = (lv - 1) * (1 + EPS) / 2
-        offset = torch.tensor(0.5 if levels % 2 == 0 else 0.0)
+        offset = torch.tensor(0.5 if levels % 2 == 0 else 0.0, device="cpu")
         self.half_l, self.offset = half_l.item(), offset.item()
         self.shift = torch.atanh(offset / half_l).item()
 

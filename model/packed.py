@@ -14,6 +14,25 @@ import torch
 from .config import PATCH_DIM
 
 IMAGE, VIDEO, ASSET3D = "image", "video", "3d"
+# Attention runs over chunks of 4 latent frames (16 video frames), as the release does
+# (``num_sample_frames_batch_size``): a longer video is cut into independent chunks, each with t
+# counted from 0. Images and 3D assets are one chunk.
+CHUNK_FRAMES = 4
+
+
+@dataclass
+class AttentionLayout:
+    """What attention sees of a batch: its chunks as the segments of a packed stream.
+
+    Every sample's tokens are cut where its (t - t_min) crosses a multiple of ``CHUNK_FRAMES``.
+    ``coords`` are the batch's with t made chunk-relative (what RoPE reads); ``table_hw`` is each
+    chunk's (max x + 1, max y + 1), the size the learned position table is resized to.
+    """
+    cu_seqlens: torch.Tensor  # [S + 1] int32, over chunks
+    max_seqlen: int
+    coords: torch.Tensor  # [N, 4] int64
+    table_hw: list[tuple[int, int]]  # per chunk
+    chunk_ids: torch.Tensor  # [N] int64: which chunk each token belongs to
 
 
 @dataclass
@@ -28,6 +47,8 @@ class PackedBatch:
     # Per sample: how many of the PATCH_T frames of the token are real (images: 1, zero-padded to 4).
     frames: list[int] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # per sample: source name, for logs and errors
+    # Per sample: its attention chunks as (t_min, tokens, table (h, w)) each; derived from coords.
+    chunks: list[list[tuple[int, int, tuple[int, int]]]] = field(default_factory=list)
 
     def __post_init__(self):
         n, b = self.features.shape[0], len(self.grids)
@@ -45,6 +66,8 @@ class PackedBatch:
             raise ValueError(f"{len(self.modalities)} modalities for {b} samples")
         if not self.frames:
             self.frames = [1 if m == IMAGE else 4 for m in self.modalities]
+        if not self.chunks:  # read on the host once, like the lengths (carried by ``to`` and ``select``)
+            self.chunks = _chunks(self.coords.cpu(), self._lengths, self.names)
 
     @property
     def num_samples(self) -> int:
@@ -74,6 +97,21 @@ class PackedBatch:
         return torch.repeat_interleave(torch.arange(self.num_samples, device=lens.device), lens.long(),
                                        output_size=self.num_tokens)
 
+    def attention_layout(self) -> AttentionLayout:
+        """The chunked view attention, RoPE and the position tables read (see ``AttentionLayout``).
+        Built from host-side lists: no device -> host sync."""
+        flat = [c for sample in self.chunks for c in sample]
+        lens = [n for _, n, _ in flat]
+        cu = torch.zeros(len(flat) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+        device = self.coords.device
+        chunk_ids = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor(lens), output_size=self.num_tokens)
+        t0 = torch.tensor([t for t, _, _ in flat])[chunk_ids].to(device, non_blocking=True)  # [N]
+        coords = self.coords.clone()
+        coords[:, 0] -= t0
+        return AttentionLayout(cu.to(device, non_blocking=True), max(lens), coords, [hw for _, _, hw in flat],
+                               chunk_ids.to(device, non_blocking=True))
+
     def to(self, device, dtype: torch.dtype | None = None) -> "PackedBatch":
         """The same batch on ``device``; no validation again, so no device -> host sync."""
         out = copy.copy(self)
@@ -93,7 +131,8 @@ class PackedBatch:
         pick = lambda xs: [xs[i] for i in samples] if xs else []  # noqa: E731
         return PackedBatch(features=self.features[rows], coords=self.coords[rows],
                            cu_seqlens=cu.to(self.cu_seqlens.device), grids=pick(self.grids),
-                           modalities=pick(self.modalities), frames=pick(self.frames), names=pick(self.names)), rows
+                           modalities=pick(self.modalities), frames=pick(self.frames), names=pick(self.names),
+                           chunks=pick(self.chunks)), rows
 
     @staticmethod
     def cat(parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int], str, int]],
@@ -111,3 +150,35 @@ class PackedBatch:
             frames=[p[4] for p in parts],
             names=list(names or []),
         )
+
+
+def _chunks(coords: torch.Tensor, lengths: list[int], names: list[str]) -> list[list[tuple[int, int, tuple[int, int]]]]:
+    """Per sample, its attention chunks (first t, tokens, table (h, w)) from host coords [N, 4].
+
+    A sample's tokens must come in non-decreasing t (patchify's order), so that each chunk is a
+    contiguous run of rows. NOTE: t counts from the sample's own first t (the release counts from
+    the whole batch's; the same for every batch it builds, where samples start at one t).
+    """
+    out, start = [], 0
+    for i, n in enumerate(lengths):
+        c = coords[start:start + n]
+        start += n
+        if n == 0:
+            out.append([])
+            continue
+        t = c[:, 0]
+        if bool((t[1:] < t[:-1]).any()):
+            raise ValueError(f"sample {names[i] if i < len(names) else i}: tokens must be in non-decreasing t")
+        t_min = int(t[0])
+        cid = (t - t_min) // CHUNK_FRAMES
+        counts = torch.bincount(cid).tolist()
+        chunks, row = [], 0
+        for k, m in enumerate(counts):
+            if m == 0:  # a gap in time: no tokens in this chunk
+                continue
+            part = c[row:row + m]
+            row += m
+            hw = (int(part[:, 1].max()) + 1, int(part[:, 2].max()) + 1)
+            chunks.append((t_min + k * CHUNK_FRAMES, m, hw))
+        out.append(chunks)
+    return out

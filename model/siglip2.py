@@ -212,7 +212,7 @@ class Siglip2ImageTower(nn.Module):
     @torch.no_grad()
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (embedding [B, width] L2-normalised, pooled [B, width]), one per sample of ``batch``."""
-        x = self.encoder(batch, None)
+        x = self.encoder(batch.features, batch.attention_layout(), None)
         return self.head(x, batch.cu_seqlens)
 
     def train(self, mode: bool = True) -> "Siglip2ImageTower":

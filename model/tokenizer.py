@@ -6,7 +6,8 @@ An inference directory holds ``config.json`` (the model config and provenance) a
   images  [3, H, W] in [0, 1], any size   encode -> ImageLatent -> decode (padded to whole patches
                                           by edge replication, cropped back; ``patches.py``)
   videos  [3, T, H, W] in [0, 1]          encode_video -> VideoLatent -> decode_video, by temporal
-                                          tiles: memory is bounded by the tile, not the video
+                                          tiles: memory is bounded by the tile, not the video;
+                                          decode_video(cache_frames=...) is the release's KV cache
   3D      voxel tokens of an asset        encode_asset -> latent [M, C] -> decode_asset -> Gaussians
   ids     FSQ models (stage 4)            encode_ids / decode_ids: [h, w, 8] int64 codes per image
   embed   models with the MAP head        embed(images) -> [B, width] L2-normalised;
@@ -24,10 +25,12 @@ from safetensors.torch import load_file, save_file
 from .autoencoder import AToken
 from .config import PATCH_T, ModelConfig
 from .gaussians import Gaussians
-from .packed import ASSET3D, IMAGE, VIDEO, PackedBatch
+from .kv_cache import KVCache
+from .packed import ASSET3D, CHUNK_FRAMES, IMAGE, VIDEO, PackedBatch
 from .patches import pad_to_patches, patchify, unpatchify
 
 FORMAT = "atoken-inference"
+CHUNK_VIDEO_FRAMES = CHUNK_FRAMES * PATCH_T  # 16 video frames: the encoder's and decoder's chunk
 
 
 def save_inference_dir(out: str | Path, state: dict[str, torch.Tensor], model_cfg: dict, weights: str,
@@ -43,6 +46,20 @@ def save_inference_dir(out: str | Path, state: dict[str, torch.Tensor], model_cf
     return out
 
 
+def load_inference_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
+    """(state dict as stored, model config, config.json) of an inference directory."""
+    path = Path(path)
+    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: {path} is not an atoken inference directory "
+                                    "(make one with atoken-convert or atoken-import-official)")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file} is not an {FORMAT} config (format={meta.get('format')!r})")
+    return load_file(str(weights)), ModelConfig.from_dict(meta["model"]), meta
+
+
 @dataclass
 class ImageLatent:
     z: torch.Tensor  # [h, w, C]: the posterior mean on the image's patch grid
@@ -53,7 +70,7 @@ class ImageLatent:
 class VideoLatent:
     z: torch.Tensor  # [t, h, w, C]: the posterior mean, t = ceil(T / 4) over all tiles
     size: tuple[int, int, int]  # (T, H, W) of the original video
-    tile_frames: int  # frames per temporal tile it was encoded with (a multiple of 4)
+    tile_frames: int  # frames per temporal tile it was encoded with (a multiple of 16)
 
 
 class Tokenizer:
@@ -64,17 +81,8 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "Tokenizer":
-        path = Path(path)
-        cfg_file, weights = path / "config.json", path / "model.safetensors"
-        for f in (cfg_file, weights):
-            if not f.exists():
-                raise FileNotFoundError(f"{f} not found: {path} is not an atoken inference directory "
-                                        "(make one with atoken-convert)")
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{cfg_file} is not an {FORMAT} config (format={meta.get('format')!r})")
-        model = AToken(ModelConfig.from_dict(meta["model"]))
-        state = load_file(str(weights))
+        state, cfg, meta = load_inference_dir(path)
+        model = AToken(cfg)
         model.load_state_dict({k: v.float() for k, v in state.items()})
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
@@ -133,14 +141,15 @@ class Tokenizer:
     def encode_video(self, video: torch.Tensor, tile_frames: int = 16) -> VideoLatent:
         """video [3, T, H, W] in [0, 1] -> its latent, one temporal tile of ``tile_frames`` at a time.
 
-        Each tile is encoded as a video sample of its own (attention is full inside a tile, as in
-        training; nothing crosses tiles), so peak memory is one tile's, whatever T is. The last tile
-        is zero-padded in time to whole 4-frame patches; decoding crops it back.
+        The encoder sees independent chunks of 16 frames (the release's, and training's), so tiles
+        of any multiple of 16 give the same latent; the tile only bounds memory. The last tile is
+        zero-padded in time to whole 4-frame patches; decoding crops it back.
         """
         if video.ndim != 4 or video.shape[0] != 3:
             raise ValueError(f"expected a video [3, T, H, W], got {tuple(video.shape)}")
-        if tile_frames < PATCH_T or tile_frames % PATCH_T:
-            raise ValueError(f"tile_frames must be a positive multiple of {PATCH_T}, got {tile_frames}")
+        if tile_frames < CHUNK_VIDEO_FRAMES or tile_frames % CHUNK_VIDEO_FRAMES:
+            raise ValueError(f"tile_frames must be a positive multiple of {CHUNK_VIDEO_FRAMES} (the encoder's "
+                             f"chunk), got {tile_frames}")
         t_len, hgt, wid = video.shape[1:]
         zs = []
         for t0 in range(0, t_len, tile_frames):
@@ -151,25 +160,39 @@ class Tokenizer:
         return VideoLatent(torch.cat(zs), (t_len, hgt, wid), tile_frames)
 
     @torch.no_grad()
-    def decode_video(self, latent: VideoLatent) -> torch.Tensor:
-        """VideoLatent -> [3, T, H, W] in [0, 1], decoded tile by tile into one CPU tensor."""
+    def decode_video(self, latent: VideoLatent, stride_frames: int = CHUNK_VIDEO_FRAMES,
+                     cache_frames: int = 0) -> torch.Tensor:
+        """VideoLatent -> [3, T, H, W] in [0, 1], one chunk of ``stride_frames`` at a time into one
+        CPU tensor. ``cache_frames`` > 0: each chunk also attends to the keys and values of the
+        previous chunk's last ``cache_frames`` frames (the release's ``kv_cache_size``; ``kv_cache.py``).
+        As in the release, stride_frames + cache_frames <= 16, both multiples of 4; the defaults
+        (16, 0) decode as training does."""
+        for name, v in (("stride_frames", stride_frames), ("cache_frames", cache_frames)):
+            if v < 0 or v % PATCH_T:
+                raise ValueError(f"{name} must be a multiple of {PATCH_T}, got {v}")
+        if stride_frames == 0 or stride_frames + cache_frames > CHUNK_VIDEO_FRAMES:
+            raise ValueError(f"need 0 < stride_frames and stride_frames + cache_frames <= {CHUNK_VIDEO_FRAMES}, "
+                             f"got {stride_frames} + {cache_frames}")
         t_len, hgt, wid = latent.size
         _, h, w, _ = latent.z.shape
         out = torch.empty(3, t_len, hgt, wid)
-        step = latent.tile_frames // PATCH_T  # latent frames per tile
-        for k, t0 in enumerate(range(0, latent.z.shape[0], step)):
+        step = stride_frames // PATCH_T  # latent frames per chunk
+        cache = KVCache(cache_frames // PATCH_T) if cache_frames else None
+        for t0 in range(0, latent.z.shape[0], step):
             z = latent.z[t0:t0 + step]  # [t, h, w, C]
             grid = (z.shape[0], h, w, 1)
             batch = _coords_only(grid, VIDEO, self.device, self.dtype)
-            recon = self.model.decode(z.reshape(-1, z.shape[-1]).to(self.device, self.dtype), batch).float().cpu()
+            recon = self.model.decode(z.reshape(-1, z.shape[-1]).to(self.device, self.dtype), batch,
+                                      cache=cache).float().cpu()
             frames = unpatchify(recon, grid)  # [3, t*4, H', W']
-            f0 = k * latent.tile_frames
+            f0 = t0 * PATCH_T
             n = min(frames.shape[1], t_len - f0)
             out[:, f0:f0 + n] = ((frames[:, :n, :hgt, :wid] + 1) / 2).clamp(0, 1)
         return out
 
-    def reconstruct_video(self, video: torch.Tensor, tile_frames: int = 16) -> torch.Tensor:
-        return self.decode_video(self.encode_video(video, tile_frames))
+    def reconstruct_video(self, video: torch.Tensor, tile_frames: int = 16, stride_frames: int = CHUNK_VIDEO_FRAMES,
+                          cache_frames: int = 0) -> torch.Tensor:
+        return self.decode_video(self.encode_video(video, tile_frames), stride_frames, cache_frames)
 
     # ---------------------------------------------------------------- 3D
 
@@ -213,8 +236,8 @@ class Tokenizer:
     @torch.no_grad()
     def embed_video(self, videos: list[torch.Tensor]) -> torch.Tensor:
         """videos: list of [3, T, H, W] in [0, 1], T a multiple of 4 -> [B, width] L2-normalised pooled
-        embeddings. Each clip is one sample, attended over all its frames at once, as training's
-        understanding clips are (1 fps, up to 64 frames: ``data_pipeline.clips``)."""
+        embeddings. Each clip is one sample (training's understanding clips: 1 fps, up to 64 frames,
+        ``data_pipeline.clips``): encoded in chunks of 16 frames, pooled over all of them."""
         parts = []
         for i, v in enumerate(videos):
             if v.ndim != 4 or v.shape[0] != 3 or v.shape[1] % PATCH_T:

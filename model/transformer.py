@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import varlen_attention
 from .config import TransformerConfig
+from .kv_cache import BlockCache, KVCache
 from .rope import apply_rope
 
 Angles = tuple[torch.Tensor, torch.Tensor]  # RoPE (cos, sin), each [N, head_dim / 2] fp32
@@ -59,6 +60,23 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
 
 
+class MultiHeadRMSNorm(nn.Module):
+    """The release's per-head QK-norm (``SparseMultiHeadRMSNorm``): x [N, heads, D] ->
+    ``normalize(x) * sqrt(D) * weight`` in fp32, with a gain per head and channel (weight [heads, D]).
+    Under tensor parallelism each rank holds its own heads' rows."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.normalize(x.float(), dim=-1) * (x.shape[-1] ** 0.5) * self.weight.float()
+        return y.to(x.dtype)
+
+
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Separate q/k/v weights [H*D, in] (or biases [H*D]) -> fused qkv [3*H*D, ...] in our layout."""
     return torch.stack([t.unflatten(0, (heads, -1)) for t in (q, k, v)], dim=1).flatten(0, 2)
@@ -79,16 +97,18 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.qkv = linear.column(cfg.width, 3 * cfg.width, cfg.bias)
         self.proj = linear.row(cfg.width, cfg.width, cfg.bias)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = MultiHeadRMSNorm(self.heads, self.head_dim) if cfg.qk_norm else None
+        self.k_norm = MultiHeadRMSNorm(self.heads, self.head_dim) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                angles: Angles | None) -> torch.Tensor:
+                angles: Angles | None, cache: BlockCache | None = None) -> torch.Tensor:
         qkv = self.qkv(x)
         n = qkv.shape[0]  # all N tokens, also when x holds only a sequence-parallel shard of them
         q, k, v = qkv.view(n, self.heads, 3, self.head_dim).unbind(2)  # each [N, h, D]
         if self.q_norm is not None:  # QK-norm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:  # inference across video chunks: RoPE and attention with the cached keys
+            return self.proj(cache.attend(q, k, v, angles).reshape(n, self.heads * self.head_dim))
         if angles is not None:
             q, k = apply_rope(q, *angles), apply_rope(k, *angles)
         # NOTE: CUDA autocast may run the norms in fp32; the fused kernels need one dtype.
@@ -116,8 +136,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, linear)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                angles: Angles | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, angles)
+                angles: Angles | None, cache: BlockCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, angles, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -138,10 +158,15 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, linear) for _ in range(cfg.depth))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                angles: Angles | None = None) -> torch.Tensor:
-        """x [N, width] -> [N, width]; angles from ``rope_angles(coords, head_dim, theta)``."""
+                angles: Angles | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """x [N, width] -> [N, width]; angles from ``rope_angles(coords, head_dim, theta)``;
+        ``cache``: decode one video chunk with the previous chunk's keys (``kv_cache.py``)."""
         angles = angles if self.rope else None
         num_tokens = x.shape[0]
+        if cache is not None:
+            for i, block in enumerate(self.blocks):
+                x = block(x, cu_seqlens, max_seqlen, angles, cache.block(i))
+            return x
         x, cu_seqlens, max_seqlen, angles = self.linear.shard_sequence(x, cu_seqlens, max_seqlen, angles)
         for block in self.blocks:
             if self.checkpoint and torch.is_grad_enabled():
@@ -159,5 +184,5 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm, MultiHeadRMSNorm)):
             m.reset_parameters()

@@ -419,7 +419,7 @@ def test_evaluate_cli_videos_end_to_end(tmp_path, capsys, carphone, carphone_fra
     i3d_path, net = i3d_file
 
     rc = ev.main([str(model_dir), "--videos", str(videos), "--out", str(out), "--device", "cpu", "--video-frames",
-                  "8", "--tile-frames", "4", "--i3d-weights", str(i3d_path), "--grid-k", "2", "--no-progress"])
+                  "8", "--tile-frames", "16", "--i3d-weights", str(i3d_path), "--grid-k", "2", "--no-progress"])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "6 videos" in stdout and "1 unreadable" in stdout and "(N=5)" in stdout
@@ -439,7 +439,7 @@ def test_evaluate_cli_videos_end_to_end(tmp_path, capsys, carphone, carphone_fra
     for p in v["per_video"]:
         frames = decode_all((videos / p["name"]).read_bytes())[:8]
         x = clip_of(frames)
-        r = (tok.reconstruct_video(x, 4) * 255).round() / 255
+        r = (tok.reconstruct_video(x, 16) * 255).round() / 255
         if len(frames) == 8:  # the short clip is left out of rFVD
             originals.append(frames)
             recons.append(as_uint8(r))

@@ -226,19 +226,22 @@ def test_forward_backward_checkpoint_and_rope_toggle():
 
 
 def test_parameter_names_and_position_table():
+    from atoken.model.autoencoder import position_embedding
+
     torch.manual_seed(0)
     model = AToken(micro_config())
     names = [n for n, _ in model.named_parameters()]
     assert all(n.split(".")[0] in ("encoder", "latent", "decoder") for n in names)
     for n in ("encoder.patch_embed.weight", "encoder.pos_embed", "encoder.transformer.blocks.1.attn.qkv.weight",
               "encoder.transformer.blocks.0.mlp.fc1.bias", "encoder.transformer.blocks.0.norm1.bias",
-              "encoder.norm.weight", "latent.weight", "decoder.up.weight", "decoder.head.weight",
+              "encoder.norm.weight", "latent.weight", "decoder.up.weight", "decoder.pos_embed", "decoder.head.weight",
               "decoder.transformer.blocks.0.attn.q_norm.weight", "decoder.transformer.blocks.1.norm2.weight"):
         assert n in names, n
     assert not any(n.startswith("decoder.") and n.endswith(".bias") for n in names)
+    assert "latent.bias" not in names  # the release's ``proj`` has none
     # A 16x16 grid reads the table unresized, at row-major (x, y).
     batch = image_batch([torch.zeros(3, 256, 256), torch.zeros(3, 32, 16)])
-    pos = model.encoder.position_embedding(batch)
+    pos = position_embedding(model.encoder.pos_embed, batch.attention_layout())
     torch.testing.assert_close(pos[:256], model.encoder.pos_embed, atol=1e-6, rtol=0)
     assert pos.shape == (258, 64)
 

@@ -636,8 +636,8 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
     started = time.time()
     video, asset = video or VideoSettings(), asset or AssetSettings()
     out = Path(out)
-    if videos and (video.tile_frames < 4 or video.tile_frames % 4 or video.frames < 0):
-        raise EvaluateError(f"need tile frames a positive multiple of 4 and frames >= 0, got "
+    if videos and (video.tile_frames < 16 or video.tile_frames % 16 or video.frames < 0):
+        raise EvaluateError(f"need tile frames a positive multiple of 16 and frames >= 0, got "
                             f"{video.tile_frames} and {video.frames}")
     if assets and (asset.views < 1 or asset.resolution < 16 or asset.spp < 1):
         raise EvaluateError(f"need asset views >= 1, resolution >= 16 (one patch) and spp >= 1, got "

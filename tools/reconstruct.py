@@ -4,8 +4,9 @@
 
 By extension:
   images  encoded to their latent and decoded at their own size -> ``<stem>.png``
-  videos  decoded with PyAV, encoded and decoded by temporal tiles of ``--tile-frames`` (memory is
-          bounded by the tile, not the video) -> ``<stem>.webm`` (VP9); PSNR over all frames
+  videos  decoded with PyAV, encoded by temporal tiles of ``--tile-frames`` (memory is bounded by the
+          tile, not the video), decoded chunk by chunk, with the release's KV cache when
+          ``--cache-frames`` > 0 -> ``<stem>.webm`` (VP9); PSNR over all frames
   3D      rendered from ``--views`` cameras (Mitsuba), voxelised, encoded, decoded to Gaussians
           -> ``<stem>.ply`` in the standard 3DGS layout; PSNR of the Gaussians' renders vs the views
 """
@@ -44,7 +45,8 @@ def reconstruct_files(tokenizer: Tokenizer, paths: list[Path], out: Path) -> dic
     return results
 
 
-def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_frames: int) -> float:
+def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_frames: int, stride_frames: int = 16,
+                           cache_frames: int = 0) -> float:
     from atoken.data_pipeline.video_decode import decode_all, encode_video, inspect_video
 
     data = path.read_bytes()
@@ -53,7 +55,7 @@ def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_fra
     except Exception as e:  # noqa: BLE001 - any decode failure: name the file
         raise SystemExit(f"{path}: cannot decode video ({e})") from e
     video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 255  # [3, T, H, W]
-    recon = tokenizer.reconstruct_video(video, tile_frames)
+    recon = tokenizer.reconstruct_video(video, tile_frames, stride_frames, cache_frames)
     frames_out = (recon.clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0).numpy()
     (out / f"{path.stem}.webm").write_bytes(encode_video(frames_out, round(info.fps) or 25))
     return psnr(video, recon)
@@ -86,7 +88,13 @@ def main(argv=None) -> None:
     p.add_argument("inputs", nargs="+", type=Path, help="image, video and 3D files (by extension)")
     p.add_argument("--out", type=Path, default=Path("reconstructions"), help="output folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--tile-frames", type=int, default=16, help="video: frames per temporal tile (default 16)")
+    p.add_argument("--tile-frames", type=int, default=16,
+                   help="video: frames per encoded tile, a multiple of 16 (default 16; a memory bound only)")
+    p.add_argument("--stride-frames", type=int, default=16,
+                   help="video: frames decoded per chunk (default 16, as in training)")
+    p.add_argument("--cache-frames", type=int, default=0,
+                   help="video: frames of the previous chunk each chunk also attends to, the release's KV "
+                        "cache (default 0; stride + cache <= 16, e.g. --stride-frames 12 --cache-frames 4)")
     p.add_argument("--views", type=int, default=8, help="3D: rendered views (default 8)")
     p.add_argument("--resolution", type=int, default=256, help="3D: render resolution (default 256)")
     args = p.parse_args(argv)
@@ -103,7 +111,8 @@ def main(argv=None) -> None:
     images = [f for f in args.inputs if f not in videos and f not in assets]
     results = reconstruct_files(tok, images, args.out) if images else {}
     for f in videos:
-        results[f.name] = reconstruct_video_file(tok, f, args.out, args.tile_frames)
+        results[f.name] = reconstruct_video_file(tok, f, args.out, args.tile_frames, args.stride_frames,
+                                                 args.cache_frames)
     for f in assets:
         results[f.name] = reconstruct_asset_file(tok, f, args.out, args.views, args.resolution)
     for name, value in results.items():

@@ -9,6 +9,9 @@ new stage's model config:
 Anything else that differs (another width or depth, a narrower latent, a checkpoint that is not
 one) is refused before any weight is touched, with what differs.
 
+``init_from`` may also be an inference directory: the released AToken weights imported with
+``atoken-import-official`` (fine-tuning the release), or ``atoken-convert``'s output.
+
 Resuming a stage's own checkpoint always wins over ``init_from``: a requeued stage-2 job continues
 stage 2, it does not start over from stage 1.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from atoken.model import AToken, ModelConfig
+from atoken.model.tokenizer import load_inference_dir
 
 from . import checkpoint
 
@@ -66,17 +70,23 @@ def check_compatible(old: ModelConfig, new: ModelConfig, source: Path) -> None:
 
 def initial_state(new: ModelConfig, source: str | Path, weights: str = "ema"
                   ) -> tuple[dict[str, torch.Tensor], Path, ModelConfig]:
-    """The plain (TP=1) state dict to start from, its checkpoint, and the config it was trained with.
+    """The plain (TP=1) state dict to start from, where it came from, and the config it was trained with.
+    ``source`` is a run, a checkpoint, or an inference directory (``atoken-convert``'s or the released
+    weights through ``atoken-import-official``: its weights as stored, ``weights`` does not apply).
     Parameters new in this stage are absent from the dict (they keep their initialisation)."""
-    ckpt = source_checkpoint(source)
-    old = source_model_config(ckpt)
-    check_compatible(old, new, ckpt)
+    if (Path(source) / "config.json").is_file():
+        stored, old, _ = load_inference_dir(source)
+        origin, state = Path(source), {k: v.float() for k, v in stored.items()}
+    else:
+        origin = source_checkpoint(source)
+        old, state = source_model_config(origin), checkpoint.consolidate(origin, weights)
+    check_compatible(old, new, origin)
     prev = AToken(old)
-    prev.load_state_dict(checkpoint.consolidate(ckpt, weights))
+    prev.load_state_dict(state)
     if new.latent_channels > old.latent_channels:
         prev.widen_latent(new.latent_channels)
         log.info("widened the latent from %d to %d channels", old.latent_channels, new.latent_channels)
-    return prev.state_dict(), ckpt, old
+    return prev.state_dict(), origin, old
 
 
 def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights: str, dims) -> dict:
@@ -88,8 +98,10 @@ def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights:
     names = {n for n, _ in model.named_parameters()}
     unexpected = sorted(set(state) - names)
     if unexpected:
-        raise ValueError(f"cannot start this stage from {ckpt}: this model has no {unexpected[:5]} "
-                         f"({len(unexpected)} in all)")
+        parts = sorted({n.split(".")[0] for n in unexpected})
+        raise ValueError(f"cannot start this stage from {ckpt}: it holds {parts} ({len(unexpected)} tensors, e.g. "
+                         f"{unexpected[0]}) that this stage's model has not; give the stage the same heads "
+                         "(e.g. --set model.understanding=true)")
     fresh = sorted(names - set(state))
     load_full_state_dict(model, state, dims, allow_missing=True)
     if fresh:

