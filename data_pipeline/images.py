@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..model.config import PATCH_HW
@@ -100,6 +99,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [3, H, W] float32 in [-1, 1]."""
+    import torch  # NOTE: here, not at the top: the shard writer and --help do not need torch
+
     x = torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3]
     return x.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
 

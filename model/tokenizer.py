@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .autoencoder import AToken
 from .config import PATCH_T, ModelConfig
+from .errors import UserError
 from .gaussians import Gaussians
 from .packed import ASSET3D, IMAGE, VIDEO, PackedBatch
 from .patches import pad_to_patches, patchify, unpatchify
@@ -66,16 +67,26 @@ class Tokenizer:
                         dtype: torch.dtype | None = None) -> "Tokenizer":
         path = Path(path)
         cfg_file, weights = path / "config.json", path / "model.safetensors"
+        remake = "make it again with atoken-convert"
         for f in (cfg_file, weights):
             if not f.exists():
-                raise FileNotFoundError(f"{f} not found: {path} is not an atoken inference directory "
-                                        "(make one with atoken-convert)")
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{cfg_file} is not an {FORMAT} config (format={meta.get('format')!r})")
+                raise UserError(f"{f} not found: {path} is not an atoken inference directory "
+                                "(make one with atoken-convert)")
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{cfg_file}: not readable JSON ({e}); {remake}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UserError(f"{cfg_file} is not an {FORMAT} config (format="
+                            f"{meta.get('format') if isinstance(meta, dict) else None!r}); {remake}")
         model = AToken(ModelConfig.from_dict(meta["model"]))
-        state = load_file(str(weights))
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        try:  # a truncated or foreign file: safetensors' own message does not name it
+            state = load_file(str(weights))
+            model.load_state_dict({k: v.float() for k, v in state.items()})
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, or weights of another model
+            raise UserError(f"{weights}: cannot load the weights ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged or belongs "
+                            f"to another config; {remake}") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
         return cls(model, device, dtype)

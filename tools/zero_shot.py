@@ -61,6 +61,7 @@ from tqdm import tqdm
 from atoken.data_pipeline.images import IMAGE_EXTENSIONS, open_rgb, resize_for_training, training_size
 from atoken.data_pipeline.video import VIDEO_EXTENSIONS, resize_clip
 from atoken.model.config import PATCH_T
+from atoken.model.errors import UserError
 from atoken.model.tokenizer import Tokenizer
 from atoken.model.understanding import TextTower
 from atoken.tools.evaluate import input_files, is_mds, versions
@@ -612,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                               und_fps=args.fps, max_frames=args.max_frames, limit=args.limit, device=args.device,
                               batch_size=args.batch_size, max_length=args.max_length,
                               backend=args.decode_backend, progress=not args.no_progress, command=command)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m, bad = report["metrics"], report["unreadable"]  # (each skipped item was printed as it was met)
