@@ -23,6 +23,13 @@ def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: in
                           env=full_env, timeout=timeout)
 
 
+def imports_model(module: str, *args: str, cwd: Path) -> bool:
+    """Whether running ``module`` imported the model's code at all (python -X importtime)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600)
+    return "atoken.model.autoencoder" in proc.stderr
+
+
 def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     """Assert a user error: status 2, stderr one ``error: ...`` line (no traceback) holding ``needles``."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -57,6 +64,7 @@ def test_train_without_a_data_path_fails_at_once(tmp_path):
     proc = run(TRAIN, "--set", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
     one_line_error(proc, "no data given", "data.streams.<name>.remote")
     assert not (tmp_path / "run").exists()
+    assert not imports_model(TRAIN, "--set", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)  # nothing built
 
 
 @pytest.mark.parametrize("sets, needles", [

@@ -69,7 +69,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -80,9 +80,11 @@ from atoken.data_pipeline.images import IMAGE_EXTENSIONS, decode_image
 from atoken.model.config import PATCH_HW, PATCH_T
 from atoken.model.errors import UserError
 from atoken.model.metrics import fid_from_features, psnr, ssim
-from atoken.model.perceptual import LPIPS, load_perceptual
-from atoken.model.tokenizer import Tokenizer
 from atoken.tools.shard_writer import list_files, reason
+
+if TYPE_CHECKING:  # NOTE: imported in evaluate(): the model's imports (torch._dynamo) slow --help by seconds
+    from atoken.model.perceptual import LPIPS
+    from atoken.model.tokenizer import Tokenizer
 
 MIN_SIDE = 11  # the SSIM window
 FID_NOTE = ("FID over fewer than several thousand images is biased high (it falls as N grows): compare "
@@ -685,6 +687,9 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
                             f"{asset.views}, {asset.resolution}, {asset.spp}")
     if video.i3d_weights and not Path(video.i3d_weights).is_file():
         raise FileNotFoundError(f"--i3d-weights {video.i3d_weights!r}: no such file")
+    from atoken.model.perceptual import load_perceptual
+    from atoken.model.tokenizer import Tokenizer
+
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if assets and tok.model.gaussian_decoder is None:
         raise EvaluateError(f"--assets: the model in {model_dir} has no Gaussian decoder (its config.json has "
