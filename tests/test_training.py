@@ -101,6 +101,9 @@ def test_run_records(run_a):
     assert events == ["start", "checkpoint", "checkpoint", "end"]
     assert (run_a / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert not (run_a / "checkpoints" / ".staging").exists()  # no half saves, not even an empty folder
+    # An image-reconstruction run logs (and so tells wandb) only the terms it computes.
+    logged = set(steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])[STEPS])
+    assert {"loss", "l1", "lpips", "gram", "kl", "rec"} <= logged and not {"l1_3d", "distill", "sigmoid", "sem"} & logged
     assert "model:" in (run_a / "config.yaml").read_text()
     assert list((run_a / "wandb").glob("offline-run-*")), "wandb offline run missing"
 

@@ -19,7 +19,7 @@ from .config import RunConfig, apply_override, load_yaml
 from .configs import CONFIGS
 
 # NOTE: torch, DeepSpeed, the model and the data pipeline are imported in ``main`` after the
-# arguments are parsed and checked: ``--help`` and a mistake in the command answer in a second.
+# arguments are parsed and checked: ``--help`` and a mistake in the command answer in seconds.
 
 log = logging.getLogger("atoken.train")
 
