@@ -18,9 +18,10 @@ TRAIN = "atoken.training.train"
 
 
 def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``env``: variables to set, or to remove (value None)."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
-                          env=full_env, timeout=timeout)
+                          env={k: v for k, v in full_env.items() if v is not None}, timeout=timeout)
 
 
 def imports_model(module: str, *args: str, cwd: Path) -> bool:
@@ -85,11 +86,12 @@ def test_train_refuses_mistakes_before_building_anything(sets, needles, shards, 
 
 
 def test_train_names_the_s3_bucket_without_credentials(shards, tmp_path):
-    env = {"S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}
-    env = {k: v for k, v in env.items() if v} | {"HOME": str(tmp_path)}
-    proc = run(TRAIN, *demo(shards, tmp_path / "run", "data.remote=s3://some-bucket/images"), cwd=tmp_path,
-               env={**env, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
+    # No credentials anywhere boto3 looks (variables, ~/.aws, instance metadata is not reached first).
+    env = {"S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+           "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None, "HOME": str(tmp_path),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    proc = run(TRAIN, *demo(shards, tmp_path / "run", "data.remote=s3://some-bucket/images"), cwd=tmp_path, env=env)
     one_line_error(proc, "bucket 'some-bucket'", "no credentials")
 
 
