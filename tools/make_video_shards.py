@@ -26,13 +26,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..data_pipeline.video import VIDEO_COLUMNS, VIDEO_EXTENSIONS
-from ..data_pipeline.video_decode import inspect_video
 from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, sidecar_caption, write_shards
 
 
 def check_video(path: Path) -> tuple[dict[str, Any] | None, str]:
     """The sample for a video that decodes fully, else (None, reason)."""
+    from ..data_pipeline.video_decode import inspect_video  # NOTE: here, not at the top: --help stays fast
+
     try:
         data = path.read_bytes()
         info = inspect_video(data)
@@ -51,6 +51,8 @@ def write_video_shards(paths_or_dir: str | os.PathLike | Iterable[str | os.PathL
     ``paths_or_dir``: a folder (searched recursively) or a list of files, named relative to ``root``
     (default: the folder, or the files' common parent folder).
     """
+    from ..data_pipeline.video import VIDEO_COLUMNS, VIDEO_EXTENSIONS
+
     paths, names = resolve_inputs(paths_or_dir, VIDEO_EXTENSIONS, root)
     return write_shards(paths, names, out, VIDEO_COLUMNS, check_video, desc="videos", size_limit=size_limit,
                         overwrite=overwrite, workers=workers, progress=progress)

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from atoken.model import AToken, ModelConfig, TransformerConfig
+from atoken.model.errors import UserError, cli
 from atoken.model.tokenizer import load_inference_dir, save_inference_dir
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
 
@@ -80,7 +81,7 @@ def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> str | None:
 LOGIT_CONSTANTS = {"understanding.logit_scale": LOGIT_SCALE_INIT, "understanding.logit_bias": LOGIT_BIAS_INIT}
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """The input cannot be converted; the message names what and why."""
 
 
@@ -298,6 +299,7 @@ def export_official(src: str | Path, out: str | Path, weights: str = "ema") -> P
     return out
 
 
+@cli
 def import_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="atoken-import-official", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,14 +307,12 @@ def import_main(argv=None) -> None:
     p.add_argument("--config", required=True, help="the release's YAML beside it (e.g. atoken-soc.yaml)")
     p.add_argument("--out", required=True, help="inference directory to write")
     args = p.parse_args(argv)
-    try:
-        out = import_official(args.model, args.config, args.out)
-    except FormatError as e:
-        p.exit(2, f"atoken-import-official: error: {e}\n")
+    out = import_official(args.model, args.config, args.out)
     meta = json.loads((out / "config.json").read_text())
     print(f"wrote {out}/config.json and model.safetensors ({meta['dtype']}) from {args.model}")
 
 
+@cli
 def export_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="atoken-export-official", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,8 +320,5 @@ def export_main(argv=None) -> None:
     p.add_argument("--out", required=True, help="folder to write model.pt and config.yaml into")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="from a checkpoint: EMA (default) or raw")
     args = p.parse_args(argv)
-    try:
-        out = export_official(args.src, args.out, args.weights)
-    except (FormatError, FileNotFoundError) as e:
-        p.exit(2, f"atoken-export-official: error: {e}\n")
+    out = export_official(args.src, args.out, args.weights)
     print(f"wrote {out}/model.pt and config.yaml (the release's format) from {args.src}")

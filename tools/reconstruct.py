@@ -13,32 +13,36 @@ By extension:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+from atoken.model.errors import UserError, cli
+from atoken.tools.shard_writer import reason
 
-from atoken.data_pipeline.images import decode_image
-from atoken.model.metrics import psnr
-from atoken.model.tokenizer import Tokenizer
+# NOTE: torch, PIL and the model are imported where used: --help stays fast.
 
 
 def save_png(img: torch.Tensor, path: Path) -> None:
     """[3, H, W] in [0, 1] -> 8-bit PNG."""
+    import numpy as np
+    from PIL import Image
+
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(np.ascontiguousarray(arr)).save(path)
 
 
 def reconstruct_files(tokenizer: Tokenizer, paths: list[Path], out: Path) -> dict[str, float]:
     """Reconstruct each file into ``out``; returns name -> PSNR (dB, against the decoded original)."""
+    from atoken.data_pipeline.images import decode_image
+    from atoken.model.metrics import psnr
+
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for path in paths:
         try:
             img = (decode_image(path.read_bytes()) + 1) / 2
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"{path}: cannot read image ({e})") from e
+        except Exception as e:  # noqa: BLE001 - any decode failure (PIL raises several kinds): name the file
+            raise UserError(f"{path}: cannot read image ({reason(e)})") from None
         recon = tokenizer.reconstruct([img])[0]
         save_png(recon, out / (path.stem + ".png"))
         results[path.name] = psnr(img, recon)
@@ -47,13 +51,16 @@ def reconstruct_files(tokenizer: Tokenizer, paths: list[Path], out: Path) -> dic
 
 def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_frames: int, stride_frames: int = 16,
                            cache_frames: int = 0) -> float:
+    import torch
+
     from atoken.data_pipeline.video_decode import decode_all, encode_video, inspect_video
+    from atoken.model.metrics import psnr
 
     data = path.read_bytes()
     try:
         info, frames = inspect_video(data), decode_all(data)  # uint8 [T, H, W, 3]
     except Exception as e:  # noqa: BLE001 - any decode failure: name the file
-        raise SystemExit(f"{path}: cannot decode video ({e})") from e
+        raise UserError(f"{path}: cannot decode video ({reason(e)})") from None
     video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 255  # [3, T, H, W]
     recon = tokenizer.reconstruct_video(video, tile_frames, stride_frames, cache_frames)
     frames_out = (recon.clamp(0, 1) * 255).round().byte().permute(1, 2, 3, 0).numpy()
@@ -62,14 +69,17 @@ def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_fra
 
 
 def reconstruct_asset_file(tokenizer: Tokenizer, path: Path, out: Path, views: int, resolution: int) -> float:
+    import torch
+
     from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens
+    from atoken.model.metrics import psnr
     from atoken.model.ply import save_ply
     from atoken.model.splatting import render
 
     try:
         raw = prepare_asset(path, views=views, resolution=resolution)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{path}: cannot prepare 3D asset ({e})") from e
+    except Exception as e:  # noqa: BLE001 - a mesh that fails to load, render or voxelise: name the file
+        raise UserError(f"{path}: cannot prepare 3D asset ({reason(e)})") from None
     rgb = torch.from_numpy(decode_views(raw["views"], views)[..., :3]).float() / 255  # [V, H, W, 3]
     viewmats, ks = torch.from_numpy(raw["viewmats"]), torch.from_numpy(raw["Ks"])
     voxels = torch.from_numpy(raw["voxels"].astype("int64"))
@@ -81,7 +91,8 @@ def reconstruct_asset_file(tokenizer: Tokenizer, path: Path, out: Path, views: i
     return psnr(rgb.permute(0, 3, 1, 2), images.clamp(0, 1))
 
 
-def main(argv=None) -> None:
+@cli
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="atoken-reconstruct", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="inference directory written by atoken-convert")
@@ -100,6 +111,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from atoken.data_pipeline.assets import ASSET_EXTENSIONS
     from atoken.data_pipeline.video import VIDEO_EXTENSIONS
+    from atoken.model.tokenizer import Tokenizer
 
     missing = [str(f) for f in args.inputs if not f.is_file()]
     if missing:
@@ -109,16 +121,22 @@ def main(argv=None) -> None:
     videos = [f for f in args.inputs if f.suffix.lower() in VIDEO_EXTENSIONS]
     assets = [f for f in args.inputs if f.suffix.lower() in ASSET_EXTENSIONS]
     images = [f for f in args.inputs if f not in videos and f not in assets]
-    results = reconstruct_files(tok, images, args.out) if images else {}
-    for f in videos:
-        results[f.name] = reconstruct_video_file(tok, f, args.out, args.tile_frames, args.stride_frames,
-                                                 args.cache_frames)
-    for f in assets:
-        results[f.name] = reconstruct_asset_file(tok, f, args.out, args.views, args.resolution)
+    results, failed = {}, []  # an unreadable input is named and counted; the others still run
+    jobs = [(f, lambda f: reconstruct_files(tok, [f], args.out)[f.name]) for f in images]
+    jobs += [(f, lambda f: reconstruct_video_file(tok, f, args.out, args.tile_frames, args.stride_frames,
+                                                        args.cache_frames)) for f in videos]
+    jobs += [(f, lambda f: reconstruct_asset_file(tok, f, args.out, args.views, args.resolution)) for f in assets]
+    for f, run in jobs:
+        try:
+            results[f.name] = run(f)
+        except UserError as e:
+            failed.append(str(e))
+            print(f"error: {e}", file=sys.stderr)
     for name, value in results.items():
         print(f"{name}: PSNR {value:.2f} dB")
-    print(f"reconstructions written to {args.out}/")
+    print(f"{len(results)} reconstructed, {len(failed)} unreadable; reconstructions written to {args.out}/")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,8 +15,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from streaming import MDSWriter
 from tqdm import tqdm
+
+from atoken.model.errors import UserError
 
 Check = Callable[[Path], tuple[dict[str, Any] | None, str]]
 
@@ -69,6 +70,10 @@ def write_shards(paths: list[Path], names: list[str], out: str, columns: dict[st
     Returns (samples written, [(name, reason)] rejected). ``check`` must be picklable (a module-level
     function or a functools.partial of one) when ``workers`` > 1.
     """
+    if "://" not in out and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"output {out!r} is an existing file, not a folder: choose another output path")
+    from streaming import MDSWriter  # NOTE: imported here, it is slow to import (CLIs' --help)
+
     written, rejected = 0, []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
@@ -100,7 +105,7 @@ def run_cli(write: Callable[[], tuple[int, list[tuple[str, str]]]]) -> int:
     """Run a writer for a CLI: clear errors (exit 2), every rejection listed, the final counts."""
     try:
         written, rejected = write()
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         hint = " (pass --overwrite to replace it)" if isinstance(e, FileExistsError) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -61,10 +61,13 @@ from tqdm import tqdm
 from atoken.data_pipeline.images import IMAGE_EXTENSIONS, open_rgb, resize_for_training, training_size
 from atoken.data_pipeline.video import VIDEO_EXTENSIONS, resize_clip
 from atoken.model.config import PATCH_T
-from atoken.model.tokenizer import Tokenizer
-from atoken.model.understanding import TextTower
+from atoken.model.errors import UserError
 from atoken.tools.evaluate import input_files, is_mds, versions
 from atoken.tools.shard_writer import reason, sidecar_caption
+
+if TYPE_CHECKING:  # NOTE: imported in load_models(): the model's imports slow --help by seconds
+    from atoken.model.tokenizer import Tokenizer
+    from atoken.model.understanding import TextTower
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 TIES = "rank = number of candidates scoring >= the true one (itself included): ties count against the model"
@@ -336,6 +339,9 @@ def retrieval_metrics(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict
 
 def load_models(model_dir: str, text_tower: str, device: str | None, max_length: int) -> tuple[Tokenizer, TextTower]:
     """The tokenizer (must have the understanding head) and the text tower, on one device; widths checked."""
+    from atoken.model.tokenizer import Tokenizer
+    from atoken.model.understanding import TextTower
+
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if tok.model.understanding is None:
         raise ValueError(f"{model_dir}: this model has no understanding head (its config.json has "
@@ -612,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                               und_fps=args.fps, max_frames=args.max_frames, limit=args.limit, device=args.device,
                               batch_size=args.batch_size, max_length=args.max_length,
                               backend=args.decode_backend, progress=not args.no_progress, command=command)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m, bad = report["metrics"], report["unreadable"]  # (each skipped item was printed as it was met)

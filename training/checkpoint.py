@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from atoken.model.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STAGING = ".staging"
@@ -287,6 +289,7 @@ def save(engine, ema, generators: dict[str, torch.Generator], client_state: dict
             shutil.rmtree(final)
         shutil.rmtree(ckpt_dir / UNIVERSAL / tag, ignore_errors=True)  # ... and its universal form
         os.replace(part, final)
+        shutil.rmtree(staging, ignore_errors=True)  # emptied by the rename; a normal run leaves none
         _atomic_write(ckpt_dir / "latest", tag + "\n")
         _prune(ckpt_dir, keep)
         log.info("saved checkpoint %s", final)
@@ -312,7 +315,8 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         return None
     tag = pointer.read_text().strip()
     if not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"{pointer} names {tag!r}, but {ckpt_dir / tag} is missing")
+        raise UserError(f"{pointer} names {tag!r}, but {ckpt_dir / tag} is missing: point it at a complete "
+                        "checkpoint there, or pass checkpoint.resume=<a checkpoints/step_* directory>")
     return tag
 
 
@@ -327,13 +331,13 @@ def resolve(resume: str, ckpt_dir: Path) -> Path | None:
         return ckpt_dir / tag if tag else None
     if resume == "none":
         if ckpt_dir.exists() and latest_tag(ckpt_dir):
-            raise FileExistsError(f"{ckpt_dir} already holds checkpoints; use checkpoint.resume=auto "
-                                  "to continue, or another run_dir")
+            raise UserError(f"{ckpt_dir} already holds checkpoints; use checkpoint.resume=auto "
+                            "to continue, or another run_dir")
         return None
     path = Path(resume)
     if not is_checkpoint(path):
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a checkpoint directory "
-                                f"(no {LAYOUT} or *model_states.pt)")
+        raise UserError(f"checkpoint.resume={resume!r} is not a checkpoint directory (no {LAYOUT} or "
+                        "*model_states.pt): pass a checkpoints/step_* directory, auto or none")
     return path
 
 

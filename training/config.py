@@ -81,6 +81,8 @@ class RunConfig:
     compile: bool = False  # torch.compile each transformer block (training/compile.py); tested at tp=1 only
     zero_stage: int = 1  # DeepSpeed ZeRO stage for optimizer state
     seed: int = 0
+    # The same command reproduces its losses bit for bit (training/determinism.py); costs speed.
+    deterministic: bool = False
 
     @property
     def accumulation_steps(self) -> int:

@@ -44,6 +44,22 @@ def _env_from_slurm() -> None:
     os.environ["LOCAL_WORLD_SIZE"] = per_node.split(",")[0].split("(")[0]
 
 
+def prepare_extension_build() -> None:
+    """DeepSpeed JIT-builds a CPU shared-memory op on first init (``torch.utils.cpp_extension``, which
+    runs the ``ninja`` found on PATH). Keep the build inside the venv, so it happens once per install,
+    and always build it with the venv's own ninja.
+
+    NOTE: the venv's ninja (pip, 1.13) and a system one (Debian, 1.11) hash build commands
+    differently, so each sees the other's build as stale ("command line changed"): alternating an
+    activated and a plain ``.venv/bin/python`` rebuilt the op every time (50-75 s).
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *path])
+
+
 def init() -> DistInfo:
     """Initialise torch.distributed: NCCL on GPU, gloo on CPU. A plain ``python`` launch becomes a
     world of one, so the same DeepSpeed code path runs everywhere."""
@@ -51,9 +67,7 @@ def init() -> DistInfo:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    # DeepSpeed JIT-builds a CPU shared-memory op on first init; keep the build inside the venv so
-    # it happens once per install, not once per process.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    prepare_extension_build()
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)

@@ -15,8 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
-import torchvision
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class RunLogger:
         self.bar = self.wandb = None
         if not enabled:
             return
+        if start_step:
+            _drop_after(run_dir / "metrics.jsonl", start_step)
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.event("resume" if start_step else "start", step=start_step, **environment())
         if cfg.log.wandb_mode != "disabled":
@@ -115,9 +117,8 @@ class RunLogger:
         if self.wandb:
             import wandb
 
-            grid = _grid(originals, recons)
             self.wandb.log({"eval/psnr": mean,
-                            "eval/reconstructions": wandb.Image(grid.permute(1, 2, 0).numpy(),
+                            "eval/reconstructions": wandb.Image(grid_pixels(originals, recons),
                                                                 caption="top: original, bottom: reconstruction")},
                            step=step)
 
@@ -129,8 +130,28 @@ class RunLogger:
                 self.wandb.finish()
 
 
-def _grid(originals: list[torch.Tensor], recons: list[torch.Tensor], side: int = 128) -> torch.Tensor:
-    """Originals on the top row, reconstructions below, each resized to side x side: [3, 2s, n*s]."""
+def _drop_after(path: Path, step: int) -> None:
+    """Remove the records of steps after ``step`` (logged before a crash, then lost with it): a
+    resumed run logs them again, so each step appears once, as in an uninterrupted run."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def grid_pixels(originals: list[torch.Tensor], recons: list[torch.Tensor], side: int = 128) -> np.ndarray:
+    """Images [3, H, W] in [0, 1] -> uint8 [H', W', 3]: originals on the top row, reconstructions
+    below, each resized to side x side.
+
+    NOTE: 8-bit, because wandb.Image casts a float array to uint8 without scaling (a [0, 1] grid
+    came out black)."""
+    import torchvision
+
     resize = torchvision.transforms.functional.resize
-    tiles = [resize(x, [side, side], antialias=True) for x in originals + recons]
-    return torchvision.utils.make_grid(tiles, nrow=len(originals), padding=2)
+    tiles = [resize(x.float().cpu(), [side, side], antialias=True) for x in originals + recons]
+    grid = torchvision.utils.make_grid(tiles, nrow=len(originals), padding=2)  # [3, 2s + 6, n*(s + 2) + 2]
+    return np.ascontiguousarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())

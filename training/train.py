@@ -12,23 +12,14 @@ import hashlib
 import logging
 from pathlib import Path
 
-import torch
+from atoken.model.errors import cli
 
-from atoken.data_pipeline import MixedLoader, check_streams
-from atoken.model import Tokenizer
-from atoken.model.attention import log_attention_backend
-from atoken.model.objective import Objective
-from atoken.model.metrics import psnr
-
-from . import checkpoint, distributed, handoff, parallel
-from .compile import compile_blocks
+from . import determinism, preflight
 from .config import RunConfig, apply_override, load_yaml
 from .configs import CONFIGS
-from .ema import EMA
-from .engine import build_engine
-from .holdout import load_images
-from .logger import RunLogger
-from .preemption import StopSignals
+
+# NOTE: torch, DeepSpeed, the model and the data pipeline are imported in ``main`` after the
+# arguments are parsed and checked: ``--help`` and a mistake in the command answer in seconds.
 
 log = logging.getLogger("atoken.train")
 
@@ -57,23 +48,18 @@ def parse_args(argv=None) -> RunConfig:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         raise SystemExit(0)
-    try:
-        cfg.check()
-    except ValueError as e:
-        p.error(str(e))
     return cfg
 
 
-def precision(cfg: RunConfig, device: torch.device):
-    """bf16 autocast on CUDA (or when asked for), fp32 otherwise."""
+def precision(cfg: RunConfig, device):
+    """bf16 autocast on CUDA (or when asked for), fp32 otherwise (``preflight`` checked the name)."""
+    import torch
+
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def train_step(engine, objective: Objective, loader: MixedLoader, noise: torch.Generator, device, amp
-               ) -> tuple[dict, int, list[str]]:
+def train_step(engine, objective, loader, noise, device, amp) -> tuple[dict, int, list[str]]:
     """One optimizer step: the task mix's micro-batches in its round-robin order (``loader.order``,
     ``cfg.accumulation_steps`` of them), each through the heads and losses of its stream's task.
     Returns detached mean losses, tokens and sample names."""
@@ -90,7 +76,8 @@ def train_step(engine, objective: Objective, loader: MixedLoader, noise: torch.G
         engine.backward(losses["total"])
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + v.detach().float() / n
+            if v.requires_grad:  # NOTE: a term of a task not run is a constant zero: not logged at all
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / n
         # Per stream, its task's own term (reconstruction or semantic), averaged over its micro-batches.
         term = "rec" if micro.stream.task == "rec" else "sem"
         key = f"{micro.stream.name}/{term}"
@@ -98,7 +85,7 @@ def train_step(engine, objective: Objective, loader: MixedLoader, noise: torch.G
     return totals, tokens, names
 
 
-def data_metrics(loader: MixedLoader) -> dict:
+def data_metrics(loader) -> dict:
     """Packing fill over all streams, and per stream its bad samples and fill."""
     stats = loader.stats()
     budget = sum(st["batches"] * loader.loaders[name].stream.token_budget for name, st in stats.items())
@@ -108,16 +95,38 @@ def data_metrics(loader: MixedLoader) -> dict:
     return out
 
 
-def evaluate(model, ema: EMA, images: dict[str, torch.Tensor], device, amp) -> tuple[dict, list]:
+def evaluate(model, ema, images: dict, device, amp) -> tuple[dict, list]:
     """Held-out PSNR of the EMA weights (what atoken-convert exports by default)."""
+    from atoken.model.metrics import psnr
+    from atoken.model.tokenizer import Tokenizer
+
     with ema.applied_to(model), amp:
         recons = Tokenizer(model, device).reconstruct(list(images.values()))
     model.train()
     return {name: psnr(x, y) for (name, x), y in zip(images.items(), recons)}, recons
 
 
+@cli  # a UserError (preflight's, or any later one) is one line on stderr and exit status 2
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    # Every mistake that can be found before building anything is found here, in seconds.
+    resume_from = preflight.check_run(cfg)
+    if cfg.deterministic:
+        determinism.enable()
+    import torch
+
+    from atoken.data_pipeline import MixedLoader
+    from atoken.model.attention import log_attention_backend
+    from atoken.model.objective import Objective
+
+    from . import checkpoint, distributed, handoff, parallel
+    from .compile import compile_blocks
+    from .ema import EMA
+    from .engine import build_engine
+    from .holdout import load_images
+    from .logger import RunLogger
+    from .preemption import StopSignals
+
     dist_info = distributed.init()
     signals = StopSignals()  # from here on SIGUSR1/SIGTERM mean: checkpoint after this step, then exit
     logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
@@ -134,8 +143,8 @@ def main(argv=None) -> None:
     dims = parallel.init_parallel(cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.seed)
     torch.manual_seed(cfg.seed)  # the same weights on every rank
     model = parallel.build_model(cfg.model, dims, checkpoint=cfg.parallel.activation_checkpointing).to(device)
-    # A run's own checkpoint wins; otherwise a later stage starts from the stage before (handoff.py).
-    resume_from = checkpoint.resolve(cfg.checkpoint.resume, ckpt_dir)
+    # A run's own checkpoint (``resume_from``) wins; otherwise a later stage starts from the stage
+    # before (handoff.py).
     init_record = None
     if resume_from is None and cfg.checkpoint.init_from:
         init_record = handoff.apply(model, cfg.model, cfg.checkpoint.init_from, cfg.checkpoint.init_weights, dims)
@@ -149,9 +158,8 @@ def main(argv=None) -> None:
     # The posterior's noise has its own stream, checkpointed per rank: whatever else draws from the
     # global RNG (DataLoader iterators do) cannot shift it, so a resumed run samples the same noise.
     noise = torch.Generator(device).manual_seed(cfg.seed + 1 + dims.dp_rank)
-    # Every s3:// stream is checked before any dataset is built (clear errors, not deep in a worker).
-    # The ranks of a TP group share a data-parallel rank, so they read the same samples.
-    check_streams(cfg.data)
+    # The streams were checked by preflight (clear errors, not deep in a worker). The ranks of a TP
+    # group share a data-parallel rank, so they read the same samples.
     loader = MixedLoader(cfg.data, cfg.grad_accum, rank=dims.dp_rank, world=dims.dp, group=dims.dp_group)
     amp = precision(cfg, device)
     # The attention kernel, logged once at start (compiled blocks log nothing while traced).
