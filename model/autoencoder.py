@@ -96,7 +96,9 @@ def position_embedding(table: torch.Tensor, layout: AttentionLayout) -> torch.Te
     base = torch.tensor([offset[k] for k in layout.table_hw]).to(device, non_blocking=True)[layout.chunk_ids]
     row_len = torch.tensor([w for _, w in layout.table_hw]).to(device, non_blocking=True)[layout.chunk_ids]
     index = base + layout.coords[:, 1] * row_len + layout.coords[:, 2]  # [N]
-    return torch.cat(resized)[index]
+    # NOTE: an embedding lookup, not ``[index]``: indexing's backward on CPU accumulates with
+    # parallel atomic adds (run-to-run different sums); embedding's backward does not.
+    return F.embedding(index, torch.cat(resized))
 
 
 class Encoder(nn.Module):

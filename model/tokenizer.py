@@ -31,6 +31,7 @@ from .packed import ASSET3D, CHUNK_FRAMES, IMAGE, VIDEO, PackedBatch
 from .patches import pad_to_patches, patchify, unpatchify
 
 FORMAT = "atoken-inference"
+REMAKE = "make it again with atoken-convert or atoken-import-official"
 CHUNK_VIDEO_FRAMES = CHUNK_FRAMES * PATCH_T  # 16 video frames: the encoder's and decoder's chunk
 
 
@@ -50,9 +51,20 @@ def save_inference_dir(out: str | Path, state: dict[str, torch.Tensor], model_cf
 def load_inference_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
     """(state dict as stored, model config, config.json) of an inference directory; a missing,
     unreadable or foreign file is a ``UserError`` naming it."""
+    cfg, meta = read_inference_config(path)
+    weights = Path(path) / "model.safetensors"
+    try:  # a truncated or foreign file: safetensors' own message does not name it
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise UserError(f"{weights}: cannot load the weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged; {REMAKE}") from None
+    return state, cfg, meta
+
+
+def read_inference_config(path: str | Path) -> tuple[ModelConfig, dict]:
+    """(model config, config.json) of an inference directory, without reading its weights."""
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
-    remake = "make it again with atoken-convert or atoken-import-official"
     for f in (cfg_file, weights):
         if not f.exists():
             raise UserError(f"{f} not found: {path} is not an atoken inference directory "
@@ -60,16 +72,11 @@ def load_inference_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], Model
     try:
         meta = json.loads(cfg_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg_file}: not readable JSON ({e}); {remake}") from None
+        raise UserError(f"{cfg_file}: not readable JSON ({e}); {REMAKE}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{cfg_file} is not an {FORMAT} config (format="
-                        f"{meta.get('format') if isinstance(meta, dict) else None!r}); {remake}")
-    try:  # a truncated or foreign file: safetensors' own message does not name it
-        state = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
-        raise UserError(f"{weights}: cannot load the weights ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged; {remake}") from None
-    return state, ModelConfig.from_dict(meta["model"]), meta
+                        f"{meta.get('format') if isinstance(meta, dict) else None!r}); {REMAKE}")
+    return ModelConfig.from_dict(meta["model"]), meta
 
 
 @dataclass

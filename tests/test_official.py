@@ -370,3 +370,5 @@ def test_fine_tuning_refuses_a_stage_without_the_release_heads(tmp_path):
         handoff.initial_state(dataclasses.replace(narrow, latent_channels=6), imported)
     with pytest.raises(ValueError, match="encoder differs"):
         handoff.initial_state(preset("tiny"), imported)
+    with pytest.raises(ValueError, match="has the MAP head .* set model.understanding=true"):
+        handoff.initial_state(dataclasses.replace(narrow, understanding=False), imported)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from atoken.model import AToken, ModelConfig
-from atoken.model.tokenizer import load_inference_dir
+from atoken.model.tokenizer import load_inference_dir, read_inference_config
 
 from . import checkpoint
 
@@ -64,22 +64,35 @@ def check_compatible(old: ModelConfig, new: ModelConfig, source: Path) -> None:
         problems.append(f"pos_table_size {old.pos_table_size} vs {new.pos_table_size}")
     if new.latent_channels < old.latent_channels:
         problems.append(f"the latent cannot narrow from {old.latent_channels} to {new.latent_channels} channels")
+    if old.understanding and not new.understanding:
+        problems.append("it has the MAP head (understanding.*) and this stage has none: set model.understanding=true")
+    if old.gaussian is not None and new.gaussian != old.gaussian:
+        problems.append("its Gaussian decoder differs from this stage's (model.gaussian)")
     if problems:
         raise ValueError(f"cannot start this stage from {source}: " + "; ".join(problems))
+
+
+def source_of(source: str | Path) -> tuple[Path, ModelConfig]:
+    """Where ``checkpoint.init_from`` points and the model config it was trained with: a run, a
+    checkpoint, or an inference directory (``atoken-convert``'s, or the released weights through
+    ``atoken-import-official``)."""
+    if (Path(source) / "config.json").is_file():
+        return Path(source), read_inference_config(source)[0]
+    ckpt = source_checkpoint(source)
+    return ckpt, source_model_config(ckpt)
 
 
 def initial_state(new: ModelConfig, source: str | Path, weights: str = "ema"
                   ) -> tuple[dict[str, torch.Tensor], Path, ModelConfig]:
     """The plain (TP=1) state dict to start from, where it came from, and the config it was trained with.
-    ``source`` is a run, a checkpoint, or an inference directory (``atoken-convert``'s or the released
-    weights through ``atoken-import-official``: its weights as stored, ``weights`` does not apply).
-    Parameters new in this stage are absent from the dict (they keep their initialisation)."""
-    if (Path(source) / "config.json").is_file():
-        stored, old, _ = load_inference_dir(source)
-        origin, state = Path(source), {k: v.float() for k, v in stored.items()}
+    An inference directory's weights are taken as stored (``weights`` does not apply). Parameters
+    new in this stage are absent from the dict (they keep their initialisation)."""
+    origin, old = source_of(source)
+    check_compatible(old, new, origin)
+    if origin.is_dir() and (origin / "config.json").is_file():
+        state = {k: v.float() for k, v in load_inference_dir(origin)[0].items()}
     else:
-        origin = source_checkpoint(source)
-        old, state = source_model_config(origin), checkpoint.consolidate(origin, weights)
+        state = checkpoint.consolidate(origin, weights)
     check_compatible(old, new, origin)
     prev = AToken(old)
     prev.load_state_dict(state)

@@ -59,8 +59,8 @@ def _check_init_from(cfg: RunConfig) -> None:
     if cfg.checkpoint.init_weights not in ("ema", "raw"):
         raise UserError(f"checkpoint.init_weights must be 'ema' or 'raw', got {cfg.checkpoint.init_weights!r}")
     try:
-        source = handoff.source_checkpoint(cfg.checkpoint.init_from)
-        handoff.check_compatible(handoff.source_model_config(source), cfg.model, source)
+        source, old = handoff.source_of(cfg.checkpoint.init_from)
+        handoff.check_compatible(old, cfg.model, source)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
 
