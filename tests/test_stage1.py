@@ -20,7 +20,7 @@ from siglip2_local import write_tiny_siglip2  # noqa: I001 - tests/ is on sys.pa
 
 pytest.importorskip("transformers")
 WIDTH, HEADS, MLP = 64, 2, 128
-STEPS = 40
+STEPS = 24
 # Training photos and their captions (words outside the tiny tokenizer's vocabulary become <unk>).
 SKIMAGE = {"astronaut.png": "a photo of a person", "chelsea.png": "a photo of a cat",
            "coffee.png": "a photo of a cup of coffee", "rocket.jpg": "a photo of a rocket",

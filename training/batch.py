@@ -79,18 +79,18 @@ def step_batches(streams: dict[str, StreamConfig], rounds: int, dp: int) -> list
 def describe(batches: list[StreamBatch], dp: int, rounds: int, reference_gpus: int) -> str:
     """The start-up table: per stream and in all, samples and tokens per step and the ratio to the paper."""
     def ratio(x: float | None) -> str:
-        return f"{x:.2f}" if x is not None else "-"
+        return f"{x:.3g}" if x is not None else "-"
 
+    row = "  {:<12} {:>10} {:>13} {:>13} {:>7} {:>9}".format
     lines = [f"global batch at {dp} data-parallel ranks, {rounds} round(s) of the mix per step (the paper's "
              f"numbers: at {reference_gpus} GPUs):",
-             f"  {'stream':<12}{'micro/rank':>11}{'samples/step':>14}{'tokens/step':>13}{'paper':>8}{'ratio':>7}"]
+             row("stream", "micro/rank", "samples/step", "tokens/step", "paper", "ratio")]
     for b in batches:
-        lines.append(f"  {b.name:<12}{b.micro_batches:>11}{b.samples:>14.0f}{b.tokens:>13}{b.paper or '-':>8}"
-                     f"{ratio(b.ratio):>7}")
+        lines.append(row(b.name, b.micro_batches, f"{b.samples:.0f}", b.tokens, b.paper or "-", ratio(b.ratio)))
     stated = [b for b in batches if b.paper]
     total = sum(b.samples for b in stated) / sum(b.paper for b in stated) if stated else None
-    lines.append(f"  {'all':<12}{sum(b.micro_batches for b in batches):>11}{sum(b.samples for b in batches):>14.0f}"
-                 f"{sum(b.tokens for b in batches):>13}{sum(b.paper for b in batches) or '-':>8}{ratio(total):>7}")
+    lines.append(row("all", sum(b.micro_batches for b in batches), f"{sum(b.samples for b in batches):.0f}",
+                     sum(b.tokens for b in batches), sum(b.paper for b in batches) or "-", ratio(total)))
     lines.append("  (samples: token budget / mean sample tokens, i.e. full packing; pack_fill in the logs is the "
                  "measured fill)")
     return "\n".join(lines)
