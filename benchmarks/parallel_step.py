@@ -353,7 +353,8 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
     run = RunConfig(model=model_cfg, steps=10**6, precision=args.precision, zero_stage=layout.zero, seed=args.seed)
     engine = build_engine(model, run, mpu=mpu_for(dims))
     COMM.check_bound()
-    loss_fn = ReconstructionLoss(LossConfig()).to(device) if args.lpips else None
+    # LPIPS + Gram; the CLIP term needs a teacher and has its own benchmark (clip_term.py).
+    loss_fn = ReconstructionLoss(LossConfig(clip_weight=0.0)).to(device) if args.lpips else None
     noise = torch.Generator(device).manual_seed(args.seed + 1 + dims.dp_rank)  # shared by the TP ranks
     amp = precision(run, device)
 

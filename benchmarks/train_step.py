@@ -389,7 +389,8 @@ def main(argv=None) -> None:
     sizes = image_sizes(args.tokens, args.seed, args.min_res, args.max_res)
     batch_cpu = packed_batch(sizes, args.seed)
     batch = batch_cpu.to(device)
-    loss_fn = ReconstructionLoss(LossConfig()).to(device) if args.lpips else None
+    # LPIPS + Gram; the CLIP term needs a teacher and has its own benchmark (clip_term.py).
+    loss_fn = ReconstructionLoss(LossConfig(clip_weight=0.0)).to(device) if args.lpips else None
 
     results = []
     for name in args.models.split(","):

@@ -46,6 +46,10 @@ class StreamConfig:
     """Video understanding: at most this many frames."""
     views: int = 0
     """3D: stored views used as reconstruction targets (0: all)."""
+    global_batch: int = 0
+    """The paper's samples per optimizer step of this stream over all ranks at the reference scale
+    (``RunConfig.reference_gpus``); 0: not stated. The trainer prints it against what the config
+    gives (training/batch.py)."""
 
     def __post_init__(self):
         self.validate()
@@ -59,9 +63,9 @@ class StreamConfig:
         if not (PATCH_HW <= self.min_res <= self.max_res and self.min_res % PATCH_HW == 0 == self.max_res % PATCH_HW):
             raise ValueError(f"{where}: need {PATCH_HW} <= min_res <= max_res, both multiples of {PATCH_HW}; "
                              f"got min_res={self.min_res}, max_res={self.max_res}")
-        if self.micro_batches < 1 or self.token_budget < 1 or self.views < 0:
-            raise ValueError(f"{where}: micro_batches and token_budget must be >= 1 and views >= 0, got "
-                             f"{self.micro_batches}, {self.token_budget}, {self.views}")
+        if self.micro_batches < 1 or self.token_budget < 1 or self.views < 0 or self.global_batch < 0:
+            raise ValueError(f"{where}: micro_batches and token_budget must be >= 1, views and global_batch >= 0, "
+                             f"got {self.micro_batches}, {self.token_budget}, {self.views}, {self.global_batch}")
         lo, hi = self.clip_frames
         if not (PATCH_T <= lo <= hi and lo % PATCH_T == 0 == hi % PATCH_T):
             raise ValueError(f"{where}: clip_frames must be a range of multiples of {PATCH_T}, got {self.clip_frames}")

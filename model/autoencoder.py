@@ -13,8 +13,9 @@ frames is encoded and decoded as independent chunks, t restarting at 0 in each, 
 pools over all of a sample's tokens. Both transformers apply 4D RoPE from the chunk-relative
 coordinates in every layer; position tables are resized to each chunk's (max x + 1, max y + 1).
 Parameter prefixes
-``encoder.``, ``latent.``, ``decoder.`` (and ``understanding.`` when configured) are relied on by
-the trainer (encoder LR x0.1).
+``encoder.``, ``latent.``, ``decoder.`` (and ``understanding.`` when configured). Each parameter's
+optimizer group (weight decay, encoder LR) is declared by the modules (``optim_groups``,
+model/params.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .fsq import FSQ
 from .gaussians import GaussianDecoder, Gaussians
 from .kv_cache import KVCache
 from .packed import ASSET3D, AttentionLayout, PackedBatch
+from .params import ParamGroup, optim_groups
 from .rope import rope_angles
 from .transformer import Angles, LinearSpec, Transformer, init_weights, make_norm
 from .understanding import Understanding
@@ -75,6 +77,10 @@ class Outputs:
     recon: torch.Tensor | None = None  # [N, 3072] pixels of image/video tokens (rows of 3D samples: 0)
     gaussians: Gaussians | None = None  # of the 3D samples, in batch order (one segment each)
     embedding: torch.Tensor | None = None  # [B, width] L2-normalised pooled embedding per sample
+    # The sigmoid loss' log-scale and bias [1] each, as the understanding module's forward returned
+    # them (the loss reads them here, never from the module: ZeRO-3 frees parameters after forward).
+    logit_scale: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
 
 
 def position_embedding(table: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
@@ -102,6 +108,8 @@ def position_embedding(table: torch.Tensor, layout: AttentionLayout) -> torch.Te
 
 
 class Encoder(nn.Module):
+    NO_DECAY = ("pos_embed",)  # a learned position table (model/params.py)
+
     def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
         super().__init__()
         tc = cfg.encoder
@@ -120,6 +128,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """z [N, C] -> up-projection + its own resized position table -> transformer -> RMSNorm -> pixels."""
+    NO_DECAY = ("pos_embed",)  # a learned position table (model/params.py)
 
     def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
         super().__init__()
@@ -141,6 +150,7 @@ class Decoder(nn.Module):
 class AToken(nn.Module):
     """The unified tokenizer. ``linear`` builds the transformer linears (tensor parallelism hook);
     ``checkpoint`` enables per-block activation checkpointing."""
+    ENCODER_LR = ("encoder",)  # SigLIP2-initialised: these children learn at OptimConfig.encoder_lr_mult x LR
 
     def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
         super().__init__()
@@ -165,6 +175,10 @@ class AToken(nn.Module):
         if self.gaussian_decoder is not None:
             self.gaussian_decoder.reset_parameters(std)  # its head starts small, not at ``std``
 
+    def optim_groups(self) -> dict[str, ParamGroup]:
+        """{parameter name: (decay, encoder LR)} for every parameter, as the modules declare it."""
+        return optim_groups(self)
+
     def rope(self, layout: AttentionLayout, head_dim: int) -> Angles:
         return rope_angles(layout.coords, head_dim, self.cfg.rope_theta)
 
@@ -188,11 +202,14 @@ class AToken(nn.Module):
         """-> (embedding [B, width] L2-normalised, unnormalised pooled [B, width]) per sample, pooled
         over all of a sample's tokens (every chunk of a video); ``features`` [N, width] reuses an
         encoder pass (e.g. the one of ``forward``)."""
-        if self.understanding is None:
-            raise ValueError("this model has no understanding head: build it with ModelConfig(understanding=True)")
+        self._require_head()
         if features is None:
             features = self.features(batch)
-        return self.understanding.head(features, batch.cu_seqlens)
+        return self.understanding(features, batch.cu_seqlens)[:2]
+
+    def _require_head(self) -> None:
+        if self.understanding is None:
+            raise ValueError("this model has no understanding head: build it with ModelConfig(understanding=True)")
 
     def _require_fsq(self) -> FSQ:
         if self.fsq is None:
@@ -242,7 +259,8 @@ class AToken(nn.Module):
         feats = self.features(batch, layout, enc_angles)
         out = Outputs()
         if "und" in tasks:
-            out.embedding = self.understand(batch, feats)[0]
+            self._require_head()
+            out.embedding, _, out.logit_scale, out.logit_bias = self.understanding(feats, batch.cu_seqlens)
         if "rec" not in tasks:
             return out
         out.posterior = posterior = self.posterior(feats)

@@ -1,12 +1,20 @@
-"""The reconstruction objective (DESIGN.md, Objective).
+"""The reconstruction objective (DESIGN.md, Objective; model/objective.py adds L_sem).
 
-    L      = 0.2 * L_rec + 1e-8 * L_KL                      (+ 1.0 * L_sem, with the semantic issue)
-    L_rec  = 1.0 * L1 + 10 * LPIPS + 1000 * Gram            images (+ 1.0 * CLIP/feature term, ditto)
-    L_rec  = 1.0 * L1                                       video, 3D
+    L      = 0.2 * L_rec + 1e-8 * L_KL
+    L_rec  = 1.0 * L1 + 10 * LPIPS + 1000 * Gram + 1.0 * CLIP       images
+    L_rec  = 1.0 * L1                                               video, 3D
 
 L1 is taken at native resolution on the packed tokens, "normalised per patch": each token's mean
-absolute error over its real values, then the mean over the micro-batch's tokens. LPIPS and Gram are
-taken at ``perceptual_size`` (224) on the unpatchified images.
+absolute error over its real values, then the mean over the micro-batch's tokens. LPIPS, Gram and
+the CLIP term are taken at ``perceptual_size`` (224) on the unpatchified images.
+
+The CLIP/feature term (``feature_loss``): DESIGN.md names it (weight 1, at 224) but not its
+features or distance. Ours: the frozen SigLIP2 teacher's encoder tokens (after its final LayerNorm,
+the features its MAP head pools; 14 x 14 of them at 224) of the reconstruction against those of the
+original, 1 - cosine similarity per token, averaged. Per token rather than the pooled embedding, so
+the term says where an image lost its semantics (one pooled vector per image is a weak signal for a
+decoder); cosine, so the term is blind to the features' scale (VA-VAE's vision-foundation loss uses
+the same distance). Gradients flow through the frozen teacher into the decoder.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import torch.nn.functional as F
 
 from .config import PATCH_T
 from .packed import IMAGE, PackedBatch
-from .patches import unpatchify
+from .patches import patchify, unpatchify
 from .perceptual import LPIPS, load_perceptual
 
 
@@ -33,6 +41,7 @@ class LossConfig:
     trunk_weights: str | None = None  # None: torch hub cache, then stlpips-pytorch (perceptual.py)
     lin_weights: str | None = None  # None: bundled with the trunk file, then lpips' v0.1 file
     perceptual_size: int = 224
+    clip_weight: float = 1.0  # the CLIP/feature term of image reconstruction; needs ``teacher``
     sem_weight: float = 1.0
     distill_temperature: float = 2.0
     # Local SigLIP2 checkpoint directories (HF save_pretrained; never downloaded): the frozen text
@@ -96,8 +105,26 @@ def image_pairs(batch: PackedBatch, recon: torch.Tensor, size: int) -> tuple[tor
     return orig, torch.cat([resized(recon, i) for i in idx])
 
 
+def feature_loss(teacher: nn.Module, orig: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """The CLIP/feature term (module docstring): orig (no grad), rec [B, 3, S, S] in [-1, 1], S a
+    multiple of 16 -> [B] mean over each image's tokens of 1 - cos(teacher(rec), teacher(orig)).
+    ``teacher.features(batch)`` gives the frozen image tower's tokens [N, width]."""
+    def packed(x: torch.Tensor) -> PackedBatch:
+        return PackedBatch.cat([(*patchify(img), IMAGE, 1) for img in x])
+
+    with torch.no_grad():
+        target = teacher.features(packed(orig))
+    batch = packed(rec)
+    cos = F.cosine_similarity(teacher.features(batch).float(), target.float(), dim=-1)  # [N]
+    ids = batch.sample_ids().to(cos.device)
+    per_image = cos.new_zeros(rec.shape[0]).index_add(0, ids, 1 - cos)
+    return per_image / torch.tensor(batch.seqlens, device=cos.device)
+
+
 class ReconstructionLoss(nn.Module):
-    """forward(batch, recon [N, 3072], kl [N]) -> scalar terms 'l1', 'lpips', 'gram', 'kl', 'rec', 'total'.
+    """forward(batch, recon [N, 3072], kl [N], teacher=None) -> scalar terms 'l1', 'lpips', 'gram',
+    'clip', 'kl', 'rec', 'total'. 'clip' is computed when ``cfg.clip_weight`` > 0 and needs ``teacher``
+    (the frozen SigLIP2 image tower, ``model.siglip2.Siglip2ImageTower``) then.
 
     The perceptual net is frozen and kept out of this module's parameters and state_dict (so no
     optimizer or checkpoint ever sees it); ``.to()`` / ``.cuda()`` still move it (see ``_apply``).
@@ -116,10 +143,11 @@ class ReconstructionLoss(nn.Module):
         self.perceptual._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, batch: PackedBatch, recon: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, batch: PackedBatch, recon: torch.Tensor, kl: torch.Tensor,
+                teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         l1 = token_l1(batch, recon).mean()
-        lpips = gram = recon.new_zeros((), dtype=torch.float32)
+        lpips = gram = clip = recon.new_zeros((), dtype=torch.float32)
         pairs = image_pairs(batch, recon, cfg.perceptual_size)
         if pairs is not None:
             dtype = next(self.perceptual.parameters()).dtype
@@ -129,9 +157,12 @@ class ReconstructionLoss(nn.Module):
             fy = self.perceptual.features(rec)
             lpips = self.perceptual.distance(fx, fy).float().mean()
             gram = gram_loss(fx, fy).mean()
-        rec_loss = cfg.l1_weight * l1 + cfg.lpips_weight * lpips + cfg.gram_weight * gram
+            if cfg.clip_weight:
+                if teacher is None:
+                    raise ValueError("the CLIP/feature term of image reconstruction needs the frozen SigLIP2 "
+                                     "teacher: set loss.teacher to a local checkpoint directory, or loss.clip_weight=0")
+                clip = feature_loss(teacher, *pairs).mean()
+        rec_loss = cfg.l1_weight * l1 + cfg.lpips_weight * lpips + cfg.gram_weight * gram + cfg.clip_weight * clip
         kl = kl.float().mean()
         total = cfg.rec_weight * rec_loss + cfg.kl_weight * kl
-        # The semantic terms join here with the semantic issue: `+ 1.0 * L_sem` in `total`, and the
-        # image CLIP/feature term (weight 1) in `rec_loss`.
-        return {"l1": l1, "lpips": lpips, "gram": gram, "kl": kl, "rec": rec_loss, "total": total}
+        return {"l1": l1, "lpips": lpips, "gram": gram, "clip": clip, "kl": kl, "rec": rec_loss, "total": total}

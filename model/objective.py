@@ -2,16 +2,18 @@
 
     L      = rec_weight (0.2) * L_rec + sem_weight (1.0) * L_sem + kl_weight (1e-8) * L_KL
     L_rec  = L1 + 10 LPIPS + 1000 Gram        image tokens   (losses.ReconstructionLoss)
+             + 1 CLIP                                        (the teacher's features, losses.feature_loss)
            + L1                               video tokens   (native resolution, real frames)
            + L1 of rendered views             3D samples     (splatting.gaussian_view_loss, per asset)
     L_sem  = distill_loss (KL, T = 2)         images: the frozen SigLIP2 teacher's image-text
-                                              similarities over all the micro-batch's captions
-           + sigmoid_loss                     video and 3D: against their captions' text embeddings
+                                              similarities over all the data-parallel micro-batch's captions
+           + sigmoid_loss                     video and 3D: against the data-parallel micro-batch's captions
 The terms a micro-batch has no samples for are 0; "rec" and "und" pick which half runs (a
 micro-batch of one stream has one task; the mixed-batch test runs both).
 
-Not built: the image CLIP/feature reconstruction term (weight 1 in the paper): it needs gradients
-through the teacher on reconstructed pixels; the teacher here is inference-only.
+``group`` (the data-parallel process group, None in one process) makes the semantic losses global:
+collective, so every data-parallel rank must call the objective on a micro-batch of the same
+stream (the task mix's order is the same on every rank, data_pipeline/mixing.py).
 """
 from __future__ import annotations
 
@@ -24,25 +26,29 @@ from .autoencoder import AToken, Outputs
 from .losses import LossConfig, ReconstructionLoss
 from .packed import ASSET3D, IMAGE, PackedBatch
 from .splatting import gaussian_view_loss
-from .understanding import TextTower, distill_loss
+from .understanding import TextTower, distill_loss, sigmoid_loss
 
 
 class Objective(nn.Module):
     """forward(model, batch, out, extras, tasks) -> scalar terms, "total" among them.
+    ``model`` is not read any more (every input arrives in ``out``, as ZeRO-3 needs); the argument
+    stays for the existing callers.
 
     ``extras``: per sample what the losses need beyond its tokens ("caption"; for 3D "views"
     [V, 3, H, W] in [0, 1] and "cameras"). The frozen networks (perceptual net, text tower, teacher)
     are kept out of this module's parameters and state_dict, like the perceptual net before.
     """
 
-    def __init__(self, cfg: LossConfig, text_tower: TextTower | None = None, teacher: nn.Module | None = None):
+    def __init__(self, cfg: LossConfig, text_tower: TextTower | None = None, teacher: nn.Module | None = None,
+                 group=None):
         super().__init__()
         self.cfg = cfg
         self.rec = ReconstructionLoss(cfg)
         self._frozen = (text_tower, teacher)
+        self.group = group  # data-parallel process group of the semantic losses (None: this process only)
 
     @classmethod
-    def from_config(cls, cfg: LossConfig) -> "Objective":
+    def from_config(cls, cfg: LossConfig, group=None) -> "Objective":
         """Loads the text tower and the teacher from their local paths when the config names them."""
         tower = TextTower.from_pretrained(cfg.text_tower) if cfg.text_tower else None
         teacher = None
@@ -50,7 +56,7 @@ class Objective(nn.Module):
             from .siglip2 import Siglip2ImageTower
 
             teacher = Siglip2ImageTower.from_pretrained(cfg.teacher)
-        return cls(cfg, tower, teacher)
+        return cls(cfg, tower, teacher, group)
 
     @property
     def text_tower(self) -> TextTower | None:
@@ -69,14 +75,17 @@ class Objective(nn.Module):
     def forward(self, model: AToken, batch: PackedBatch, out: Outputs, extras: list[dict[str, Any]],
                 tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
         cfg, zero = self.cfg, batch.features.new_zeros((), dtype=torch.float32)
-        terms = {k: zero for k in ("l1", "lpips", "gram", "l1_3d", "kl", "rec", "distill", "sigmoid", "sem")}
+        terms = {k: zero for k in ("l1", "lpips", "gram", "clip", "l1_3d", "kl", "rec", "distill", "sigmoid", "sem")}
         if "rec" in tasks:
             pixels = [i for i, m in enumerate(batch.modalities) if m != ASSET3D]
             if pixels:
                 sub, rows = batch.select(pixels) if len(pixels) < batch.num_samples else (batch, None)
                 recon = out.recon if rows is None else out.recon[rows]
-                r = self.rec(sub, recon, out.posterior.kl())
-                terms.update(l1=r["l1"], lpips=r["lpips"], gram=r["gram"])
+                teacher = self.teacher
+                if cfg.clip_weight and any(m == IMAGE for m in sub.modalities):
+                    teacher = self._need(teacher, "loss.teacher", "the CLIP/feature term (loss.clip_weight)")
+                r = self.rec(sub, recon, out.posterior.kl(), teacher)
+                terms.update(l1=r["l1"], lpips=r["lpips"], gram=r["gram"], clip=r["clip"])
             assets = [i for i, m in enumerate(batch.modalities) if m == ASSET3D]
             if assets:
                 losses = []
@@ -87,7 +96,7 @@ class Objective(nn.Module):
                 terms["l1_3d"] = torch.stack(losses).mean()
             terms["kl"] = out.posterior.kl().float().mean()
             terms["rec"] = (cfg.l1_weight * (terms["l1"] + terms["l1_3d"]) + cfg.lpips_weight * terms["lpips"]
-                            + cfg.gram_weight * terms["gram"])
+                            + cfg.gram_weight * terms["gram"] + cfg.clip_weight * terms["clip"])
         if "und" in tasks:
             emb = out.embedding  # [B, width], L2-normalised
             images = [i for i, m in enumerate(batch.modalities) if m == IMAGE]
@@ -96,16 +105,19 @@ class Objective(nn.Module):
             if images:
                 teacher = self._need(self.teacher, "loss.teacher", "image understanding (distillation)")
                 sub, _ = batch.select(images)
-                # The texts to score against: every caption of the micro-batch (not only the images').
+                # The texts to score against: every caption of the micro-batch (not only the images'),
+                # of every data-parallel rank (distill_loss gathers them).
                 captions = [e["caption"] for e in extras if e.get("caption")]
                 for i in images:
                     _caption(extras, i, batch.names)  # each image needs its own caption
-                txt = tower.embed(captions)
+                txt = tower.embed(captions).to(emb.device)
                 scale = torch.tensor(tower.logit_scale if tower.logit_scale is not None else 0.0).exp()
-                terms["distill"] = distill_loss(emb[images], teacher(sub)[0], txt, scale, cfg.distill_temperature)
+                terms["distill"] = distill_loss(emb[images], teacher(sub)[0], txt, scale, cfg.distill_temperature,
+                                                group=self.group)
             if others:
                 txt = tower.embed([_caption(extras, i, batch.names) for i in others])
-                terms["sigmoid"] = model.understanding.sigmoid_loss(emb[others], txt.to(emb.device))
+                terms["sigmoid"] = sigmoid_loss(emb[others], txt.to(emb.device), out.logit_scale, out.logit_bias,
+                                                group=self.group)
             terms["sem"] = terms["distill"] + terms["sigmoid"]
         terms["total"] = cfg.rec_weight * terms["rec"] + cfg.sem_weight * terms["sem"] + cfg.kl_weight * terms["kl"]
         return terms

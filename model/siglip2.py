@@ -212,8 +212,12 @@ class Siglip2ImageTower(nn.Module):
     @torch.no_grad()
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (embedding [B, width] L2-normalised, pooled [B, width]), one per sample of ``batch``."""
-        x = self.encoder(batch.features, batch.attention_layout(), None)
-        return self.head(x, batch.cu_seqlens)
+        return self.head(self.features(batch), batch.cu_seqlens)
+
+    def features(self, batch: PackedBatch) -> torch.Tensor:
+        """The encoder's tokens [N, width] (after the final LayerNorm). Differentiable in the input
+        (the CLIP/feature term's gradient reaches the decoder through it); the weights stay frozen."""
+        return self.encoder(batch.features, batch.attention_layout(), None)
 
     def train(self, mode: bool = True) -> "Siglip2ImageTower":
         return super().train(False)  # frozen: stays in eval mode

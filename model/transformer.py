@@ -64,6 +64,7 @@ class MultiHeadRMSNorm(nn.Module):
     """The release's per-head QK-norm (``SparseMultiHeadRMSNorm``): x [N, heads, D] ->
     ``normalize(x) * sqrt(D) * weight`` in fp32, with a gain per head and channel (weight [heads, D]).
     Under tensor parallelism each rank holds its own heads' rows."""
+    NO_DECAY = ("weight",)  # a norm's gain (model/params.py)
 
     def __init__(self, heads: int, head_dim: int):
         super().__init__()

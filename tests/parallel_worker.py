@@ -26,10 +26,23 @@ NOTE: two deliberate departures from the production objective, both to keep the 
 - Adam's first step is ~ lr * sign(g), blind to the gradient's scale and so to a wrong clipping
   coefficient; both sides use eps comparable to the gradients, so the step depends on its scale.
 
+The semantic cases (``SEM_CASES``) check the global-batch semantic losses: the understanding head
+on 3 images on DP rank 0 and 2 on DP rank 1, with their text and teacher embeddings (stand-ins for
+the frozen towers' outputs; the texts are leaves that take gradients, so the all-gather's backward
+is checked too), scored by ``sigmoid_loss`` + ``distill_loss`` over the data-parallel group. The
+reference is one process over the union of both ranks' samples (at TP=2, DP=1: the one batch, so a
+gather over the wrong group, which would see the TP ranks' copies as more negatives, fails):
+
+- ``loss_err``: the DP mean of each rank's terms against the union's;
+- ``grad_err``: the DP mean of the parameters' gradients (what DeepSpeed's averaging gives) and
+  each rank's text gradient against the union's;
+- ``norm_err``, ``weight_err``, ``update_err`` as above.
+
 Rank 0 writes {case: {metric: [value per rank]}} plus the RNG-tracker facts as JSON.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
@@ -37,9 +50,11 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.losses import token_l1
+from atoken.model.understanding import distill_loss, sigmoid_loss
 from atoken.training import distributed, megatron_cpu
 from atoken.training.config import RunConfig
 from atoken.training.engine import build_engine, param_groups
@@ -61,6 +76,10 @@ CASES = {
     "dp2_zero2": (1, False, 2, 1, False),
     "dp2_zero3": (1, False, 3, 1, False),
 }
+# name: (tp, zero stage) of the semantic cases; DP = 2 // tp.
+SEM_CASES = {"sem_dp2_zero1": (1, 1), "sem_dp2_zero3": (1, 3), "sem_tp2_zero1": (2, 1), "sem_tp2_zero3": (2, 3)}
+SEM_KEYS = ("sigmoid", "distill", "total")
+DISTILL_SCALE, DISTILL_T = 10.0, 2.0
 
 
 def model_config():
@@ -120,7 +139,7 @@ def reference(cfg, data) -> dict:
     return {"init": init, "recons": recons, "losses": losses, "grads": grads, "steps": steps}
 
 
-def reference_step(cfg, init: dict, mean_grad: dict, run: RunConfig) -> dict:
+def reference_step(cfg, init: dict, mean_grad: dict, run: RunConfig, eps: float = ADAM_EPS) -> dict:
     """build_engine's optimizer step on the plain model: same groups, schedule, clipping (and eps)."""
     model = AToken(cfg)
     with torch.no_grad():
@@ -128,7 +147,7 @@ def reference_step(cfg, init: dict, mean_grad: dict, run: RunConfig) -> dict:
             p.copy_(init[n])
             p.grad = mean_grad[n].clone()
     o = run.optim
-    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=ADAM_EPS)
+    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, warmup=o.warmup_steps, total=run.steps, peak=o.lr, floor=o.min_lr))
     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -229,6 +248,111 @@ def bf16_case(cfg, data, ref: dict) -> dict:
             "recon_dtype": str(recon.dtype), "grads_finite": bool(grads_finite)}
 
 
+# ------------------------------------------------------------------ global-batch semantic losses
+
+def sem_data() -> dict:
+    """Rank 0's 3 images and rank 1's 2 (unequal: the gather pads), their texts and teacher
+    embeddings [b, 64], and the union of both packed in rank order."""
+    g = torch.Generator().manual_seed(1)
+    parts = [[(*patchify(torch.rand(3, h, w, generator=g) * 2 - 1), "image", 1) for h, w in sizes]
+             for sizes in ([(32, 48), (16, 32), (48, 16)], [(32, 32), (16, 16)])]
+    width = model_config().encoder.width
+    unit = lambda n: F.normalize(torch.randn(n, width, generator=g), dim=-1)  # noqa: E731
+    return {"batches": [PackedBatch.cat(p) for p in parts], "union": PackedBatch.cat(parts[0] + parts[1]),
+            "txt": [unit(len(p)) for p in parts], "tea": [unit(len(p)) for p in parts]}
+
+
+def sem_loss(out, txt: torch.Tensor, tea: torch.Tensor, group) -> dict:
+    emb = out.embedding
+    s = sigmoid_loss(emb, txt, out.logit_scale, out.logit_bias, group=group)
+    d = distill_loss(emb, tea, txt, DISTILL_SCALE, DISTILL_T, group=group)
+    return {"sigmoid": s, "distill": d, "total": s + d}
+
+
+def sem_reference(cfg, data) -> dict:
+    """One process: "one" = rank 0's batch alone, "both" = the union. Parameters the loss does not
+    reach (latent, decoder) get zero gradients, as DeepSpeed gives them."""
+    torch.manual_seed(SEED)
+    model = AToken(cfg)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = {"init": init}
+    for key, used in (("one", [0]), ("both", [0, 1])):
+        model.zero_grad()
+        batch = data["batches"][0] if key == "one" else data["union"]
+        txt = torch.cat([data["txt"][b] for b in used]).requires_grad_(True)
+        losses = sem_loss(model(batch, tasks=("und",)), txt, torch.cat([data["tea"][b] for b in used]), None)
+        losses["total"].backward()
+        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+        out[key] = {"losses": {k: v.item() for k, v in losses.items()}, "mean_grad": grads, "norm": norm,
+                    "reached": {n for n, p in model.named_parameters() if p.grad is not None},
+                    "txt_grad": txt.grad.split([len(data["txt"][b]) for b in used])}
+    return out
+
+
+def run_semantic_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig) -> dict:
+    tp, zero = case
+    t0 = time.perf_counter()
+    dims = init_parallel(tp=tp, seed=SEED)
+    key, b = ("both" if dims.dp > 1 else "one"), dims.dp_rank
+    group = dims.dp_group if dims.dp > 1 else None  # as train.py gives the objective
+    torch.manual_seed(SEED)
+    model = build_model(cfg, dims)
+    captured = {}
+    for name, p in model.named_parameters():
+        p.register_hook(lambda g, name=name: captured.__setitem__(name, g.detach().clone()))
+    run.zero_stage, run.grad_accum = zero, 1
+    engine = build_engine(model, run, mpu=mpu_for(dims))
+    for g in engine.optimizer.param_groups:
+        g["eps"] = run.optim.grad_clip  # see semantic_cases
+    txt = data["txt"][b].clone().requires_grad_(True)
+    losses = sem_loss(engine(data["batches"][b], tasks=("und",)), txt, data["tea"][b], group)
+    engine.backward(losses["total"])
+    engine.step()
+
+    def dp_mean(t: torch.Tensor) -> torch.Tensor:
+        if dims.dp > 1:
+            t = t.clone()
+            dist.all_reduce(t, group=dims.dp_group)
+        return t / dims.dp
+
+    want = ref[key]
+    got = dp_mean(torch.tensor([losses[k].item() for k in SEM_KEYS], dtype=torch.float64))
+    res = {"losses": [losses[k].item() for k in SEM_KEYS],
+           "loss_err": max(abs(g - want["losses"][k]) / abs(want["losses"][k]) for g, k in zip(got.tolist(), SEM_KEYS)),
+           "reached_match": set(captured) == want["reached"]}
+    params = dict(model.named_parameters())
+    errs = {n: rel(gather_tp(dims, dp_mean(captured[n]), params[n]), want["mean_grad"][n]) for n in sorted(captured)}
+    errs["<text embeddings>"] = rel(txt.grad / dims.dp, want["txt_grad"][b])
+    res["grad_err"], res["grad_err_at"] = worst(errs)
+    res["norm"], res["ref_norm"] = float(engine.get_global_grad_norm()), want["norm"]
+    res["norm_err"] = abs(res["norm"] - res["ref_norm"]) / res["ref_norm"]
+    res["clip"] = run.optim.grad_clip
+    weights, step, init = full_state_dict(engine, dims), ref_steps[key], ref["init"]
+    # A zero-initialised parameter (the biases) is its update alone: update_err checks it.
+    res["weight_err"], res["weight_err_at"] = worst({n: rel(weights[n], step[n]) for n in step if init[n].any()})
+    moved = {n for n in step if not torch.equal(step[n], init[n])}
+    res["update_err"], res["update_err_at"] = worst({n: rel(weights[n] - init[n], step[n] - init[n]) for n in moved})
+    res["seconds"] = time.perf_counter() - t0
+    del engine, model, params
+    gc.collect()
+    return res
+
+
+def semantic_cases() -> dict:
+    cfg = dataclasses.replace(model_config(), understanding=True)
+    data = sem_data()
+    ref = sem_reference(cfg, data)
+    run = run_config(clip=0.5 * min(ref[k]["norm"] for k in ("one", "both")))
+    # NOTE: Adam's eps = the clip value, above every clipped gradient element: the step is then
+    # ~ lr * g / eps, linear in the gradient (so in the clipping coefficient too). With eps inside
+    # the gradients' range, an element g << eps moves by lr * g / eps and the largest by ~lr, which
+    # multiplies the gradient's fp32 error by max|g| / eps in the step (measured 1e-4 at eps 1e-2).
+    ref_steps = {k: reference_step(cfg, ref["init"], ref[k]["mean_grad"], run, eps=run.optim.grad_clip)
+                 for k in ("one", "both")}
+    return {name: run_semantic_case(case, cfg, data, ref, ref_steps, run) for name, case in SEM_CASES.items()}
+
+
 def main(out_path: str) -> None:
     t0 = time.perf_counter()
     info = distributed.init()
@@ -243,6 +367,7 @@ def main(out_path: str) -> None:
     for name, case in CASES.items():
         results[name] = run_case(case, cfg, data, ref, ref_steps, run)
     results["bf16"] = bf16_case(cfg, data, ref)
+    results.update(semantic_cases())
     results["worker_seconds"] = time.perf_counter() - t0
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, results)

@@ -59,3 +59,16 @@ def test_train_step_script_on_cpu(tmp_path):
     assert pp["padded_over_packed"] == pytest.approx(pp["padded_s"] / pp["packed_s"])
     assert pp["max_abs_diff_forward"] < 1e-4  # fp32: packed varlen and padded masked SDPA agree
     assert "| tiny |" in proc.stdout
+
+
+def test_clip_term_script_on_cpu(tmp_path):
+    """benchmarks/clip_term.py end to end, shrunk: its difference is the CLIP term's cost."""
+    out = tmp_path / "clip_term.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "clip_term.py"), "--teachers", "tiny", "--tokens", "64",
+                           "--size", "32", "--warmup", "0", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    (r,) = rep["teachers"]
+    assert r["teacher"] == "tiny" and r["clip_s"] == pytest.approx(r["with_clip_s"] - rep["rest_s"])
+    assert sum(h * w for h, w in rep["settings"]["sizes"]) == 64 * 256  # the micro-batch's 64 tokens of 16x16

@@ -171,7 +171,7 @@ def test_kl_per_token():
 # ---------------------------------------------------------------- ReconstructionLoss
 
 def test_reconstruction_loss_forward_backward():
-    cfg = LossConfig()
+    cfg = LossConfig(clip_weight=0.0)  # the CLIP/feature term needs a teacher: tests/test_clip_term.py
     loss = ReconstructionLoss(cfg)
     assert not list(loss.parameters()) and not loss.state_dict()  # the frozen net stays out
     batch = _batch()
@@ -179,8 +179,10 @@ def test_reconstruction_loss_forward_backward():
     recon = (batch.features + 0.1 * torch.randn_like(batch.features)).requires_grad_(True)
     kl = torch.rand(batch.num_tokens) * 100
     out = loss(batch, recon, kl)
-    assert set(out) == {"l1", "lpips", "gram", "kl", "rec", "total"}
+    assert set(out) == {"l1", "lpips", "gram", "clip", "kl", "rec", "total"} and out["clip"] == 0
     assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    with pytest.raises(ValueError, match="needs the frozen SigLIP2 teacher"):
+        ReconstructionLoss(LossConfig())(batch, recon, kl)  # clip_weight 1 without a teacher
     assert out["lpips"] > 0 and out["gram"] > 0 and out["l1"] > 0
     want = 0.2 * (out["l1"] + 10 * out["lpips"] + 1000 * out["gram"]) + 1e-8 * out["kl"]
     torch.testing.assert_close(out["total"], want)
@@ -195,7 +197,7 @@ def test_reconstruction_loss_forward_backward():
 
 
 def test_reconstruction_loss_l1_only_without_images():
-    loss = ReconstructionLoss(LossConfig())
+    loss = ReconstructionLoss(LossConfig())  # no images: the CLIP term (weight 1) needs no teacher
     f, c, grid = patchify(torch.rand(3, 4, 32, 32) * 2 - 1)
     batch = PackedBatch.cat([(f, c, grid, "video", 4)])
     out = loss(batch, f + 0.5, torch.zeros(f.shape[0]))

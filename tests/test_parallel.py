@@ -26,6 +26,7 @@ TOL = 1e-5  # fp32: TP changes the order of sums (measured errors 1e-7 .. 1e-6)
 UPDATE_TOL = 2e-3
 TP2_CASES = ["tp2_zero1", "tp2_sp_zero1", "tp2_sp_zero2", "tp2_sp_zero3", "tp2_zero3", "tp2_sp_zero2_accum2_ckpt"]
 DP2_CASES = ["dp2_zero1", "dp2_zero2", "dp2_zero3"]
+SEM_CASES = ["sem_dp2_zero1", "sem_dp2_zero3", "sem_tp2_zero1", "sem_tp2_zero3"]
 METRICS = ["recon_err", "loss_err", "grad_err", "norm_err", "weight_err"]
 
 
@@ -73,6 +74,22 @@ def test_zero_stages_match_reference(results, case):
     """ZeRO 1, 2, 3 at TP=2/DP=1 and TP=1/DP=2 (each DP rank its own micro-batch); also gradient
     accumulation over 2 micro-batches with activation checkpointing under SP."""
     _check(results, case)
+
+
+@pytest.mark.parametrize("case", SEM_CASES)
+def test_global_semantic_losses_match_one_process_over_the_union(results, case):
+    """The sigmoid loss and the distillation with the understanding head, through DeepSpeed at ZeRO 1
+    and 3: 2 DP ranks (3 and 2 images) give the loss, the gradients (parameters and the ranks' text
+    embeddings), the clipped norm and the AdamW step of one process over all 5 images; at TP=2 the
+    two TP ranks agree with one process over their one batch (the gather is over DP only)."""
+    r = results[case]
+    for metric in ("loss_err", "grad_err", "norm_err", "weight_err"):
+        assert max(r[metric]) <= TOL, f"{case}: {metric} = {max(r[metric]):.2e} {r.get(metric + '_at', [''])[0]}"
+    assert max(r["update_err"]) <= UPDATE_TOL, f"{case}: update_err {r['update_err']} at {r['update_err_at'][0]}"
+    assert all(r["reached_match"]), f"{case}: the loss reaches other parameters than in one process"
+    assert min(r["norm"]) > 1.5 * max(r["clip"]), f"{case}: clipping inactive"
+    if case.startswith("sem_dp2"):
+        assert r["losses"][0] != r["losses"][1]  # each rank its own images: the equality is not trivial
 
 
 def test_clipping_active_and_global_norm_true(results):

@@ -173,8 +173,10 @@ def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
     (["--config", "stage2"], "need the frozen SigLIP2 text tower"),
     (["--config", "stage2", "--set", "loss.text_tower=/m", "--set", "model.understanding=false"],
      "set model.understanding=true"),
-    (["--config", "stage3", "--set", "loss.text_tower=/m", "--set", "model.gaussian=null"], "need the Gaussian decoder"),
-    (["--config", "stage1", "--set", "zero_stage=3", "--set", "model.understanding=true"], "zero_stage=3"),
+    (["--config", "stage3", "--set", "loss.text_tower=/m", "--set", "loss.teacher=/m", "--set", "model.gaussian=null"],
+     "need the Gaussian decoder"),
+    (["--config", "stage1", "--set", "loss.text_tower=/m"], "image understanding distils the SigLIP2 teacher"),
+    (["--config", "demo", "--set", "loss.clip_weight=1"], "CLIP/feature term of image reconstruction needs"),
 ])
 def test_runs_that_cannot_work_are_refused_at_start(args, message, capsys):
     from atoken.training.train import main

@@ -89,7 +89,11 @@ def test_atoken_understand_and_parameters():
     # The same pass can feed reconstruction and understanding.
     feats = model.features(batch)
     torch.testing.assert_close(model.understand(batch, feats)[1], pooled)
-    loss = model.understanding.sigmoid_loss(emb, F.normalize(torch.randn(3, WIDTH), dim=-1))
+    # The scale and bias reach the loss as outputs of the module's forward (what ZeRO-3 needs).
+    out = model(batch, tasks=("und",))
+    torch.testing.assert_close(out.embedding, emb)
+    assert out.logit_scale.item() == pytest.approx(LOGIT_SCALE_INIT) and out.logit_bias.item() == LOGIT_BIAS_INIT
+    loss = sigmoid_loss(out.embedding, F.normalize(torch.randn(3, WIDTH), dim=-1), out.logit_scale, out.logit_bias)
     loss.backward()
     for p in (model.understanding.logit_scale, model.understanding.logit_bias, model.understanding.head.probe,
               model.encoder.patch_embed.weight):

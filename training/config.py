@@ -23,7 +23,7 @@ class OptimConfig:
     min_lr: float = 3e-5  # end of the cosine
     warmup_steps: int = 2000
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1  # on matrices only; biases, norms and tables are not decayed
+    weight_decay: float = 0.1  # as the model declares (model/params.py): matrices yes; biases, norms, tables no
     encoder_lr_mult: float = 0.1  # the SigLIP2-initialised encoder learns 10x slower
     grad_clip: float = 1.0
     ema_decay: float = 0.9999  # ramped up as min(decay, (1 + step) / (10 + step))
@@ -76,7 +76,11 @@ class RunConfig:
     steps: int = 200_000
     # Rounds of the task mix per optimizer step: a step accumulates grad_accum * (sum of the streams'
     # micro_batches) packed micro-batches (``accumulation_steps``; data_pipeline/mixing.py).
+    # 0: "auto", round(reference_gpus / data-parallel size) (training/batch.py), resolved at start.
     grad_accum: int = 1
+    # The scale the streams' ``global_batch`` (the paper's samples per step) is stated at: the Slurm
+    # scripts' default of 32 nodes x 8 GPUs.
+    reference_gpus: int = 256
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     compile: bool = False  # torch.compile each transformer block (training/compile.py); tested at tp=1 only
     zero_stage: int = 1  # DeepSpeed ZeRO stage for optimizer state
@@ -86,8 +90,17 @@ class RunConfig:
 
     @property
     def accumulation_steps(self) -> int:
-        """Packed micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+        """Packed micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps); needs
+        ``grad_accum`` resolved (``with_rounds``)."""
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum=0 (auto) is resolved at start: use RunConfig.with_rounds(dp)")
         return self.grad_accum * self.data.micro_batches_per_round
+
+    def with_rounds(self, dp: int) -> "RunConfig":
+        """This config with ``grad_accum`` resolved for ``dp`` data-parallel ranks (training/batch.py)."""
+        from .batch import rounds_per_step
+
+        return dataclasses.replace(self, grad_accum=rounds_per_step(self.grad_accum, self.reference_gpus, dp))
 
     def check(self) -> None:
         """Raise ValueError for combinations that cannot run, before anything is built."""
@@ -99,12 +112,15 @@ class RunConfig:
                              "set loss.text_tower to a local checkpoint directory")
         if any(s.modality == "image" for s in und) and not self.loss.teacher:
             raise ValueError("image understanding distils the SigLIP2 teacher: set loss.teacher to a local directory")
+        image_rec = [s.name for s in self.data.streams.values() if s.modality == "image" and s.task == "rec"]
+        if image_rec and self.loss.clip_weight and not self.loss.teacher:
+            raise ValueError(f"streams {image_rec}: the CLIP/feature term of image reconstruction needs the SigLIP2 "
+                             "teacher: set loss.teacher to a local directory (or loss.clip_weight=0)")
+        if self.grad_accum < 0 or self.reference_gpus < 1:
+            raise ValueError(f"grad_accum must be >= 0 (0: auto) and reference_gpus >= 1, got {self.grad_accum}, "
+                             f"{self.reference_gpus}")
         if any(s.modality == "3d" and s.task == "rec" for s in self.data.streams.values()) and not self.model.gaussian:
             raise ValueError("3D reconstruction streams need the Gaussian decoder: set model.gaussian (e.g. =base)")
-        if self.zero_stage == 3 and self.model.understanding:
-            # NOTE: the sigmoid loss reads the head's logit scale and bias outside a module forward,
-            # where ZeRO-3 has them partitioned.
-            raise ValueError("zero_stage=3 with the understanding head is not supported yet; use ZeRO 1 or 2")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,24 +7,24 @@ import logging
 import torch
 from torch import nn
 
+from atoken.model.params import ParamGroup, optim_groups
+
 from .schedule import lr_factor
 
 logger = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, optim) -> list[dict]:
-    """Four groups: (encoder | rest) x (decayed matrices | undecayed biases, norms, tables)."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """Up to four groups, (encoder | rest) x (decay | no_decay), as the model declares each parameter's
+    (``AToken.optim_groups``, model/params.py); frozen parameters are left out."""
+    declared = optim_groups(model)
+    groups: dict[ParamGroup, list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_encoder = name.startswith("encoder.")
-        decay = p.ndim >= 2 and "pos_table" not in name
-        groups.setdefault((is_encoder, decay), []).append(p)
-    return [{"params": ps, "lr": optim.lr * (optim.encoder_lr_mult if enc else 1.0),
-             "weight_decay": optim.weight_decay if decay else 0.0,
-             "name": f"{'encoder' if enc else 'rest'}_{'decay' if decay else 'no_decay'}"}
-            for (enc, decay), ps in sorted(groups.items())]
+        if p.requires_grad:
+            groups.setdefault(declared[name], []).append(p)
+    return [{"params": ps, "lr": optim.lr * (optim.encoder_lr_mult if g.encoder_lr else 1.0),
+             "weight_decay": optim.weight_decay if g.decay else 0.0, "name": g.name}
+            for g, ps in sorted(groups.items(), key=lambda item: (item[0].encoder_lr, item[0].decay))]
 
 
 def make_optimizer(groups, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:

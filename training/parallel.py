@@ -151,6 +151,7 @@ def _column_row_classes():
     class ColumnLinear(ColumnParallelLinear):
         """``[..., in] -> [..., out / tp]`` (gather_output=False), bias added; returns a tensor.
         With sequence parallelism its input is this rank's token shard, all-gathered inside."""
+        DECAY, NO_DECAY = ("weight",), ("bias",)  # optimizer groups, as nn.Linear (model/params.py)
         get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
 
         def __init__(self, in_features: int, out_features: int, bias: bool, config, tp_group):
@@ -165,6 +166,7 @@ def _column_row_classes():
     class RowLinear(RowParallelLinear):
         """``[..., in / tp] -> [..., out]``, all-reduced (or, with sequence parallelism,
         reduce-scattered to this rank's token shard), bias added; returns a tensor."""
+        DECAY, NO_DECAY = ("weight",), ("bias",)  # optimizer groups, as nn.Linear (model/params.py)
         get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
 
         def __init__(self, in_features: int, out_features: int, bias: bool, config, tp_group):

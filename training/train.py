@@ -120,6 +120,7 @@ def main(argv=None) -> None:
     from atoken.model.objective import Objective
 
     from . import checkpoint, distributed, handoff, parallel
+    from .batch import describe, step_batches
     from .compile import compile_blocks
     from .ema import EMA
     from .engine import build_engine
@@ -141,6 +142,10 @@ def main(argv=None) -> None:
     # Parallelism is applied here and only here (training/parallel.py): megatron TP/SP layers when
     # tp > 1, DeepSpeed ZeRO over the data-parallel group.
     dims = parallel.init_parallel(cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.seed)
+    # grad_accum=0 (auto): rounds of the mix per step follow from the data-parallel size (batch.py).
+    cfg = cfg.with_rounds(dims.dp)
+    log.info("%s", describe(step_batches(cfg.data.streams, cfg.grad_accum, dims.dp), dims.dp, cfg.grad_accum,
+                            cfg.reference_gpus))
     torch.manual_seed(cfg.seed)  # the same weights on every rank
     model = parallel.build_model(cfg.model, dims, checkpoint=cfg.parallel.activation_checkpointing).to(device)
     # A run's own checkpoint (``resume_from``) wins; otherwise a later stage starts from the stage
@@ -150,7 +155,8 @@ def main(argv=None) -> None:
         init_record = handoff.apply(model, cfg.model, cfg.checkpoint.init_from, cfg.checkpoint.init_weights, dims)
     if cfg.compile:
         compile_blocks(model)
-    objective = Objective.from_config(cfg.loss).to(device)
+    # The semantic losses score against the whole data-parallel micro-batch (gathered over dp_group).
+    objective = Objective.from_config(cfg.loss, group=dims.dp_group if dims.dp > 1 else None).to(device)
     engine = build_engine(model, cfg, mpu=parallel.mpu_for(dims))
     ema = EMA(model, cfg.optim.ema_decay)
     # Per data-parallel rank from here on; the TP ranks of a group must agree (same batch, same noise).
