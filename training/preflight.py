@@ -27,8 +27,8 @@ def check_run(cfg: RunConfig) -> Path | None:
     from . import checkpoint
 
     try:  # the config's own consistency checks (they raise ValueError)
+        cfg.data.check()  # first: every stream's fields, after --set overrides (no data at all, say)
         cfg.check()
-        cfg.data.check()  # every stream's fields, after --set overrides
         for stream in cfg.data.streams.values():
             check_budget(stream)
     except ValueError as e:
