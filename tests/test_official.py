@@ -19,7 +19,6 @@ import yaml
 from atoken.model import AToken, PackedBatch, Tokenizer, patchify
 from atoken.model.autoencoder import position_embedding
 from atoken.model.kv_cache import KVCache
-from atoken.model.packed import CHUNK_FRAMES
 from atoken.model.rope import apply_rope, rope_angles
 from atoken.model.transformer import MultiHeadRMSNorm
 from atoken.tools.official import FormatError, export_official, from_official, import_official, model_config
