@@ -6,7 +6,9 @@
 The batch has the sequence lengths of ``train_step.py``'s packed images (``common.image_sizes``).
 Each variant computes the same block-diagonal attention over q, k, v [N, heads, head_dim]:
 
-  torch_varlen  ``torch.nn.attention.varlen.varlen_attn`` (what ``model.attention`` uses on CUDA)
+  cudnn         cuDNN's ragged (THD) SDPA through ``nvidia-cudnn-frontend``'s ``cudnn.sdpa_torch``, when
+                installed (``model.attention``'s first choice on Hopper)
+  torch_varlen  ``torch.nn.attention.varlen.varlen_attn``
   flash_attn    flash-attn's ``flash_attn_varlen_func``, when installed
   flex          ``flex_attention`` (compiled) with a document block mask built from the sample ids
   sdpa_loop     one ``F.scaled_dot_product_attention`` per sample (the portable fallback)
@@ -85,6 +87,8 @@ def main(argv=None) -> None:
 
     variants = {}
     variants["sdpa_loop"] = lambda q_, k_, v_: sdpa_loop_attention(q_, k_, v_, cu)
+    if attn._cudnn_sdpa() is not None:
+        variants["cudnn"] = lambda q_, k_, v_: attn.varlen_attention(q_, k_, v_, cu, lmax, backend="cudnn")
     if attn.torch_varlen_attn is not None:
         variants["torch_varlen"] = lambda q_, k_, v_: attn.torch_varlen_attn(q_, k_, v_, cu, cu, lmax, lmax)
     if attn.flash_attn_varlen_func is not None:

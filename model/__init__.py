@@ -4,7 +4,7 @@ import importlib
 # Exports resolved on first use (PEP 562): importing a light submodule (``.config``, ``.errors``)
 # does not import torch and every other submodule, so that CLIs answer --help at once.
 _EXPORTS = {
-    **dict.fromkeys(["BACKENDS", "get_attention_backend", "set_attention_backend", "varlen_attention"], "attention"),
+    **dict.fromkeys(["BACKENDS", "get_attention_backend", "varlen_attention"], "attention"),
     **dict.fromkeys(["AToken", "Decoder", "Encoder", "Posterior"], "autoencoder"),
     **dict.fromkeys(["PATCH_DIM", "PATCH_HW", "PATCH_T", "PRESETS", "ModelConfig", "TransformerConfig", "preset"], "config"),
     **dict.fromkeys(["ASSET3D", "IMAGE", "VIDEO", "PackedBatch"], "packed"),

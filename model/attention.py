@@ -1,19 +1,29 @@
-"""Attention over packed variable-length sequences: one function, three backends.
+"""Attention over packed variable-length sequences: one function, four backends.
 
 Sample i owns rows ``cu_seqlens[i]:cu_seqlens[i + 1]`` of q/k/v ``[N, heads, head_dim]``; a token
 attends (bidirectionally) to the tokens of its own sample only.
 
-Backends, in order of preference:
+The backend is part of the model config (``ModelConfig.attention``, like transformers'
+``attn_implementation``): ``"auto"`` or one of
+  ``cudnn``        cuDNN's SDPA on ragged (THD) tensors, through ``nvidia-cudnn-frontend``'s torch op
+                   ``cudnn.sdpa_torch`` (CUDA sm80+, fp16/bf16, head_dim a multiple of 8, <= 128).
+                   It takes head_dim 72 as it is; FlashAttention pads it to 96.
   ``flash_attn``   flash-attn's ``flash_attn_varlen_func`` (package installed, CUDA, fp16/bf16)
   ``torch_varlen`` PyTorch's fused ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16)
   ``sdpa``         a loop over samples with ``F.scaled_dot_product_attention`` (any device/dtype)
+``auto`` takes the first that can run, in the order of ``AUTO_ORDER``: cuDNN first on Hopper and
+later (sm90+), where it is expected fastest for our short ragged samples (to be measured:
+benchmarks/attention.py), after the others elsewhere.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
+
+from .config import ATTENTION_BACKENDS as BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -27,46 +37,72 @@ try:
 except Exception:  # older torch
     torch_varlen_attn = None
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 _HALF = (torch.float16, torch.bfloat16)
-_forced: str | None = None
 _logged: set[tuple[str, str]] = set()
+
+
+@functools.cache
+def _cudnn_sdpa():
+    """cuDNN's differentiable varlen SDPA op, or None (imported on first use: it loads cuDNN)."""
+    try:
+        import cudnn
+
+        return cudnn.sdpa_torch
+    except Exception:  # not installed, or a build without the torch op (before 1.32)
+        return None
+
+
+@torch.compiler.assume_constant_result
+def _sm(index: int) -> int:
+    """Compute capability of CUDA device ``index`` as 10 * major + minor (90: Hopper)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def _unavailable_reason(name: str, x: torch.Tensor | None) -> str | None:
     """Why backend ``name`` cannot run on tensors like ``x`` (None: it can; x None: package check only)."""
+    if name == "cudnn" and _cudnn_sdpa() is None:
+        return "nvidia-cudnn-frontend >= 1.32 is not installed"
     if name == "flash_attn" and flash_attn_varlen_func is None:
         return "flash_attn is not installed"
     if name == "torch_varlen" and torch_varlen_attn is None:
         return "torch.nn.attention.varlen.varlen_attn is missing in this torch"
-    if name != "sdpa" and x is not None and not (x.is_cuda and x.dtype in _HALF):
+    if name == "sdpa" or x is None:
+        return None
+    if not (x.is_cuda and x.dtype in _HALF):
         return f"needs CUDA fp16/bf16 tensors, got {x.device.type} {x.dtype}"
+    if name == "cudnn":
+        if _sm(x.device.index or 0) < 80:
+            return "needs sm80 or later"
+        if x.shape[-1] % 8 or x.shape[-1] > 128:
+            return f"head_dim {x.shape[-1]} is not a multiple of 8 up to 128"
     return None
 
 
-def set_attention_backend(name: str | None) -> None:
-    """Force a backend by name for every later call, or ``None`` to choose automatically."""
-    global _forced
-    if name is not None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS} or None")
-        reason = _unavailable_reason(name, None)
-        if reason:
-            raise ValueError(f"attention backend {name!r} is unavailable: {reason}")
-    _forced = name
+def check_backend(name: str) -> None:
+    """Raise ValueError for a name that is not a backend or whose package is missing ("auto" passes)."""
+    if name == "auto":
+        return
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose 'auto' or one of {BACKENDS}")
+    reason = _unavailable_reason(name, None)
+    if reason:
+        raise ValueError(f"attention backend {name!r} is unavailable: {reason}")
 
 
-def get_attention_backend(q: torch.Tensor) -> tuple[str, str]:
-    """(backend, reason) the next call with tensors like ``q`` will use."""
-    if _forced is not None:
-        reason = _unavailable_reason(_forced, q)
+def get_attention_backend(q: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
+    """(backend, reason) a call with tensors like ``q`` uses, for the configured ``backend``."""
+    if backend != "auto":
+        reason = _unavailable_reason(backend, q)
         if reason:
-            raise ValueError(f"forced attention backend {_forced!r} cannot run: {reason}")
-        return _forced, "forced by set_attention_backend"
-    for name in BACKENDS[:-1]:
+            raise ValueError(f"attention backend {backend!r} (model.attention) cannot run: {reason}")
+        return backend, "set in model.attention"
+    hopper = q.is_cuda and _sm(q.device.index or 0) >= 90
+    order = BACKENDS[:-1] if hopper else BACKENDS[1:-1] + BACKENDS[:1]
+    for name in order:
         if _unavailable_reason(name, q) is None:
             return name, f"auto: {q.device.type} {q.dtype}"
-    why = "; ".join(f"{n}: {_unavailable_reason(n, q)}" for n in BACKENDS[:-1])
+    why = "; ".join(f"{n}: {_unavailable_reason(n, q)}" for n in order)
     return "sdpa", f"auto fallback ({why})"
 
 
@@ -76,31 +112,35 @@ def _log_once(name: str, reason: str) -> None:
         logger.info("attention backend: %s (%s)", name, reason)
 
 
-def log_attention_backend(q: torch.Tensor) -> str:
+def log_attention_backend(q: torch.Tensor, backend: str = "auto") -> str:
     """Log (once per distinct choice) and return the backend calls with tensors like ``q`` use."""
-    name, reason = get_attention_backend(q)
+    name, reason = get_attention_backend(q, backend)
     _log_once(name, reason)
     return name
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int) -> torch.Tensor:
+                     max_seqlen: int, backend: str = "auto") -> torch.Tensor:
     """q, k, v [N, heads, head_dim]; cu_seqlens [B + 1] int; -> out [N, heads, head_dim].
 
     Scale is 1/sqrt(head_dim); no dropout, no causal mask.
     """
-    name, reason = get_attention_backend(q)
+    name, reason = get_attention_backend(q, backend)
     # Not while torch.compile traces: a side effect there would split the graph (the trainer logs
     # its choice at start, eagerly).
     if not torch.compiler.is_compiling():
         _log_once(name, reason)
+    if name == "sdpa":
+        return sdpa_loop_attention(q, k, v, cu_seqlens)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if name == "cudnn":
+        # return_lse=True: the op is differentiable only then (its backward reads the softmax stats).
+        out, _ = _cudnn_sdpa()(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen,
+                               max_seqlen_kv=max_seqlen, return_lse=True)
+        return out
     if name == "flash_attn":
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
-    if name == "torch_varlen":
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
-    return sdpa_loop_attention(q, k, v, cu_seqlens)
+    return torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
 
 
 def sdpa_loop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

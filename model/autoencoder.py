@@ -116,7 +116,8 @@ class Encoder(nn.Module):
         self.patch_embed = nn.Linear(PATCH_DIM, tc.width)
         # SigLIP2's learned table, row-major over a (size, size) grid of (row, column).
         self.pos_embed = nn.Parameter(torch.empty(cfg.pos_table_size ** 2, tc.width))
-        self.transformer = Transformer(tc, linear, rope=cfg.encoder_rope, checkpoint=checkpoint)
+        self.transformer = Transformer(tc, linear, rope=cfg.encoder_rope, checkpoint=checkpoint,
+                                       attention=cfg.attention)
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)  # SigLIP2's post_layernorm
 
     def forward(self, features: torch.Tensor, layout: AttentionLayout, angles: Angles | None) -> torch.Tensor:
@@ -135,7 +136,7 @@ class Decoder(nn.Module):
         tc = cfg.decoder
         self.up = nn.Linear(cfg.latent_channels, tc.width, bias=tc.bias)
         self.pos_embed = nn.Parameter(torch.empty(cfg.pos_table_size ** 2, tc.width))
-        self.transformer = Transformer(tc, linear, checkpoint=checkpoint)
+        self.transformer = Transformer(tc, linear, checkpoint=checkpoint, attention=cfg.attention)
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)
         self.head = nn.Linear(tc.width, PATCH_DIM, bias=tc.bias)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 # Every modality uses the same 4x16x16 (t, h, w) patch of RGB: 3 * 4 * 16 * 16 values a token.
 PATCH_T, PATCH_HW, CHANNELS = 4, 16, 3
 PATCH_DIM = CHANNELS * PATCH_T * PATCH_HW * PATCH_HW  # 3072
+# model/attention.py's BACKENDS, named here without importing torch (the config stays light).
+ATTENTION_BACKENDS = ("cudnn", "flash_attn", "torch_varlen", "sdpa")
 
 
 @dataclass
@@ -119,8 +121,13 @@ class ModelConfig:
     fsq_group_dims: int = 6
     # The Gaussian-splat decoder of 3D samples (model/gaussians.py); None: no 3D output (stages 1-2).
     gaussian: GaussianDecoderConfig | None = None
+    # The varlen attention kernel of the encoder and decoder (model/attention.py): "auto" picks the
+    # fastest that runs on the tensors; a name forces one, and an error says why it cannot run.
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ("auto", *ATTENTION_BACKENDS):
+            raise ValueError(f"model.attention must be 'auto' or one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         if self.latent_channels < 1:
             raise ValueError(f"latent_channels must be positive, got {self.latent_channels}")
         if self.quantizer not in ("none", "fsq"):

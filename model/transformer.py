@@ -90,8 +90,9 @@ def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, linear: LinearSpec):
+    def __init__(self, cfg: TransformerConfig, linear: LinearSpec, backend: str = "auto"):
         super().__init__()
+        self.backend = backend  # model/attention.py: "auto" or a kernel's name
         if cfg.heads % linear.tp_size:
             raise ValueError(f"heads {cfg.heads} not divisible by tensor-parallel size {linear.tp_size}")
         self.heads = cfg.heads // linear.tp_size  # local heads
@@ -114,7 +115,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *angles), apply_rope(k, *angles)
         # NOTE: CUDA autocast may run the norms in fp32; the fused kernels need one dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # [N, h, D]
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)  # [N, h, D]
         return self.proj(out.reshape(n, self.heads * self.head_dim))
 
 
@@ -129,10 +130,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, linear: LinearSpec):
+    def __init__(self, cfg: TransformerConfig, linear: LinearSpec, attention: str = "auto"):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
-        self.attn = Attention(cfg, linear)
+        self.attn = Attention(cfg, linear, attention)
         self.norm2 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
         self.mlp = MLP(cfg, linear)
 
@@ -147,16 +148,17 @@ class Transformer(nn.Module):
 
     ``rope=False`` (or setting ``.rope = False`` later) ignores the RoPE angles, e.g. to compare
     against SigLIP2, which has none. ``checkpoint=True`` recomputes each block in backward.
+    ``attention``: the varlen kernel (model/attention.py), "auto" or a backend's name.
     """
 
     def __init__(self, cfg: TransformerConfig, linear: LinearSpec | None = None, rope: bool = True,
-                 checkpoint: bool = False):
+                 checkpoint: bool = False, attention: str = "auto"):
         super().__init__()
         linear = linear or LinearSpec()
         self.linear = linear  # a plain object (no parameters): shards / unshards the token dim
         self.rope = rope
         self.checkpoint = checkpoint
-        self.blocks = nn.ModuleList(Block(cfg, linear) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, linear, attention) for _ in range(cfg.depth))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 angles: Angles | None = None, cache: KVCache | None = None) -> torch.Tensor:

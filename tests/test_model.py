@@ -1,4 +1,5 @@
 """CPU unit tests of the model: patches, 4D RoPE, varlen attention backends, packing isolation."""
+import dataclasses
 import logging
 import math
 
@@ -6,16 +7,11 @@ import pytest
 import torch
 
 from atoken.model import (AToken, ModelConfig, PackedBatch, TransformerConfig, apply_rope, fuse_qkv,
-                          pad_to_patches, patchify, preset, rope_angles, set_attention_backend, split_qkv,
-                          unpatchify, varlen_attention)
+                          pad_to_patches, patchify, preset, rope_angles, split_qkv, unpatchify,
+                          varlen_attention)
 from atoken.model import attention as attn_mod
-from atoken.model.attention import dense_reference_attention, sdpa_loop_attention
-
-
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    yield
-    set_attention_backend(None)
+from atoken.model.attention import check_backend, dense_reference_attention, sdpa_loop_attention
+from atoken.model.transformer import Attention
 
 
 def micro_config() -> ModelConfig:
@@ -114,8 +110,7 @@ def _packed_qkv(lens, h=2, d=16, dtype=torch.float32, device="cpu"):
 def test_sdpa_loop_matches_dense_reference_with_grads():
     torch.manual_seed(0)
     q, k, v, cu = _packed_qkv([5, 1, 9, 3])
-    set_attention_backend("sdpa")
-    out = varlen_attention(q, k, v, cu, 9)
+    out = varlen_attention(q, k, v, cu, 9, backend="sdpa")
     ref = dense_reference_attention(q, k, v, cu)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
@@ -127,15 +122,25 @@ def test_sdpa_loop_matches_dense_reference_with_grads():
 
 def test_unknown_or_unavailable_backend_raises():
     with pytest.raises(ValueError, match="unknown attention backend"):
-        set_attention_backend("xformers")
+        check_backend("xformers")
+    with pytest.raises(ValueError, match="model.attention must be"):
+        dataclasses.replace(preset("tiny"), attention="xformers")
     q, k, v, cu = _packed_qkv([3, 4])
-    for name in ("flash_attn", "torch_varlen"):  # never runnable on CPU fp32 tensors
+    for name in ("cudnn", "flash_attn", "torch_varlen"):  # never runnable on CPU fp32 tensors
         try:
-            set_attention_backend(name)
-        except ValueError:
+            check_backend(name)
+        except ValueError as e:
+            assert "unavailable" in str(e)
             continue  # package missing: refused at once
         with pytest.raises(ValueError, match="cannot run"):
-            varlen_attention(q, k, v, cu, 4)
+            varlen_attention(q, k, v, cu, 4, backend=name)
+
+
+def test_backend_from_model_config_reaches_every_attention():
+    cfg = dataclasses.replace(preset("tiny"), attention="sdpa")
+    model = AToken(cfg)
+    backends = {m.backend for m in model.modules() if isinstance(m, Attention)}
+    assert backends == {"sdpa"}
 
 
 def test_backend_choice_logged_once(caplog):
@@ -148,15 +153,16 @@ def test_backend_choice_logged_once(caplog):
     assert len(msgs) == 1 and msgs[0].startswith("attention backend: sdpa (")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["flash_attn", "torch_varlen"])
+@pytest.mark.parametrize("name", ["cudnn", "flash_attn", "torch_varlen"])
 def test_cuda_backends_match_sdpa_bf16(name):
+    """Values and gradients on packed mixed lengths (so400m's head_dim 72), against the loop of SDPA."""
     if attn_mod._unavailable_reason(name, None):
         pytest.skip(attn_mod._unavailable_reason(name, None))
     torch.manual_seed(0)
     q, k, v, cu = _packed_qkv([130, 7, 300, 64], h=4, d=72, dtype=torch.bfloat16, device="cuda")
-    set_attention_backend(name)
-    out = varlen_attention(q, k, v, cu, 300)
+    out = varlen_attention(q, k, v, cu, 300, backend=name)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref = sdpa_loop_attention(q, k, v, cu)

@@ -35,6 +35,12 @@ def check_run(cfg: RunConfig) -> Path | None:
         raise UserError(str(e)) from None
     if cfg.precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.model.attention != "auto":  # a forced kernel whose package is missing: say so now
+        from atoken.model.attention import check_backend
+        try:
+            check_backend(cfg.model.attention)
+        except ValueError as e:
+            raise UserError(f"model.attention: {e}") from None
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     if cfg.parallel.tp < 1 or world % cfg.parallel.tp:
         raise UserError(f"parallel.tp={cfg.parallel.tp} does not divide the world size {world}")

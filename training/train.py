@@ -169,8 +169,9 @@ def main(argv=None) -> None:
     loader = MixedLoader(cfg.data, cfg.grad_accum, rank=dims.dp_rank, world=dims.dp, group=dims.dp_group)
     amp = precision(cfg, device)
     # The attention kernel, logged once at start (compiled blocks log nothing while traced).
-    log_attention_backend(torch.empty(1, device=device, dtype=amp.fast_dtype if isinstance(amp, torch.autocast)
-                                      else torch.float32))
+    probe = torch.empty(1, cfg.model.encoder.head_dim, device=device,
+                        dtype=amp.fast_dtype if isinstance(amp, torch.autocast) else torch.float32)
+    log_attention_backend(probe, cfg.model.attention)
 
     start = 0
     if resume_from is not None:
