@@ -134,9 +134,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return sdpa_loop_attention(q, k, v, cu_seqlens)
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     if name == "cudnn":
+        # cuDNN builds and caches an execution plan per (samples, max_seqlen); mixed-resolution
+        # batches would build one nearly every step. Rounding both up (samples to a power of two, by
+        # empty samples at the end; max_seqlen, an upper bound, to 128) keeps a few plans.
+        samples = cu.numel() - 1
+        cu = torch.cat([cu, cu[-1:].expand((1 << (samples - 1).bit_length()) - samples)])
+        bound = -(-max_seqlen // 128) * 128
         # return_lse=True: the op is differentiable only then (its backward reads the softmax stats).
-        out, _ = _cudnn_sdpa()(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen,
-                               max_seqlen_kv=max_seqlen, return_lse=True)
+        out, _ = _cudnn_sdpa()(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=bound,
+                               max_seqlen_kv=bound, return_lse=True)
         return out
     if name == "flash_attn":
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
