@@ -136,7 +136,8 @@ class Decoder(nn.Module):
         tc = cfg.decoder
         self.up = nn.Linear(cfg.latent_channels, tc.width, bias=tc.bias)
         self.pos_embed = nn.Parameter(torch.empty(cfg.pos_table_size ** 2, tc.width))
-        self.transformer = Transformer(tc, linear, checkpoint=checkpoint, attention=cfg.attention)
+        self.transformer = Transformer(tc, linear, checkpoint=checkpoint, attention=cfg.attention,
+                                       fused=cfg.fused_qk_rope)
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)
         self.head = nn.Linear(tc.width, PATCH_DIM, bias=tc.bias)
 

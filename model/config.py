@@ -124,6 +124,9 @@ class ModelConfig:
     # The varlen attention kernel of the encoder and decoder (model/attention.py): "auto" picks the
     # fastest that runs on the tensors; a name forces one, and an error says why it cannot run.
     attention: str = "auto"
+    # The decoder's QK-norm and RoPE in one Triton pass on CUDA (model/fused_qk_rope.py); off until
+    # its speed is measured on a GPU (benchmarks/NOTES.md). The encoder has no QK-norm.
+    fused_qk_rope: bool = False
 
     def __post_init__(self):
         if self.attention not in ("auto", *ATTENTION_BACKENDS):

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import fused_qk_rope
 from .attention import varlen_attention
 from .config import TransformerConfig
 from .kv_cache import BlockCache, KVCache
@@ -90,9 +91,10 @@ def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, linear: LinearSpec, backend: str = "auto"):
+    def __init__(self, cfg: TransformerConfig, linear: LinearSpec, backend: str = "auto", fused: bool = False):
         super().__init__()
         self.backend = backend  # model/attention.py: "auto" or a kernel's name
+        self.fused = fused  # QK-norm and RoPE in one Triton pass (model/fused_qk_rope.py) where it runs
         if cfg.heads % linear.tp_size:
             raise ValueError(f"heads {cfg.heads} not divisible by tensor-parallel size {linear.tp_size}")
         self.heads = cfg.heads // linear.tp_size  # local heads
@@ -107,7 +109,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         n = qkv.shape[0]  # all N tokens, also when x holds only a sequence-parallel shard of them
         q, k, v = qkv.view(n, self.heads, 3, self.head_dim).unbind(2)  # each [N, h, D]
-        if self.q_norm is not None:  # QK-norm before RoPE
+        if (self.fused and self.q_norm is not None and angles is not None and cache is None
+                and fused_qk_rope.available(q)):
+            q = fused_qk_rope.qk_norm_rope(q, self.q_norm.weight, *angles, v.dtype)
+            k = fused_qk_rope.qk_norm_rope(k, self.k_norm.weight, *angles, v.dtype)
+            angles = None  # applied
+        elif self.q_norm is not None:  # QK-norm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:  # inference across video chunks: RoPE and attention with the cached keys
             return self.proj(cache.attend(q, k, v, angles).reshape(n, self.heads * self.head_dim))
@@ -130,10 +137,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, linear: LinearSpec, attention: str = "auto"):
+    def __init__(self, cfg: TransformerConfig, linear: LinearSpec, attention: str = "auto", fused: bool = False):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
-        self.attn = Attention(cfg, linear, attention)
+        self.attn = Attention(cfg, linear, attention, fused)
         self.norm2 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
         self.mlp = MLP(cfg, linear)
 
@@ -148,17 +155,18 @@ class Transformer(nn.Module):
 
     ``rope=False`` (or setting ``.rope = False`` later) ignores the RoPE angles, e.g. to compare
     against SigLIP2, which has none. ``checkpoint=True`` recomputes each block in backward.
-    ``attention``: the varlen kernel (model/attention.py), "auto" or a backend's name.
+    ``attention``: the varlen kernel (model/attention.py), "auto" or a backend's name; ``fused``:
+    QK-norm and RoPE in one Triton pass where it runs (model/fused_qk_rope.py).
     """
 
     def __init__(self, cfg: TransformerConfig, linear: LinearSpec | None = None, rope: bool = True,
-                 checkpoint: bool = False, attention: str = "auto"):
+                 checkpoint: bool = False, attention: str = "auto", fused: bool = False):
         super().__init__()
         linear = linear or LinearSpec()
         self.linear = linear  # a plain object (no parameters): shards / unshards the token dim
         self.rope = rope
         self.checkpoint = checkpoint
-        self.blocks = nn.ModuleList(Block(cfg, linear, attention) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, linear, attention, fused) for _ in range(cfg.depth))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 angles: Angles | None = None, cache: KVCache | None = None) -> torch.Tensor:
