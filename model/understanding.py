@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import TransformerConfig
+from .hf_checkpoint import read_safetensors
 from .transformer import MLP, LinearSpec
 
 LOGIT_SCALE_INIT = 4.8438  # log t
@@ -241,8 +242,6 @@ class TextTower(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 64) -> "TextTower":
         from transformers import AutoTokenizer, Siglip2TextModel  # only the understanding branch needs it
-
-        from .siglip2 import read_safetensors  # (siglip2 imports this module)
 
         path = Path(path)
         if not (path / "config.json").exists():
