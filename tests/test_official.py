@@ -330,7 +330,7 @@ def test_fine_tuning_from_imported_release_weights(tmp_path, shards):
     import skimage.data as sk
     from PIL import Image
 
-    from atoken.model.metrics import psnr
+    from atoken.tools.eval.metrics import psnr
 
     a = {**arch(latent=32), **{f"{s}_{k}": v for s in ("encoder", "decoder")
                                for k, v in (("model_channels", 192), ("num_heads", 4), ("mlp_channels", 768),
