@@ -12,10 +12,10 @@ stream, as SigLIP does over its global batch.
 
 Logit scale convention (read in the installed HF ``Siglip2Model.forward``: ``logits *
 logit_scale.exp() + logit_bias``, and tested against its loss): the learned parameter is the LOG
-of the scale t, so DESIGN.md's 4.8438 is log t (t = exp(4.8438) ~ 127, the size trained SigLIP
-models reach; training from scratch would start at log 10) and -15.5625 is the bias b. Read as a
-plain scale, 4.8438 with b = -15.5625 would make every logit negative (|cos| <= 1): no pair could
-ever be scored positive.
+of the scale t, so the 4.8438 of docs/design.md (Model) is log t (t = exp(4.8438) ~ 127, the size
+trained SigLIP models reach; training from scratch would start at log 10) and -15.5625 is the bias
+b. Read as a plain scale, 4.8438 with b = -15.5625 would make every logit negative (|cos| <= 1): no
+pair could ever be scored positive.
 """
 from __future__ import annotations
 

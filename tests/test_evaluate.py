@@ -60,6 +60,7 @@ def sk_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- PSNR / SSIM / video
 
+@pytest.mark.slow
 def test_psnr_ssim_match_scikit_image():
     photos = [chw(skdata.astronaut()[100:292, 150:406]), chw(skdata.coffee()[50:226, 100:333])]
     pairs = [(x, noisy(x, s, i)) for i, x in enumerate(photos) for s in (0.01, 0.08)]
@@ -118,6 +119,7 @@ def inception() -> InceptionFeatures:
     return InceptionFeatures()
 
 
+@pytest.mark.slow
 @needs_inception
 def test_fid_of_real_photos_is_zero_against_itself_and_grows_with_noise(inception):
     sources = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
@@ -156,6 +158,7 @@ def tiny_inference_dir(path, gaussian: bool = False) -> None:
     (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+@pytest.mark.slow
 @needs_inception
 def test_evaluate_cli_end_to_end(tmp_path, capsys):
     model_dir = tmp_path / "inference"
@@ -368,6 +371,7 @@ def test_i3d_input_matches_the_reference_preprocessing(carphone_frames):
         I3DFeatures("/nonexistent/nope.pt")
 
 
+@pytest.mark.slow
 def test_video_metrics_of_the_tool_are_scikit_image_frame_means(carphone_frames, lpips_net):
     x = clip_of(carphone_frames[:6])
     y = torch.stack([noisy(x[:, t], 0.02 * (t + 1), t) for t in range(6)], dim=1)
@@ -385,6 +389,7 @@ def test_video_metrics_of_the_tool_are_scikit_image_frame_means(carphone_frames,
     assert report.json_safe(exact)["psnr"] is None
 
 
+@pytest.mark.slow
 def test_fvd_is_zero_on_itself_grows_with_noise_and_equals_scipy(carphone_frames, i3d_file):
     from atoken.tools.eval.i3d import I3DFeatures
 
@@ -411,6 +416,7 @@ def test_fvd_is_zero_on_itself_grows_with_noise_and_equals_scipy(carphone_frames
 
 # NOTE: a random-init model reconstructs every clip as nearly the same flat video, so the covariance of
 # the reconstructions' features is near singular: sqrtm warns, and still agrees with scipy to 1e-5.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_evaluate_cli_videos_end_to_end(tmp_path, capsys, carphone, carphone_frames, i3d_file):
     from atoken.data_pipeline.video_decode import decode_all, encode_video
@@ -534,6 +540,7 @@ def test_asset_view_metrics_match_scikit_image_and_an_exact_render_is_inf(lpips_
     assert rec["psnr"] == pytest.approx(np.mean([v["psnr"] for v in rec["per_view"]]))
 
 
+@pytest.mark.slow
 @needs_inception
 def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, stream_env):
     from streaming import MDSWriter

@@ -139,6 +139,7 @@ def write_inputs(root: Path) -> dict[str, Path]:
     return shards
 
 
+@pytest.mark.slow
 def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
     """The real trainer, one process: five streams (image rec, video rec and und, 3D rec and und)
     mixed round-robin in every step; each task's loss is lower at the end than at the start."""

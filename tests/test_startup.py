@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
+
 LIGHT = ["atoken.tools.convert", "atoken.tools.reconstruct", "atoken.tools.make_image_shards",
          "atoken.tools.make_video_shards", "atoken.tools.make_3d_shards", "atoken.tools.import_siglip2",
          "atoken.tools.evaluate", "atoken.tools.zero_shot"]

@@ -240,6 +240,7 @@ def _recached(cfg: DataConfig, root: Path) -> dict[str, StreamConfig]:
     return {n: dataclasses.replace(s, local=str(root / n)) for n, s in cfg.streams.items()}
 
 
+@pytest.mark.slow
 def test_two_ranks(s3_env, s3_data, tmp_path, stream_env):
     """torchrun, 2 processes: disjoint first epochs covering each dataset; exact resume of the mix."""
     cfg = data_config(s3_data, tmp_path / "unused")

@@ -191,6 +191,7 @@ def write_photos(root: Path) -> list[tuple[str, Path, tuple[int, int]]]:
     return sorted(out, key=lambda x: x[1].relative_to(root).as_posix())
 
 
+@pytest.mark.slow
 def test_classification_matches_independent_computation(models, tmp_path):
     model_dir, text_dir, model = models
     photos = write_photos(tmp_path / "photos")
@@ -278,6 +279,7 @@ def decode_pyav(data: bytes) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
+@pytest.mark.slow
 def test_retrieval_matches_independent_computation(models, clips, tmp_path):
     model_dir, text_dir, model = models
     root, items = clips
@@ -315,6 +317,7 @@ def test_retrieval_matches_independent_computation(models, clips, tmp_path):
 
 # ---------------------------------------------------------------- the CLI on shards
 
+@pytest.mark.slow
 def test_cli_on_image_shards_names_bad_items(models, tmp_path, stream_env, capsys):
     model_dir, text_dir, _ = models
     photos = write_photos(tmp_path / "photos")
