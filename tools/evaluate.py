@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from atoken.model.errors import UserError
     from atoken.tools.eval.assets import AssetSettings
-    from atoken.tools.eval.reconstruction import EvaluateError, VideoSettings, evaluate
+    from atoken.tools.eval.reconstruction import VideoSettings, evaluate
 
     try:
         report = evaluate(args.model, args.images, args.out, videos=args.videos, assets=args.assets,
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                           asset=AssetSettings(args.asset_views, args.asset_resolution, args.asset_spp),
                           progress=not args.no_progress,
                           command=shlex.join(["python", "-m", "atoken.tools.evaluate", *argv]))
-    except (FileNotFoundError, EvaluateError, UserError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:  # EvaluateError is a ValueError; so is a bad shard
         print(f"error: {e}", file=sys.stderr)
         return 2
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
