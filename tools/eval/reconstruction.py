@@ -30,18 +30,14 @@ if TYPE_CHECKING:
 
 FID_NOTE = ("FID over fewer than several thousand images is biased high (it falls as N grows): compare "
             "only values computed over the same N; the paper's ImageNet rFID uses 50k images at 256x256.")
-
 FVD_NOTE = ("FVD over few clips is biased high (it falls as N grows) and depends on the clip length: compare "
             "only values computed over the same N and frames; the usual protocol uses hundreds to thousands "
             "of 16-frame clips.")
-
 NO_I3D = ("not computed: no --i3d-weights given (FVD needs StyleGAN-V's I3D TorchScript file "
           "i3d_torchscript.pt, which ships in no package; nothing is downloaded)")
-
 BICUBIC_NOTE = ("the baseline a tokenizer must beat: bicubic down (antialiased) by `scale`, so that the small "
                 "image holds as many values as the latent (C per 16x16 patch, per 4 frames for video), rounded "
                 "to 8 bits, then bicubic up; the same metrics")
-
 
 
 class EvaluateError(ValueError):
@@ -80,15 +76,20 @@ def bicubic_baseline(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- inputs
 
+def _scorable(name: str, x: torch.Tensor, **fields) -> Item:
+    """An image [3, H, W] or clip [3, T, H, W] as an Item, unless it is smaller than SSIM's window."""
+    if min(x.shape[-2:]) < MIN_SIDE:
+        return failed(name, f"too small for SSIM's {MIN_SIDE}x{MIN_SIDE} window: {tuple(x.shape[-2:])}")
+    return Item(name, x, **fields)
+
+
 def image_item(name: str, data: bytes) -> Item:
     """An encoded image -> Item with the image at native size, or why it cannot be scored."""
     try:
         img = read_image(data)
     except Exception as e:  # noqa: BLE001 - any decode failure is reported, not raised
         return failed(name, reason(e))
-    if min(img.shape[-2:]) < MIN_SIDE:
-        return failed(name, f"too small for SSIM's {MIN_SIDE}x{MIN_SIDE} window: {tuple(img.shape[-2:])}")
-    return Item(name, img)
+    return _scorable(name, img)
 
 
 def image_items(spec: str) -> Source:
@@ -114,9 +115,7 @@ def video_item(name: str, data: bytes, settings: VideoSettings) -> Item:
         clip = resized_clip(frames, max_side=settings.max_side)
     except Exception as e:  # noqa: BLE001 - any decode failure is reported, not raised
         return failed(name, reason(e))
-    if min(clip.shape[-2:]) < MIN_SIDE:
-        return failed(name, f"too small for SSIM's {MIN_SIDE}x{MIN_SIDE} window: {tuple(clip.shape[-2:])}")
-    return Item(name, clip, meta={"fps": fps})
+    return _scorable(name, clip, meta={"fps": fps})
 
 
 def video_items(spec: str, settings: VideoSettings) -> Source:
