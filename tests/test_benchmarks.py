@@ -21,6 +21,7 @@ from common import image_sizes, packed_batch  # noqa: E402
 from train_step import train_flops  # noqa: E402
 
 
+@pytest.mark.slow
 def test_analytic_flops_equal_torch_flop_counter():
     """Forward + backward of the tiny model on a mixed batch, counted by ``FlopCounterMode`` with
     SDPA's math path (which it decomposes into counted matmuls). The analytic count is the usual

@@ -74,6 +74,7 @@ def mixed(image: str, samples) -> tuple[PackedBatch, list[dict]]:
     return PackedBatch.cat([part, *parts], names=[image, "bikes.mp4", "airplane.ply"]), [extra, *extras]
 
 
+@pytest.mark.slow
 def test_one_mixed_batch_through_every_head_and_loss(samples, objective):
     torch.manual_seed(0)
     model = AToken(model_config())

@@ -203,6 +203,7 @@ def test_round_trip(modality, s3_env, tmp_path):
     loader.close()
 
 
+@pytest.mark.slow
 def test_mix_counts_and_single_rank_resume(s3_env, s3_data, tmp_path):
     cfg = data_config(s3_data, tmp_path / "c0")
     order = ["img_c", "img_a", "img_c", "img_c", "img_b", "img_c", "img_a", "img_c", "img_c"]

@@ -383,6 +383,7 @@ def test_cli_on_image_shards_names_bad_items(models, tmp_path, stream_env, capsy
     assert "gap.txt: line 2 is blank" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_on_video_shards_and_model_errors(models, clips, tmp_path, stream_env, capsys):
     model_dir, text_dir, model = models
     root, items = clips
