@@ -1,13 +1,15 @@
 # Two commands do everything on a fresh machine (see README):
-#   make demo   set up, then train `tiny` on bundled photos, convert, reconstruct a held-out photo
-#   make test   set up, then run the test suite
+#   make demo        set up, then train `tiny` on bundled photos, convert, reconstruct a held-out photo
+#   make test        set up, then run the whole test suite (what CI runs: .ci/run)
+#   make test-fast   the unit tier only (no `slow` or `gpu` tests), for the edit-test loop
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU machines' torch: a CUDA build that runs on CPU and matches torchvision (ENVIRONMENT.md).
+# The CPU machines' torch: a CUDA build that runs on CPU and matches torchvision (docs/environment.md,
+# Python packages).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py Makefile
@@ -34,3 +36,6 @@ demo: install  # make demo ARGS="--resume" (or --set steps=100 ...): passed to t
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+test-fast: install  # markers (tests/conftest.py): slow = spawns training/subprocess runs or takes > ~15 s
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests

@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Distributed pretraining for AToken, a unified visual tokenizer (arXiv 2509.14476)",
     python_requires=">=3.11",
-    packages=[f"atoken.{p}" for p in SUBPACKAGES],
+    packages=[f"atoken.{p}" for p in SUBPACKAGES] + ["atoken.tools.eval"],
     package_dir={f"atoken.{p}": p for p in SUBPACKAGES},
     # torch stays a range: GPU machines come with their own build. The CPU machines pin
     # torch==2.14.1 + torchvision==0.29.1 in the Makefile (installed first, alone).

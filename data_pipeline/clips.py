@@ -7,8 +7,8 @@ tile gets the longest multiple of 4 frames it holds at that stride; if it holds 
 stride, the stride drops one step at a time until 4 fit (stride 1 always fits a 4-frame video).
 Understanding (task "und"): frames at ``und_fps`` (every ``fps / und_fps`` source frames, or every
 frame of a video slower than that), at most ``und_max_frames``, cut to a multiple of 4, from a
-window placed uniformly at random; a video with fewer than 4 frames at ``und_fps`` (under 4 s at
-1 fps) gets 4 frames spread evenly over its length instead.
+window placed uniformly at random (centred without an ``rng``: the evaluation's clip); a video with
+fewer than 4 frames at ``und_fps`` (under 4 s at 1 fps) gets 4 frames spread evenly over its length instead.
 A video with fewer than 4 frames cannot make a clip: that raises.
 The settings come from ``config.StreamConfig``, which validates them.
 
@@ -45,7 +45,7 @@ def rec_frame_indices(num_frames: int, rng: np.random.Generator, clip_frames: tu
     return start + stride * np.arange(length, dtype=np.int64)
 
 
-def und_frame_indices(num_frames: int, fps: float, rng: np.random.Generator, und_fps: float = 1.0,
+def und_frame_indices(num_frames: int, fps: float, rng: np.random.Generator | None, und_fps: float = 1.0,
                       und_max_frames: int = 64) -> np.ndarray:
     """[T] int64 frame indices of an understanding clip, T a multiple of 4 (module docstring)."""
     _need_frames(num_frames)
@@ -56,7 +56,7 @@ def und_frame_indices(num_frames: int, fps: float, rng: np.random.Generator, und
     length = min(available, und_max_frames) // PATCH_T * PATCH_T
     if length < PATCH_T:
         return np.round(np.linspace(0, num_frames - 1, PATCH_T)).astype(np.int64)
-    first = int(rng.integers(0, available - length + 1))
+    first = (available - length) // 2 if rng is None else int(rng.integers(0, available - length + 1))
     idx = np.floor((first + np.arange(length)) * step).astype(np.int64)
     return np.minimum(idx, num_frames - 1)  # NOTE: guards float rounding at the last frame only
 

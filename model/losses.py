@@ -1,6 +1,6 @@
-"""The reconstruction objective (DESIGN.md, Objective; model/objective.py adds L_sem).
+"""The pixel terms of the reconstruction loss (docs/design.md, Objective). ``model.objective.Objective``
+weights them and adds the 3D, KL and semantic terms: the total is computed there and only there.
 
-    L      = 0.2 * L_rec + 1e-8 * L_KL
     L_rec  = 1.0 * L1 + 10 * LPIPS + 1000 * Gram + 1.0 * CLIP       images
     L_rec  = 1.0 * L1                                               video, 3D
 
@@ -8,7 +8,7 @@ L1 is taken at native resolution on the packed tokens, "normalised per patch": e
 absolute error over its real values, then the mean over the micro-batch's tokens. LPIPS, Gram and
 the CLIP term are taken at ``perceptual_size`` (224) on the unpatchified images.
 
-The CLIP/feature term (``feature_loss``): DESIGN.md names it (weight 1, at 224) but not its
+The CLIP/feature term (``feature_loss``): the paper names it (weight 1, at 224) but not its
 features or distance. Ours: the frozen SigLIP2 teacher's encoder tokens (after its final LayerNorm,
 the features its MAP head pools; 14 x 14 of them at 224) of the reconstruction against those of the
 original, 1 - cosine similarity per token, averaged. Per token rather than the pooled embedding, so
@@ -49,11 +49,6 @@ class LossConfig:
     text_tower: str | None = None
     teacher: str | None = None
     render_backend: str | None = None  # 3D views: "gsplat", "torch" or None (gsplat on CUDA if present)
-
-
-def kl_per_token(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, 1)) per token: [N, C] x 2 -> [N]."""
-    return 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).sum(-1)
 
 
 def token_l1(batch: PackedBatch, recon: torch.Tensor) -> torch.Tensor:
@@ -122,9 +117,10 @@ def feature_loss(teacher: nn.Module, orig: torch.Tensor, rec: torch.Tensor) -> t
 
 
 class ReconstructionLoss(nn.Module):
-    """forward(batch, recon [N, 3072], kl [N], teacher=None) -> scalar terms 'l1', 'lpips', 'gram',
-    'clip', 'kl', 'rec', 'total'. 'clip' is computed when ``cfg.clip_weight`` > 0 and needs ``teacher``
-    (the frozen SigLIP2 image tower, ``model.siglip2.Siglip2ImageTower``) then.
+    """forward(batch, recon [N, 3072], teacher=None) -> the unweighted scalar terms 'l1', 'lpips',
+    'gram', 'clip' of the micro-batch's image and video samples (``Objective`` weights and sums them).
+    'clip' is computed when ``cfg.clip_weight`` > 0 and needs ``teacher`` (the frozen SigLIP2 image
+    tower, ``model.siglip2.Siglip2ImageTower``) then.
 
     The perceptual net is frozen and kept out of this module's parameters and state_dict (so no
     optimizer or checkpoint ever sees it); ``.to()`` / ``.cuda()`` still move it (see ``_apply``).
@@ -143,12 +139,11 @@ class ReconstructionLoss(nn.Module):
         self.perceptual._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, batch: PackedBatch, recon: torch.Tensor, kl: torch.Tensor,
+    def forward(self, batch: PackedBatch, recon: torch.Tensor,
                 teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
         l1 = token_l1(batch, recon).mean()
         lpips = gram = clip = recon.new_zeros((), dtype=torch.float32)
-        pairs = image_pairs(batch, recon, cfg.perceptual_size)
+        pairs = image_pairs(batch, recon, self.cfg.perceptual_size)
         if pairs is not None:
             dtype = next(self.perceptual.parameters()).dtype
             orig, rec = (p.to(dtype) for p in pairs)
@@ -157,12 +152,9 @@ class ReconstructionLoss(nn.Module):
             fy = self.perceptual.features(rec)
             lpips = self.perceptual.distance(fx, fy).float().mean()
             gram = gram_loss(fx, fy).mean()
-            if cfg.clip_weight:
+            if self.cfg.clip_weight:
                 if teacher is None:
                     raise ValueError("the CLIP/feature term of image reconstruction needs the frozen SigLIP2 "
                                      "teacher: set loss.teacher to a local checkpoint directory, or loss.clip_weight=0")
                 clip = feature_loss(teacher, *pairs).mean()
-        rec_loss = cfg.l1_weight * l1 + cfg.lpips_weight * lpips + cfg.gram_weight * gram + cfg.clip_weight * clip
-        kl = kl.float().mean()
-        total = cfg.rec_weight * rec_loss + cfg.kl_weight * kl
-        return {"l1": l1, "lpips": lpips, "gram": gram, "clip": clip, "kl": kl, "rec": rec_loss, "total": total}
+        return {"l1": l1, "lpips": lpips, "gram": gram, "clip": clip}

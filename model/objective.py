@@ -1,4 +1,5 @@
-"""The whole objective over one packed micro-batch of any mix of modalities and tasks (DESIGN.md).
+"""The whole objective over one packed micro-batch of any mix of modalities and tasks
+(docs/design.md, Objective): the one place where the loss terms are weighted and summed.
 
     L      = rec_weight (0.2) * L_rec + sem_weight (1.0) * L_sem + kl_weight (1e-8) * L_KL
     L_rec  = L1 + 10 LPIPS + 1000 Gram        image tokens   (losses.ReconstructionLoss)
@@ -25,6 +26,7 @@ import torch.nn as nn
 from .autoencoder import AToken, Outputs
 from .losses import LossConfig, ReconstructionLoss
 from .packed import ASSET3D, IMAGE, PackedBatch
+from .siglip2 import Siglip2ImageTower
 from .splatting import gaussian_view_loss
 from .understanding import TextTower, distill_loss, sigmoid_loss
 
@@ -53,8 +55,6 @@ class Objective(nn.Module):
         tower = TextTower.from_pretrained(cfg.text_tower) if cfg.text_tower else None
         teacher = None
         if cfg.teacher:
-            from .siglip2 import Siglip2ImageTower
-
             teacher = Siglip2ImageTower.from_pretrained(cfg.teacher)
         return cls(cfg, tower, teacher, group)
 
@@ -84,7 +84,7 @@ class Objective(nn.Module):
                 teacher = self.teacher
                 if cfg.clip_weight and any(m == IMAGE for m in sub.modalities):
                     teacher = self._need(teacher, "loss.teacher", "the CLIP/feature term (loss.clip_weight)")
-                r = self.rec(sub, recon, out.posterior.kl(), teacher)
+                r = self.rec(sub, recon, teacher)
                 terms.update(l1=r["l1"], lpips=r["lpips"], gram=r["gram"], clip=r["clip"])
             assets = [i for i, m in enumerate(batch.modalities) if m == ASSET3D]
             if assets:

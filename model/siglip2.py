@@ -26,41 +26,20 @@ SigLIP2 has no RoPE: a model reproduces it only with ``ModelConfig(encoder_rope=
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from .autoencoder import AToken, Encoder
 from .config import CHANNELS, PATCH_HW, ModelConfig, TransformerConfig
+from .hf_checkpoint import read_safetensors
 from .packed import PackedBatch
 from .transformer import fuse_qkv
 from .understanding import MAPHead
 
 PREFIX = "vision_model."
 FRAME_DIM = CHANNELS * PATCH_HW * PATCH_HW  # 768 values of one frame of a token
-
-
-def read_safetensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """All tensors whose name starts with ``prefix`` from a HF checkpoint directory (fp32, CPU)."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors (or its index); only safetensors checkpoints "
-                                "are read (re-save the model with save_pretrained(safe_serialization=True))")
-    out = {}
-    for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    out[key] = f.get_tensor(key).float()
-    return out
 
 
 def vision_config(path: str | Path):

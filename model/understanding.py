@@ -12,10 +12,10 @@ stream, as SigLIP does over its global batch.
 
 Logit scale convention (read in the installed HF ``Siglip2Model.forward``: ``logits *
 logit_scale.exp() + logit_bias``, and tested against its loss): the learned parameter is the LOG
-of the scale t, so DESIGN.md's 4.8438 is log t (t = exp(4.8438) ~ 127, the size trained SigLIP
-models reach; training from scratch would start at log 10) and -15.5625 is the bias b. Read as a
-plain scale, 4.8438 with b = -15.5625 would make every logit negative (|cos| <= 1): no pair could
-ever be scored positive.
+of the scale t, so the 4.8438 of docs/design.md (Model) is log t (t = exp(4.8438) ~ 127, the size
+trained SigLIP models reach; training from scratch would start at log 10) and -15.5625 is the bias
+b. Read as a plain scale, 4.8438 with b = -15.5625 would make every logit negative (|cos| <= 1): no
+pair could ever be scored positive.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import TransformerConfig
+from .hf_checkpoint import read_safetensors
 from .transformer import MLP, LinearSpec
 
 LOGIT_SCALE_INIT = 4.8438  # log t
@@ -241,8 +242,6 @@ class TextTower(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 64) -> "TextTower":
         from transformers import AutoTokenizer, Siglip2TextModel  # only the understanding branch needs it
-
-        from .siglip2 import read_safetensors  # (siglip2 imports this module)
 
         path = Path(path)
         if not (path / "config.json").exists():

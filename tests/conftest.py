@@ -10,7 +10,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-    config.addinivalue_line("markers", "slow: takes minutes; run with -m slow")
+    config.addinivalue_line("markers", "slow: spawns training or subprocess runs, or takes over ~15 s on 2 CPU "
+                                       "cores (make test-fast leaves it out; make test runs everything)")
 
 
 @pytest.fixture

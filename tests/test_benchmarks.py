@@ -21,6 +21,7 @@ from common import image_sizes, packed_batch  # noqa: E402
 from train_step import train_flops  # noqa: E402
 
 
+@pytest.mark.slow
 def test_analytic_flops_equal_torch_flop_counter():
     """Forward + backward of the tiny model on a mixed batch, counted by ``FlopCounterMode`` with
     SDPA's math path (which it decomposes into counted matmuls). The analytic count is the usual
@@ -40,6 +41,7 @@ def test_analytic_flops_equal_torch_flop_counter():
     assert counts["aten.bmm"] == analytic["attention"]  # attention's matmuls are the only bmm
 
 
+@pytest.mark.slow
 def test_train_step_script_on_cpu(tmp_path):
     out = tmp_path / "train_step.json"
     proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--models", "tiny", "--tokens", "256",
@@ -61,6 +63,7 @@ def test_train_step_script_on_cpu(tmp_path):
     assert "| tiny |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_clip_term_script_on_cpu(tmp_path):
     """benchmarks/clip_term.py end to end, shrunk: its difference is the CLIP term's cost."""
     out = tmp_path / "clip_term.json"

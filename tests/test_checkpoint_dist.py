@@ -20,6 +20,8 @@ from atoken.model import AToken, preset
 from atoken.tools.convert import convert, find_checkpoint
 from atoken.training import checkpoint
 
+pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
+
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 K, STEPS = 2, 4
 

@@ -20,6 +20,8 @@ from atoken.training.distributed import free_port
 
 from slurm_cluster import SlurmCluster, missing  # noqa: I001 - tests/ is on sys.path under pytest
 
+pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "cluster").glob("*.slurm")) + [REPO / "cluster" / "common.sh"]
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]

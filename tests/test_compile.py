@@ -32,6 +32,7 @@ def _loss_and_grads(model: AToken, batch: PackedBatch) -> tuple[torch.Tensor, di
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_compiled_blocks_compute_what_eager_does():
     torch.manual_seed(0)
     eager = AToken(micro_config())

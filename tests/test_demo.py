@@ -7,6 +7,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
+
 STEPS = 200  # the run is not bit-reproducible across processes (seen: 15.56-16.06 dB at 120 steps)
 
 

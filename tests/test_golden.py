@@ -22,6 +22,8 @@ import pytest
 from atoken.tools.demo import HELD_OUT, bundled_photos
 from atoken.tools.make_image_shards import write_image_shards
 
+pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
+
 GOLDEN = Path(__file__).parent / "golden" / "demo_20_steps.json"
 STEPS = 20
 VOLATILE = {"tokens_per_s"}  # wall-clock, not numerics: add any new timing metric here

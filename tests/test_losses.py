@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atoken.model.losses import (LossConfig, ReconstructionLoss, gram_loss, gram_matrix, kl_per_token,
-                                 token_l1)
+from atoken.model.autoencoder import Outputs, Posterior
+from atoken.model.losses import LossConfig, ReconstructionLoss, gram_loss, gram_matrix, token_l1
+from atoken.model.objective import Objective
 from atoken.model.packed import PackedBatch
 from atoken.model.patches import patchify
 from atoken.model.perceptual import HUB_FILES, LPIPS, load_perceptual, stlpips_file
@@ -161,45 +162,57 @@ def test_l1_counts_only_real_frames():
     assert token_l1(video, vrec).item() == pytest.approx(0.75)
 
 
-def test_kl_per_token():
+def test_posterior_kl_per_token():
     mean, logvar = torch.randn(5, 8), torch.randn(5, 8)
     want = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(-1)
-    torch.testing.assert_close(kl_per_token(mean, logvar), want)
-    assert kl_per_token(torch.zeros(3, 4), torch.zeros(3, 4)).abs().max() == 0
+    torch.testing.assert_close(Posterior(mean, logvar).kl(), want)
+    assert Posterior(torch.zeros(3, 4), torch.zeros(3, 4)).kl().abs().max() == 0
 
 
 # ---------------------------------------------------------------- ReconstructionLoss
 
+def _posterior(n: int, seed: int = 2) -> Posterior:
+    g = torch.Generator().manual_seed(seed)
+    return Posterior(torch.randn(n, 8, generator=g) * 3, torch.randn(n, 8, generator=g))
+
+
 def test_reconstruction_loss_forward_backward():
     cfg = LossConfig(clip_weight=0.0)  # the CLIP/feature term needs a teacher: tests/test_clip_term.py
-    loss = ReconstructionLoss(cfg)
-    assert not list(loss.parameters()) and not loss.state_dict()  # the frozen net stays out
+    objective = Objective(cfg)
+    loss = objective.rec
+    assert not list(objective.parameters()) and not objective.state_dict()  # the frozen net stays out
     batch = _batch()
     torch.manual_seed(1)
     recon = (batch.features + 0.1 * torch.randn_like(batch.features)).requires_grad_(True)
-    kl = torch.rand(batch.num_tokens) * 100
-    out = loss(batch, recon, kl)
-    assert set(out) == {"l1", "lpips", "gram", "clip", "kl", "rec", "total"} and out["clip"] == 0
-    assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    post = _posterior(batch.num_tokens)
+    terms = loss(batch, recon)
+    assert set(terms) == {"l1", "lpips", "gram", "clip"} and terms["clip"] == 0
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
     with pytest.raises(ValueError, match="needs the frozen SigLIP2 teacher"):
-        ReconstructionLoss(LossConfig())(batch, recon, kl)  # clip_weight 1 without a teacher
-    assert out["lpips"] > 0 and out["gram"] > 0 and out["l1"] > 0
-    want = 0.2 * (out["l1"] + 10 * out["lpips"] + 1000 * out["gram"]) + 1e-8 * out["kl"]
+        ReconstructionLoss(LossConfig())(batch, recon)  # clip_weight 1 without a teacher
+    assert terms["lpips"] > 0 and terms["gram"] > 0 and terms["l1"] > 0
+    # The one total (Objective): the weights of docs/design.md, Objective.
+    out = objective(None, batch, Outputs(posterior=post, recon=recon), [{}] * batch.num_samples, ("rec",))
+    for k in terms:
+        torch.testing.assert_close(out[k], terms[k])
+    torch.testing.assert_close(out["kl"], post.kl().mean())
+    want = 0.2 * (terms["l1"] + 10 * terms["lpips"] + 1000 * terms["gram"]) + 1e-8 * out["kl"]
     torch.testing.assert_close(out["total"], want)
-    torch.testing.assert_close(out["kl"], kl.mean())
     out["total"].backward()
     assert recon.grad is not None and torch.isfinite(recon.grad).all()
     # Gradient reaches the real frame values only (the padding frames do not enter any term).
     assert recon.grad[:, :768].abs().sum() > 0 and recon.grad[:, 768:].abs().sum() == 0
     # A perfect reconstruction costs nothing but the KL.
-    zero = loss(batch, batch.features, torch.zeros(batch.num_tokens))
+    zero = objective(None, batch, Outputs(posterior=Posterior(*(torch.zeros(batch.num_tokens, 8),) * 2),
+                                          recon=batch.features), [{}] * batch.num_samples, ("rec",))
     assert zero["total"].abs() < 1e-6
 
 
 def test_reconstruction_loss_l1_only_without_images():
-    loss = ReconstructionLoss(LossConfig())  # no images: the CLIP term (weight 1) needs no teacher
+    objective = Objective(LossConfig())  # no images: the CLIP term (weight 1) needs no teacher
     f, c, grid = patchify(torch.rand(3, 4, 32, 32) * 2 - 1)
     batch = PackedBatch.cat([(f, c, grid, "video", 4)])
-    out = loss(batch, f + 0.5, torch.zeros(f.shape[0]))
+    zeros = torch.zeros(f.shape[0], 8)
+    out = objective(None, batch, Outputs(posterior=Posterior(zeros, zeros), recon=f + 0.5), [{}], ("rec",))
     assert out["lpips"] == 0 and out["gram"] == 0
     torch.testing.assert_close(out["total"], torch.tensor(0.2 * 0.5))

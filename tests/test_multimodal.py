@@ -74,6 +74,7 @@ def mixed(image: str, samples) -> tuple[PackedBatch, list[dict]]:
     return PackedBatch.cat([part, *parts], names=[image, "bikes.mp4", "airplane.ply"]), [extra, *extras]
 
 
+@pytest.mark.slow
 def test_one_mixed_batch_through_every_head_and_loss(samples, objective):
     torch.manual_seed(0)
     model = AToken(model_config())
@@ -139,6 +140,7 @@ def write_inputs(root: Path) -> dict[str, Path]:
     return shards
 
 
+@pytest.mark.slow
 def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
     """The real trainer, one process: five streams (image rec, video rec and und, 3D rec and und)
     mixed round-robin in every step; each task's loss is lower at the end than at the start."""

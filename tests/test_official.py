@@ -323,6 +323,7 @@ def test_export_refuses_what_the_release_cannot_hold(tmp_path):
 # ------------------------------------------------------------------ fine-tuning the release
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_imported_release_weights(tmp_path, shards):
     """The trainer starts from an imported release (a tiny one, random): its step-0 reconstruction
     of a held-out photo is the imported model's, it trains, and a rerun resumes its own checkpoint."""
@@ -330,7 +331,7 @@ def test_fine_tuning_from_imported_release_weights(tmp_path, shards):
     import skimage.data as sk
     from PIL import Image
 
-    from atoken.model.metrics import psnr
+    from atoken.tools.eval.metrics import psnr
 
     a = {**arch(latent=32), **{f"{s}_{k}": v for s in ("encoder", "decoder")
                                for k, v in (("model_channels", 192), ("num_heads", 4), ("mlp_channels", 768),

@@ -18,6 +18,8 @@ from atoken.tools.make_image_shards import write_image_shards
 
 from siglip2_local import write_tiny_siglip2  # noqa: I001 - tests/ is on sys.path under pytest
 
+pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
+
 pytest.importorskip("transformers")
 WIDTH, HEADS, MLP = 64, 2, 128
 STEPS = 24

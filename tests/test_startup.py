@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
+
 LIGHT = ["atoken.tools.convert", "atoken.tools.reconstruct", "atoken.tools.make_image_shards",
-         "atoken.tools.make_video_shards", "atoken.tools.make_3d_shards", "atoken.tools.import_siglip2"]
+         "atoken.tools.make_video_shards", "atoken.tools.make_3d_shards", "atoken.tools.import_siglip2",
+         "atoken.tools.evaluate", "atoken.tools.zero_shot"]
 # These read the typed config (LossConfig lives with the losses, in torch) or report torch versions.
-WITH_TORCH = ["atoken.training.train", "atoken.tools.demo", "atoken.tools.evaluate", "atoken.tools.zero_shot"]
+WITH_TORCH = ["atoken.training.train", "atoken.tools.demo"]
 
 
 def imported_by_help(module: str) -> set[str]:

@@ -203,6 +203,7 @@ def test_round_trip(modality, s3_env, tmp_path):
     loader.close()
 
 
+@pytest.mark.slow
 def test_mix_counts_and_single_rank_resume(s3_env, s3_data, tmp_path):
     cfg = data_config(s3_data, tmp_path / "c0")
     order = ["img_c", "img_a", "img_c", "img_c", "img_b", "img_c", "img_a", "img_c", "img_c"]
@@ -240,6 +241,7 @@ def _recached(cfg: DataConfig, root: Path) -> dict[str, StreamConfig]:
     return {n: dataclasses.replace(s, local=str(root / n)) for n, s in cfg.streams.items()}
 
 
+@pytest.mark.slow
 def test_two_ranks(s3_env, s3_data, tmp_path, stream_env):
     """torchrun, 2 processes: disjoint first epochs covering each dataset; exact resume of the mix."""
     cfg = data_config(s3_data, tmp_path / "unused")

@@ -77,6 +77,7 @@ def steps_of(records: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in records if "loss" in r}
 
 
+@pytest.mark.slow
 def test_resume_matches_straight_run(run_a, shards, tmp_path):
     straight = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])
     assert sorted(straight) == list(range(1, STEPS + 1))
@@ -96,6 +97,7 @@ def test_resume_matches_straight_run(run_a, shards, tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_run_records(run_a):
     events = [json.loads(line)["event"] for line in open(run_a / "events.jsonl")]
     assert events == ["start", "checkpoint", "checkpoint", "end"]
@@ -108,6 +110,7 @@ def test_run_records(run_a):
     assert list((run_a / "wandb").glob("offline-run-*")), "wandb offline run missing"
 
 
+@pytest.mark.slow
 def test_corrupt_sample_skipped_and_counted(run_a):
     last = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])[STEPS]
     assert last["samples_bad"] >= 1
@@ -115,6 +118,7 @@ def test_corrupt_sample_skipped_and_counted(run_a):
     assert "truncated" in log or "shard" in log
 
 
+@pytest.mark.slow
 def test_converted_model_equals_training_ema(run_a, tmp_path):
     import skimage.data as sk
 
@@ -142,6 +146,7 @@ def test_converted_model_equals_training_ema(run_a, tmp_path):
     assert torch.allclose(bf16.reconstruct([img])[0], got[0], atol=0.1)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
     """The real trainer under torchrun, TP=2 with sequence parallelism: the TP group reads the
     single process's samples and reproduces its losses; every TP rank writes its model shard."""
@@ -203,6 +208,7 @@ def demo_args(run_dir: Path, shards: Path) -> list[str]:
     return [sys.executable, "-m", "atoken.training.train", "--config", "demo", *[a for s in sets for a in ("--set", s)]]
 
 
+@pytest.mark.slow
 def test_deterministic_demo_runs_reproduce_and_resume_bit_for_bit(shards, tmp_path):
     """Run A straight; run B killed (SIGKILL) after step 4, its step-3 checkpoint resumed by the same
     command. B's steps 1-4 before the kill are a second run from scratch; its steps 4-6 after the

@@ -60,6 +60,7 @@ def demo(shards: Path, run_dir: Path, *sets: str) -> list[str]:
     return args + [a for s in sets for a in ("--set", s)]
 
 
+@pytest.mark.slow
 def test_train_without_a_data_path_fails_at_once(tmp_path):
     """The default config (so400m) with no data: refused before the model is built."""
     proc = run(TRAIN, "--set", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -78,6 +79,7 @@ def test_train_without_a_data_path_fails_at_once(tmp_path):
     (["log.eval_images={tmp}/no_images"], ["log.eval_images=", "no such folder"]),
     (["checkpoint.init_from={tmp}"], ["checkpoint.init_from=", "no complete checkpoint"]),
 ])
+@pytest.mark.slow
 def test_train_refuses_mistakes_before_building_anything(sets, needles, shards, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     sets = [s.replace("{tmp}", str(tmp_path)) for s in sets]
@@ -85,6 +87,7 @@ def test_train_refuses_mistakes_before_building_anything(sets, needles, shards, 
                    *[n.replace("{tmp}", str(tmp_path)) for n in needles])
 
 
+@pytest.mark.slow
 def test_train_names_the_s3_bucket_without_credentials(shards, tmp_path):
     # No credentials anywhere boto3 looks (variables, ~/.aws, instance metadata is not reached first).
     env = {"S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
@@ -104,6 +107,7 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_damaged_weights_are_named_by_reconstruct_and_evaluate(damage, model_dir, tmp_path):
     broken = tmp_path / "broken"
@@ -119,6 +123,7 @@ def test_damaged_weights_are_named_by_reconstruct_and_evaluate(damage, model_dir
         one_line_error(run(module, *args, cwd=tmp_path), str(broken / "model.safetensors"), "atoken-convert")
 
 
+@pytest.mark.slow
 def test_reconstruct_reports_the_good_files_and_names_the_bad_one(model_dir, tmp_path):
     good = []
     for name, img in (("astronaut.png", skimage.data.astronaut()), ("coffee.png", skimage.data.coffee())):
@@ -135,6 +140,7 @@ def test_reconstruct_reports_the_good_files_and_names_the_bad_one(model_dir, tmp
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.png", "coffee.png"]
 
 
+@pytest.mark.slow
 def test_convert_names_a_checkpoint_without_its_model_states(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
     ckpt.mkdir(parents=True)
@@ -144,6 +150,7 @@ def test_convert_names_a_checkpoint_without_its_model_states(tmp_path):
     one_line_error(proc, str(ckpt), "no *model_states.pt", "another checkpoints/step_*")
 
 
+@pytest.mark.slow
 def test_shard_writer_refuses_an_output_that_is_a_file(tmp_path):
     Image.fromarray(skimage.data.astronaut()[:32, :32]).save(tmp_path / "a.png")
     out = tmp_path / "out"

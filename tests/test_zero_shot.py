@@ -26,7 +26,8 @@ from atoken.data_pipeline.video_decode import decode_all, encode_video
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.tokenizer import Tokenizer, save_inference_dir
 from atoken.model.understanding import TextTower
-from atoken.tools import zero_shot as zs
+from atoken.tools import zero_shot as cli
+from atoken.tools.eval import ranking, understanding as zs
 from atoken.tools.make_image_shards import write_image_shards
 from atoken.tools.make_video_shards import write_video_shards
 from siglip2_local import write_tiny_siglip2  # noqa: I001 - tests/ is on sys.path under pytest
@@ -91,11 +92,11 @@ def test_metrics_on_constructed_scores():
             others.insert(0, above[i])
         order = others[:r - 1] + [y] + others[r - 1:]  # best first
         scores[i, order] = np.linspace(1, -1, k)
-    ranks = zs.true_ranks(scores, labels)
+    ranks = ranking.true_ranks(scores, labels)
     assert ranks.tolist() == want_rank.tolist()
-    preds = zs.top1_predictions(scores, labels, ranks)
+    preds = ranking.top1_predictions(scores, labels, ranks)
     names = [f"c{j}" for j in range(k)]
-    m, conf = zs.classification_metrics(ranks, preds, labels, names, worst_k=3)
+    m, conf = ranking.classification_metrics(ranks, preds, labels, names, worst_k=3)
     assert m["n"] == 10 and m["top1"] == pytest.approx(0.4) and m["top5"] == pytest.approx(0.8) and m["top5_k"] == 5
     assert preds.tolist() == [0, 4, 1, 0, 5, 3, 2, 0, 6, 3]
     per_class = {c["index"]: c["top1"] for c in m["per_class"]}
@@ -112,11 +113,11 @@ def test_metrics_on_constructed_scores():
 
     # Ties count against the model: all-equal scores rank the true class last, never first.
     flat = np.zeros((3, 4))
-    r = zs.true_ranks(flat, np.array([0, 2, 3]))
+    r = ranking.true_ranks(flat, np.array([0, 2, 3]))
     assert r.tolist() == [4, 4, 4]
-    assert zs.top1_predictions(flat, np.array([0, 2, 3]), r).tolist() != [0, 2, 3]
+    assert ranking.top1_predictions(flat, np.array([0, 2, 3]), r).tolist() != [0, 2, 3]
     # Fewer classes than 5: top-5 is top-3, which every item reaches.
-    m3, _ = zs.classification_metrics(np.array([1, 3, 2]), np.array([0, 0, 1]), np.array([0, 1, 2]), ["a", "b", "c"])
+    m3, _ = ranking.classification_metrics(np.array([1, 3, 2]), np.array([0, 0, 1]), np.array([0, 1, 2]), ["a", "b", "c"])
     assert m3["top5_k"] == 3 and m3["top5"] == 1.0 and m3["top1"] == pytest.approx(1 / 3)
 
 
@@ -130,15 +131,15 @@ def test_retrieval_metrics_on_constructed_scores():
         order.insert(i % 4, i)
         sim[order, i] = col
     sim += np.random.default_rng(0).uniform(0, 1e-3, sim.shape)  # rows without ties; columns keep their order
-    m = zs.retrieval_metrics(sim)
+    m = ranking.retrieval_metrics(sim)
     t2v = m["t2v"]
     assert t2v["ranks"] == [(i % 4) + 1 for i in range(n)]
     assert (t2v["r1"], t2v["r5"], t2v["r10"]) == (0.25, 1.0, 1.0)
     assert t2v["median_rank"] == 2.5 and t2v["mean_rank"] == 2.5 and m["k_capped_at"] is None
     assert m["v2t"]["ranks"] == numpy_ranks(sim).tolist()
     # Identity: perfect; all-equal: every rank last; N < 10 caps recall@10 at N.
-    assert zs.retrieval_metrics(np.eye(n))["t2v"]["r1"] == 1.0
-    flat = zs.retrieval_metrics(np.ones((5, 5)))
+    assert ranking.retrieval_metrics(np.eye(n))["t2v"]["r1"] == 1.0
+    flat = ranking.retrieval_metrics(np.ones((5, 5)))
     assert flat["t2v"]["ranks"] == [5] * 5 and flat["v2t"]["r1"] == 0.0 and flat["k_capped_at"] == 5
 
 
@@ -146,17 +147,17 @@ def test_eval_clip_is_a_training_understanding_clip():
     # A window that fits exactly: the training draw has one choice, whatever the seed.
     for frames, fps in ((40, 5.0), (176, 25.0), (13, 4.0), (64, 0.5)):
         want = und_frame_indices(frames, fps, np.random.default_rng(3), 1.0, 64)
-        assert zs.eval_frame_indices(frames, fps).tolist() == want.tolist()
+        assert und_frame_indices(frames, fps, None).tolist() == want.tolist()
     # Longer than max_frames: the centred window, one of the windows training draws.
-    got = zs.eval_frame_indices(60, 5.0, 1.0, 8)
+    got = und_frame_indices(60, 5.0, None, 1.0, 8)
     assert got.tolist() == [10, 15, 20, 25, 30, 35, 40, 45]
     draws = {tuple(und_frame_indices(60, 5.0, np.random.default_rng(s), 1.0, 8)) for s in range(200)}
     assert tuple(got) in draws and len(draws) == 5
     # Under 4 frames at 1 fps: 4 frames spread over the video, as training does.
-    assert zs.eval_frame_indices(12, 5.0).tolist() == [0, 4, 7, 11]
-    assert zs.eval_frame_indices(12, 5.0).tolist() == und_frame_indices(12, 5.0, np.random.default_rng(0)).tolist()
+    assert und_frame_indices(12, 5.0, None).tolist() == [0, 4, 7, 11]
+    assert und_frame_indices(12, 5.0, None).tolist() == und_frame_indices(12, 5.0, np.random.default_rng(0)).tolist()
     with pytest.raises(ValueError, match="at least 4"):
-        zs.eval_frame_indices(3, 5.0)
+        und_frame_indices(3, 5.0, None)
 
 
 # ---------------------------------------------------------------- classification
@@ -190,6 +191,7 @@ def write_photos(root: Path) -> list[tuple[str, Path, tuple[int, int]]]:
     return sorted(out, key=lambda x: x[1].relative_to(root).as_posix())
 
 
+@pytest.mark.slow
 def test_classification_matches_independent_computation(models, tmp_path):
     model_dir, text_dir, model = models
     photos = write_photos(tmp_path / "photos")
@@ -277,6 +279,7 @@ def decode_pyav(data: bytes) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
+@pytest.mark.slow
 def test_retrieval_matches_independent_computation(models, clips, tmp_path):
     model_dir, text_dir, model = models
     root, items = clips
@@ -314,6 +317,7 @@ def test_retrieval_matches_independent_computation(models, clips, tmp_path):
 
 # ---------------------------------------------------------------- the CLI on shards
 
+@pytest.mark.slow
 def test_cli_on_image_shards_names_bad_items(models, tmp_path, stream_env, capsys):
     model_dir, text_dir, _ = models
     photos = write_photos(tmp_path / "photos")
@@ -330,7 +334,7 @@ def test_cli_on_image_shards_names_bad_items(models, tmp_path, stream_env, capsy
     # street (6) images have labels out of range.
     (tmp_path / "classes.txt").write_text("bird\ncar\ncat\ndog\nperson\n\n")
     out = tmp_path / "report"
-    rc = zs.main(["classify", str(model_dir), "--text-tower", str(text_dir), "--images", str(shards),
+    rc = cli.main(["classify", str(model_dir), "--text-tower", str(text_dir), "--images", str(shards),
                   "--classes", str(tmp_path / "classes.txt"), "--template", TEMPLATES[0], "--template", TEMPLATES[1],
                   "--image-res", "96", "--out", str(out), "--device", "cpu", "--no-progress"])
     captured = capsys.readouterr()
@@ -364,21 +368,22 @@ def test_cli_on_image_shards_names_bad_items(models, tmp_path, stream_env, capsy
     with MDSWriter(columns=IMAGE_COLUMNS, out=str(tmp_path / "nolabel")) as w:
         w.write({"image": photos[0][1].read_bytes(), "width": 80, "height": 64, "name": "x.png"})
     args = ["classify", str(model_dir), "--text-tower", str(text_dir), "--out", str(tmp_path / "e"), "--no-progress"]
-    assert zs.main([*args, "--images", str(tmp_path / "nolabel"), "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert cli.main([*args, "--images", str(tmp_path / "nolabel"), "--classes", str(tmp_path / "classes.txt")]) == 2
     err = capsys.readouterr().err
     assert "shard.00000.mds has no label column" in err and "--labels-from-folders" in err
-    assert zs.main([*args, "--images", str(shards)]) == 2
+    assert cli.main([*args, "--images", str(shards)]) == 2
     assert "pass --classes FILE" in capsys.readouterr().err
     # Shards written without --labels-from-folders: every image unlabelled, nothing to evaluate.
     write_image_shards(tmp_path / "photos", str(tmp_path / "unlabelled"), progress=False)
-    assert zs.main([*args, "--images", str(tmp_path / "unlabelled"), "--classes", str(tmp_path / "classes.txt")]) == 1
+    assert cli.main([*args, "--images", str(tmp_path / "unlabelled"), "--classes", str(tmp_path / "classes.txt")]) == 1
     captured = capsys.readouterr()
     assert "no usable item of 11" in captured.err and "without --labels-from-folders" in captured.out
     (tmp_path / "gap.txt").write_text("bird\n\ncat\n")
-    assert zs.main([*args, "--images", str(shards), "--classes", str(tmp_path / "gap.txt")]) == 2
+    assert cli.main([*args, "--images", str(shards), "--classes", str(tmp_path / "gap.txt")]) == 2
     assert "gap.txt: line 2 is blank" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_on_video_shards_and_model_errors(models, clips, tmp_path, stream_env, capsys):
     model_dir, text_dir, model = models
     root, items = clips
@@ -393,7 +398,7 @@ def test_cli_on_video_shards_and_model_errors(models, clips, tmp_path, stream_en
     written, rejected = write_video_shards(videos, str(tmp_path / "vshards"), progress=False)
     assert written == 4 and [r[0] for r in rejected] == ["broken.webm"]
     out = tmp_path / "report"
-    rc = zs.main(["retrieve", str(model_dir), "--text-tower", str(text_dir), "--videos", str(tmp_path / "vshards"),
+    rc = cli.main(["retrieve", str(model_dir), "--text-tower", str(text_dir), "--videos", str(tmp_path / "vshards"),
                   "--out", str(out), "--video-res", "128", "--max-frames", "8", "--decode-backend", "pyav",
                   "--device", "cpu", "--no-progress"])
     captured = capsys.readouterr()
@@ -418,11 +423,11 @@ def test_cli_on_video_shards_and_model_errors(models, clips, tmp_path, stream_en
     cfg = preset("tiny")
     save_inference_dir(tmp_path / "nohead", AToken(cfg).state_dict(), cfg.to_dict(), "ema", {"checkpoint": "t"})
     args = ["--text-tower", str(text_dir), "--videos", str(videos), "--out", str(tmp_path / "e"), "--no-progress"]
-    assert zs.main(["retrieve", str(tmp_path / "nohead"), *args]) == 2
+    assert cli.main(["retrieve", str(tmp_path / "nohead"), *args]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'nohead'}: this model has no understanding head" in err
-    assert zs.main(["retrieve", str(tmp_path / "missing"), *args]) == 2
+    assert cli.main(["retrieve", str(tmp_path / "missing"), *args]) == 2
     assert "not an atoken inference directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        zs.main(["retrieve", "--help"])
+        cli.main(["retrieve", "--help"])
     assert "--max-frames" in capsys.readouterr().out

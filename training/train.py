@@ -97,7 +97,7 @@ def data_metrics(loader) -> dict:
 
 def evaluate(model, ema, images: dict, device, amp) -> tuple[dict, list]:
     """Held-out PSNR of the EMA weights (what atoken-convert exports by default)."""
-    from atoken.model.metrics import psnr
+    from atoken.tools.eval.metrics import psnr
     from atoken.model.tokenizer import Tokenizer
 
     with ema.applied_to(model), amp:

@@ -1,4 +1,4 @@
-"""Reconstruction quality metrics shared by training-time evaluation and the evaluation tools.
+"""Reconstruction quality metrics of the evaluation tools (and of training's held-out PSNR).
 
 Images are [3, H, W] (or batches [B, 3, H, W]) and video clips [3, T, H, W], floats in [0, 1]
 (data range 1). The definitions follow the usual reference implementations, so numbers compare
@@ -10,7 +10,7 @@ with other papers' tables:
   population covariances, averaged over the positions where the window fits inside the image and
   over channels (skimage ``structural_similarity(..., gaussian_weights=True, sigma=1.5,
   use_sample_covariance=False, data_range=1, channel_axis=...)``).
-- video: the per-frame image metric averaged over frames.
+- video: the per-frame image metric averaged over frames (``reconstruction.video_record``).
 - FID: the Frechet distance between Gaussians fitted to two sets of features (pytorch-fid's
   ``calculate_frechet_distance``); the features come from ``inception.InceptionFeatures``.
 """
@@ -70,21 +70,26 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float | t
     return per_image[0].item() if single else per_image
 
 
-def _check_clip(x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.shape != y.shape or x.ndim != 4 or x.shape[0] != 3:
-        raise ValueError(f"expected two clips [3, T, H, W] of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+def to_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] rounded to 8 bits, as a saved PNG or video frame would hold them."""
+    return (x.clamp(0, 1) * 255).round() / 255
 
 
-def video_psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Per-frame PSNR of two clips [3, T, H, W] in [0, 1], averaged over the T frames."""
-    _check_clip(x, y)
-    return sum(psnr(x[:, t], y[:, t]) for t in range(x.shape[1])) / x.shape[1]
+def ssim_pairs(x: torch.Tensor, y: torch.Tensor, device: torch.device, chunk: int = 8) -> list[float]:
+    """SSIM of each pair of images of two batches [N, 3, H, W] in [0, 1], ``chunk`` pairs at a time
+    (its float64 moment maps take 40 bytes per input value)."""
+    return [v for i in range(0, x.shape[0], chunk)
+            for v in ssim(x[i:i + chunk].to(device), y[i:i + chunk].to(device)).tolist()]
 
 
-def video_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Per-frame SSIM of two clips [3, T, H, W] in [0, 1], averaged over the T frames."""
-    _check_clip(x, y)
-    return ssim(x.transpose(0, 1), y.transpose(0, 1)).mean().item()  # frames as a batch [T, 3, H, W]
+def lpips_pairs(lpips: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8) -> list[float]:
+    """LPIPS (``model.perceptual.LPIPS``) of each pair of images of two batches [N, 3, H, W] in [0, 1],
+    ``chunk`` pairs per pass."""
+    dev, out = next(lpips.parameters()).device, []
+    for i in range(0, x.shape[0], chunk):
+        with torch.no_grad():
+            out += lpips(x[i:i + chunk].to(dev) * 2 - 1, y[i:i + chunk].to(dev) * 2 - 1).tolist()
+    return out
 
 
 # ---------------------------------------------------------------------------------------- FID

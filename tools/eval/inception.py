@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .perceptual import _first_existing, _package_dir
+from atoken.model.perceptual import _first_existing, _package_dir
 
 logger = logging.getLogger(__name__)
 
