@@ -68,6 +68,7 @@ def _run(device: str, dtype: str, env: dict) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # the interpreter runs each program in Python
 def test_fused_matches_eager_in_triton_interpreter():
     pytest.importorskip("triton")
     _run("cpu", "torch.float32", {"TRITON_INTERPRET": "1"})
