@@ -6,8 +6,9 @@ parallelism) x DeepSpeed ZeRO 1, 2, 3.
         --tokens 16384 --layouts tp1,tp2,tp2sp,tp4sp                           # a GPU node: NCCL, bf16
 
 Each layout runs in the same process group, one after another: megatron's parallel state
-(``training.parallel.init_parallel``), the model (``build_model``), a DeepSpeed engine
-(``training.engine.build_engine``: torch AdamW, clipping, ZeRO stage), and a fixed packed micro-batch
+(``training.parallelize.init_parallel``), the plain model parallelized by the trainer's own
+``training.parallelize.parallelize`` (TP/SP, activation checkpointing, a DeepSpeed engine: torch
+AdamW, clipping, ZeRO stage), and a fixed packed micro-batch
 of mixed-resolution images per data-parallel rank (``--tokens`` tokens exactly; the TP ranks of a
 group share it). A step is what ``training.train.train_step`` does with ``grad_accum=1``: forward,
 the loss (the L1 + KL part of ``ReconstructionLoss``; ``--lpips`` adds LPIPS + Gram), backward, the
@@ -209,8 +210,7 @@ from atoken.model import AToken, PackedBatch, preset  # noqa: E402
 from atoken.model.losses import LossConfig, ReconstructionLoss, token_l1  # noqa: E402
 from atoken.training import distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
-from atoken.training.engine import build_engine  # noqa: E402
-from atoken.training.parallel import build_model, init_parallel, mpu_for  # noqa: E402
+from atoken.training.parallelize import init_parallel, parallelize  # noqa: E402
 from atoken.training.train import precision  # noqa: E402
 from common import (cpu_info, cpu_model, device_slug, git_state, image_sizes, packed_batch,  # noqa: E402
                     proc_status_bytes, sync, write_report)
@@ -348,10 +348,13 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
     batch = batches[dims.dp_rank]  # KeyError: a layout not in megatron's rank order
     memory = CudaMemory() if device.type == "cuda" else CpuMemory()
     torch.manual_seed(args.seed)  # the same weights on every rank
-    model = build_model(model_cfg, dims, checkpoint=args.activation_checkpointing).to(device)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    run = RunConfig(model=model_cfg, steps=10**6, precision=args.precision, zero_stage=layout.zero, seed=args.seed)
-    engine = build_engine(model, run, mpu=mpu_for(dims))
+    model = AToken(model_cfg)
+    run = RunConfig(model=model_cfg, steps=10**6, precision=args.precision, seed=args.seed)
+    run.parallel = replace(run.parallel, tp=layout.tp, sequence_parallel=layout.sequence_parallel,
+                           zero_stage=layout.zero, activation_checkpointing=args.activation_checkpointing)
+    engine = parallelize(model, dims, run, device)
+    # This rank's (TP-local) parameters; ZeRO-3 keeps only a partition of each, ``ds_numel`` is the whole.
+    param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
     COMM.check_bound()
     # LPIPS + Gram; the CLIP term needs a teacher and has its own benchmark (clip_term.py).
     loss_fn = ReconstructionLoss(LossConfig(clip_weight=0.0)).to(device) if args.lpips else None

@@ -10,7 +10,7 @@ seeded), exactly ``--tokens`` tokens. After ``--warmup`` untimed steps, ``--step
 timed, each: forward (``AToken(cfg)(batch)``), the loss (0.2 * L1 + 1e-8 * KL of
 ``ReconstructionLoss``; ``--lpips`` uses the full ``ReconstructionLoss`` with LPIPS + Gram),
 backward, an AdamW step (``training.engine.make_optimizer``: apex FusedAdam or torch's fused AdamW on
-CUDA). ``--compile`` compiles the transformer blocks as training's ``compile=true`` does. On CUDA: bf16 autocast, a device sync after each step, and
+CUDA). ``--compile`` compiles the transformer blocks as training's ``parallel.compile=true`` does. On CUDA: bf16 autocast, a device sync after each step, and
 ``torch.cuda.max_memory_allocated`` over the timed steps. On CPU: fp32, and the growth of the
 process' peak resident set (``VmHWM``) over the timed steps.
 
@@ -54,7 +54,7 @@ from atoken.model.attention import get_attention_backend
 from atoken.model.config import PATCH_DIM
 from atoken.model.losses import LossConfig, ReconstructionLoss, token_l1
 from atoken.model.rope import apply_rope
-from atoken.training.compile import compile_blocks
+from atoken.training.parallelize import compile_blocks
 from atoken.training.engine import make_optimizer
 from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync, write_report
 
@@ -362,7 +362,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="device peak, TFLOP/s (default: 989 on CUDA = H100 bf16 dense; CPU: measured fp32 matmul)")
     p.add_argument("--no-padded", action="store_true", help="skip the packed vs padded comparison")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (training.compile.compile_blocks), as compile=true "
+                   help="torch.compile the transformer blocks (training.parallelize.compile_blocks), as parallel.compile=true "
                         "does in training; the padded comparison compiles its function too")
     p.add_argument("--profile", metavar="DIR", help="profile one step per model: top kernels in the JSON, "
                                                     "the table and a Chrome trace in DIR")

@@ -1,10 +1,10 @@
-"""Two-process checks of training/parallel.py, run by tests/test_parallel.py under torchrun (gloo):
+"""Two-process checks of training/parallelize.py, run by tests/test_parallel.py under torchrun (gloo):
 
     torchrun --nproc_per_node 2 tests/parallel_worker.py OUT.json
 
-One launch runs every case (the imports cost more than the checks). A case builds the model at a
-layout, takes one optimizer step through a DeepSpeed engine (``training.engine.build_engine``, torch
-AdamW, clipping on) on packed batches of 3 images with odd token counts (13 and 11: sequence
+One launch runs every case (the imports cost more than the checks). A case builds the plain model,
+parallelizes it at a layout and takes one optimizer step through its DeepSpeed engine
+(``training.parallelize.parallelize``, torch AdamW, clipping on) on packed batches of 3 images with odd token counts (13 and 11: sequence
 parallelism pads them), and compares with a plain single-process TP=1 reference computed here, on
 every rank, from the same seed:
 
@@ -57,8 +57,9 @@ from atoken.model.losses import token_l1
 from atoken.model.understanding import distill_loss, sigmoid_loss
 from atoken.training import distributed, megatron_cpu
 from atoken.training.config import RunConfig
-from atoken.training.engine import build_engine, param_groups
-from atoken.training.parallel import TP_PARTIAL_GRAD, build_model, full_state_dict, init_parallel, mpu_for
+from atoken.training.engine import param_groups
+from atoken.training.parallelize import (TP_PARTIAL_GRAD, full_state_dict, init_parallel, parallelize,
+                                         shard_model)
 from atoken.training.schedule import lr_factor
 
 SEED, NOISE_SEED = 1234, 99
@@ -182,14 +183,17 @@ def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig)
     micro = list(range(len(data))) if accum > 1 else [dims.dp_rank]
     key = "both" if dims.dp * len(micro) > 1 else "one"
     torch.manual_seed(SEED)
-    model = build_model(cfg, dims, checkpoint=ckpt)
-    res = {"state_keys_match": set(model.state_dict()) == set(ref["init"])}  # the plain model's names
-    model.load_state_dict(model.state_dict())  # strict: megatron's extra state is gone
+    sharded = shard_model(AToken(cfg), dims)  # parallelize's first step alone, before any engine
+    res = {"state_keys_match": set(sharded.state_dict()) == set(ref["init"])}  # the plain model's names
+    sharded.load_state_dict(sharded.state_dict())  # strict: megatron's extra state is gone
+    del sharded
+    torch.manual_seed(SEED)
+    model = AToken(cfg)
+    run.parallel.zero_stage, run.parallel.activation_checkpointing, run.grad_accum = zero, ckpt, accum
+    engine = parallelize(model, dims, run, torch.device("cpu"))
     captured = {}
-    for name, p in model.named_parameters():  # registered after build_model's hooks: sees reduced grads
+    for name, p in model.named_parameters():  # registered after shard_model's hooks: sees reduced grads
         p.register_hook(lambda g, name=name: captured.__setitem__(name, g.detach().clone()))
-    run.zero_stage, run.grad_accum = zero, accum
-    engine = build_engine(model, run, mpu=mpu_for(dims))
     for group in engine.optimizer.param_groups:
         group["eps"] = ADAM_EPS
     res.update(recon_err=0.0, loss_err=0.0, grad_err=0.0, grad_err_at="", losses=[])
@@ -239,7 +243,7 @@ def bf16_case(cfg, data, ref: dict) -> dict:
     """TP=2 with sequence parallelism under CPU bf16 autocast: runs, and lands near fp32."""
     dims = init_parallel(tp=2, sequence_parallel=True, seed=SEED)
     torch.manual_seed(SEED)
-    model = build_model(cfg, dims)
+    model = shard_model(AToken(cfg), dims)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         recon, out = forward_loss(model, data[0], 0)
     out["total"].backward()
@@ -297,12 +301,12 @@ def run_semantic_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: R
     key, b = ("both" if dims.dp > 1 else "one"), dims.dp_rank
     group = dims.dp_group if dims.dp > 1 else None  # as train.py gives the objective
     torch.manual_seed(SEED)
-    model = build_model(cfg, dims)
+    model = AToken(cfg)
+    run.parallel.zero_stage, run.parallel.activation_checkpointing, run.grad_accum = zero, False, 1
+    engine = parallelize(model, dims, run, torch.device("cpu"))
     captured = {}
     for name, p in model.named_parameters():
         p.register_hook(lambda g, name=name: captured.__setitem__(name, g.detach().clone()))
-    run.zero_stage, run.grad_accum = zero, 1
-    engine = build_engine(model, run, mpu=mpu_for(dims))
     for g in engine.optimizer.param_groups:
         g["eps"] = run.optim.grad_clip  # see semantic_cases
     txt = data["txt"][b].clone().requires_grad_(True)

@@ -102,11 +102,9 @@ def initial_state(new: ModelConfig, source: str | Path, weights: str = "ema"
     return prev.state_dict(), origin, old
 
 
-def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights: str, dims) -> dict:
-    """Load the previous stage's weights into ``model`` (TP shards; before the engine exists).
-    Returns a record for the run's events."""
-    from .parallel import load_full_state_dict
-
+def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights: str) -> dict:
+    """Load the previous stage's weights into ``model``, the plain model before ``parallelize``
+    shards it. Returns a record for the run's events."""
     state, ckpt, old = initial_state(new, source, weights)
     names = {n for n, _ in model.named_parameters()}
     unexpected = sorted(set(state) - names)
@@ -116,7 +114,7 @@ def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights:
                          f"{unexpected[0]}) that this stage's model has not; give the stage the same heads "
                          "(e.g. --set model.understanding=true)")
     fresh = sorted(names - set(state))
-    load_full_state_dict(model, state, dims, allow_missing=True)
+    model.load_state_dict(state, strict=False)  # the fresh parameters keep their values; shapes are checked
     if fresh:
         log.info("new in this stage, freshly initialised: %s", sorted({n.split(".")[0] for n in fresh}))
     log.info("initialised from %s (%s weights)", ckpt, weights)
