@@ -1,4 +1,4 @@
-"""Multi-process checks of training/checkpoint.py, run by tests/test_checkpoint_dist.py:
+"""Multi-process checks of training/checkpoint/, run by tests/test_checkpoint_dist.py:
 
     torchrun --nproc_per_node N tests/checkpoint_worker.py PHASE ROOT
 
@@ -127,7 +127,7 @@ class Run:
             if getattr(p, "tensor_model_parallel", False):
                 t = t.chunk(self.dims.tp, dim=p.partition_dim)[self.dims.tp_rank]
             if hasattr(p, "ds_tensor"):
-                t = checkpoint._partition(t, self.dims.dp, self.dims.dp_rank)
+                t = checkpoint.partition(t, self.dims.dp, self.dims.dp_rank)
             ok &= torch.equal(t, mine[n])
         return all_ranks(ok)
 

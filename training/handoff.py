@@ -31,23 +31,18 @@ log = logging.getLogger(__name__)
 
 
 def source_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a run directory, its ``checkpoints/`` or a checkpoint itself."""
-    p = Path(path)
-    for ckpt_dir in (p / "checkpoints", p):
-        tag = checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
-        if tag is not None:
-            return ckpt_dir / tag
-    if checkpoint.is_checkpoint(p):
-        return p
-    raise FileNotFoundError(f"checkpoint.init_from={str(path)!r}: no complete checkpoint there (expected a run "
-                            "directory, its checkpoints/ folder, or a checkpoints/step_* directory)")
+    """The checkpoint ``checkpoint.init_from`` names (``checkpoint.find``)."""
+    ckpt = checkpoint.find(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"checkpoint.init_from={str(path)!r}: no complete checkpoint there (expected a run "
+                                "directory, its checkpoints/ folder, or a checkpoints/step_* directory)")
+    return ckpt
 
 
 def source_model_config(ckpt: Path) -> ModelConfig:
     """The model config the checkpoint was trained with (saved in every checkpoint's client state)."""
     try:
-        client = torch.load(ckpt / checkpoint.rank_file(0), map_location="cpu", weights_only=False)["client"]
-        return ModelConfig.from_dict(client["config"]["model"])
+        return ModelConfig.from_dict(checkpoint.client_state(ckpt)["config"]["model"])
     except (FileNotFoundError, KeyError, TypeError) as e:
         raise ValueError(f"{ckpt}: cannot read the model config it was trained with ({e})") from None
 
