@@ -59,6 +59,18 @@ def precision(cfg: RunConfig, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def micro_step(engine, objective, batch, extras, tasks: tuple[str, ...], noise, amp) -> dict:
+    """One packed micro-batch (already on the device) through the engine: forward, the objective's
+    terms ("total" among them, still attached to the graph), backward, and ``engine.step()``, which
+    steps the optimizer only at the accumulation boundary. The benchmarks time this same function."""
+    with amp:
+        out = engine(batch, generator=noise, tasks=tasks)
+        losses = objective(engine.module, batch, out, extras, tasks)
+    engine.backward(losses["total"])
+    engine.step()
+    return losses
+
+
 def train_step(engine, objective, loader, noise, device, amp) -> tuple[dict, int, list[str]]:
     """One optimizer step: the task mix's micro-batches in its round-robin order (``loader.order``,
     ``cfg.micro_batches_per_step`` of them), each through the heads and losses of its stream's task.
@@ -70,11 +82,7 @@ def train_step(engine, objective, loader, noise, device, amp) -> tuple[dict, int
         batch, tasks = micro.batch, (micro.stream.task,)
         tokens, names = tokens + batch.num_tokens, names + batch.names
         batch = batch.to(device)
-        with amp:
-            out = engine(batch, generator=noise, tasks=tasks)
-            losses = objective(engine.module, batch, out, micro.extras, tasks)
-        engine.backward(losses["total"])
-        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        losses = micro_step(engine, objective, batch, micro.extras, tasks, noise, amp)
         for k, v in losses.items():
             if v.requires_grad:  # NOTE: a term of a task not run is a constant zero: not logged at all
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / n
