@@ -6,12 +6,14 @@ parallelism) x DeepSpeed ZeRO 1, 2, 3.
         --tokens 16384 --layouts tp1,tp2,tp2sp,tp4sp                           # a GPU node: NCCL, bf16
 
 Each layout runs in the same process group, one after another: megatron's parallel state
-(``training.parallel.init_parallel``), the model (``build_model``), a DeepSpeed engine
-(``training.engine.build_engine``: torch AdamW, clipping, ZeRO stage), and a fixed packed micro-batch
+(``training.parallelize.init_parallel``), the plain model parallelized by the trainer's own
+``training.parallelize.parallelize`` (TP/SP, activation checkpointing, a DeepSpeed engine: torch
+AdamW, clipping, ZeRO stage), and a fixed packed micro-batch
 of mixed-resolution images per data-parallel rank (``--tokens`` tokens exactly; the TP ranks of a
-group share it). A step is what ``training.train.train_step`` does with ``grad_accum=1``: forward,
-the loss (the L1 + KL part of ``ReconstructionLoss``; ``--lpips`` adds LPIPS + Gram), backward, the
-optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed, each between barriers; with
+group share it). A step is the trainer's own ``training.train.micro_step`` (what ``train_step`` runs once per
+micro-batch) with ``grad_accum=1``: forward, the trainer's ``Objective`` (by default with LPIPS
+and Gram weighted 0, so 0.2 * L1 + 1e-8 * KL, though the perceptual net still runs; ``--lpips``
+gives them the paper's weights), backward, the optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed, each between barriers; with
 ``--rounds R`` the whole list of layouts runs R times and the timed steps are pooled.
 
 Measured per layout:
@@ -206,12 +208,12 @@ COMM = CommCounter()
 COMM.install()  # NOTE: before anything imports megatron-core or initialises DeepSpeed (see above)
 
 from atoken.model import AToken, PackedBatch, preset  # noqa: E402
-from atoken.model.losses import LossConfig, ReconstructionLoss, token_l1  # noqa: E402
+from atoken.model.losses import LossConfig  # noqa: E402
+from atoken.model.objective import Objective  # noqa: E402
 from atoken.training import distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
-from atoken.training.engine import build_engine  # noqa: E402
-from atoken.training.parallel import build_model, init_parallel, mpu_for  # noqa: E402
-from atoken.training.train import precision  # noqa: E402
+from atoken.training.parallelize import init_parallel, parallelize  # noqa: E402
+from atoken.training.train import micro_step, precision  # noqa: E402
 from common import (cpu_info, cpu_model, device_slug, git_state, image_sizes, packed_batch,  # noqa: E402
                     proc_status_bytes, sync, write_report)
 
@@ -332,15 +334,6 @@ def parse_layouts(text: str) -> list[tuple[int, bool]]:
     return out
 
 
-def objective(loss_fn, batch: PackedBatch, recon: torch.Tensor, posterior) -> torch.Tensor:
-    """``ReconstructionLoss``' total; without the perceptual net (``loss_fn`` None) its L1 and KL
-    terms only: 0.2 * L1 + 1e-8 * KL."""
-    if loss_fn is not None:
-        return loss_fn(batch, recon, posterior.kl())["total"]
-    c = LossConfig()
-    return c.rec_weight * c.l1_weight * token_l1(batch, recon).mean() + c.kl_weight * posterior.kl().mean()
-
-
 def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch], device) -> dict:
     """Build, warm up (measuring CPU memory), time; this rank's numbers."""
     dims = init_parallel(tp=layout.tp, sequence_parallel=layout.sequence_parallel, seed=args.seed)
@@ -348,24 +341,24 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
     batch = batches[dims.dp_rank]  # KeyError: a layout not in megatron's rank order
     memory = CudaMemory() if device.type == "cuda" else CpuMemory()
     torch.manual_seed(args.seed)  # the same weights on every rank
-    model = build_model(model_cfg, dims, checkpoint=args.activation_checkpointing).to(device)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    run = RunConfig(model=model_cfg, steps=10**6, precision=args.precision, zero_stage=layout.zero, seed=args.seed)
-    engine = build_engine(model, run, mpu=mpu_for(dims))
+    model = AToken(model_cfg)
+    run = RunConfig(model=model_cfg, steps=10**6, precision=args.precision, seed=args.seed)
+    run.parallel = replace(run.parallel, tp=layout.tp, sequence_parallel=layout.sequence_parallel,
+                           zero_stage=layout.zero, activation_checkpointing=args.activation_checkpointing)
+    engine = parallelize(model, dims, run, device)
+    # This rank's (TP-local) parameters; ZeRO-3 keeps only a partition of each, ``ds_numel`` is the whole.
+    param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
     COMM.check_bound()
-    # LPIPS + Gram; the CLIP term needs a teacher and has its own benchmark (clip_term.py).
-    loss_fn = ReconstructionLoss(LossConfig(clip_weight=0.0)).to(device) if args.lpips else None
+    # The trainer's objective. The CLIP term needs a teacher and has its own benchmark (clip_term.py).
+    loss_cfg = LossConfig(clip_weight=0.0) if args.lpips else LossConfig(lpips_weight=0.0, gram_weight=0.0,
+                                                                           clip_weight=0.0)
+    objective = Objective(loss_cfg).to(device)
     noise = torch.Generator(device).manual_seed(args.seed + 1 + dims.dp_rank)  # shared by the TP ranks
     amp = precision(run, device)
+    extras = [{}] * batch.num_samples
 
     def step() -> torch.Tensor:
-        with amp:
-            out = engine(batch, generator=noise)
-            recon, posterior = out.recon, out.posterior
-            total = objective(loss_fn, batch, recon, posterior)
-        engine.backward(total)
-        engine.step()
-        return total.detach()
+        return micro_step(engine, objective, batch, extras, ("rec",), noise, amp)["total"].detach()
 
     for i in range(args.warmup):
         with memory.step() if i == args.warmup - 1 else nullcontext():
@@ -397,7 +390,7 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
     result = {"dp_rank": dims.dp_rank, "tp_rank": dims.tp_rank, "dp": dims.dp, "tokens": batch.num_tokens,
               "step_times_s": times, "loss": float(loss), "param_bytes": param_bytes, "memory": mem, "comm": comm,
               "load_1min": load_1min}
-    del engine, model, loss_fn
+    del engine, model, objective
     gc.collect()
     return result
 

@@ -7,10 +7,13 @@ MFU, and compare packed varlen attention against a padded batch of the same samp
 Per model (``--models``): a fixed packed batch of random-pixel images, sized by the training
 resolution policy (``data_pipeline.images``: longer side uniform over 64..512 px in steps of 16,
 seeded), exactly ``--tokens`` tokens. After ``--warmup`` untimed steps, ``--steps`` steps are
-timed, each: forward (``AToken(cfg)(batch)``), the loss (0.2 * L1 + 1e-8 * KL of
-``ReconstructionLoss``; ``--lpips`` uses the full ``ReconstructionLoss`` with LPIPS + Gram),
-backward, an AdamW step (``training.engine.make_optimizer``: apex FusedAdam or torch's fused AdamW on
-CUDA). ``--compile`` compiles the transformer blocks as training's ``compile=true`` does. On CUDA: bf16 autocast, a device sync after each step, and
+timed, each the trainer's own ``training.train.micro_step`` on an image-reconstruction micro-batch:
+forward through the DeepSpeed engine that ``training.parallelize.parallelize`` builds in one process
+(ZeRO-1, AdamW from ``training.engine.make_optimizer``: apex FusedAdam or torch's fused AdamW on
+CUDA, clipping), the trainer's ``Objective`` (``--lpips``: the paper's LPIPS and Gram weights; by
+default they are 0, so the total is 0.2 * L1 + 1e-8 * KL, though the perceptual net still runs),
+backward, the optimizer step. ``--compile`` compiles the transformer blocks as training's
+``parallel.compile=true`` does. On CUDA: bf16 autocast, a device sync after each step, and
 ``torch.cuda.max_memory_allocated`` over the timed steps. On CPU: fp32, and the growth of the
 process' peak resident set (``VmHWM``) over the timed steps.
 
@@ -52,10 +55,14 @@ import torch.nn.functional as F
 from atoken.model import AToken, PackedBatch, preset
 from atoken.model.attention import get_attention_backend
 from atoken.model.config import PATCH_DIM
-from atoken.model.losses import LossConfig, ReconstructionLoss, token_l1
+from atoken.model.losses import LossConfig
+from atoken.model.objective import Objective
 from atoken.model.rope import apply_rope
-from atoken.training.compile import compile_blocks
-from atoken.training.engine import make_optimizer
+from atoken.training import distributed
+from atoken.training.checkpoint.deepspeed_internals import torch_optimizer
+from atoken.training.config import RunConfig
+from atoken.training.parallelize import init_parallel, parallelize
+from atoken.training.train import micro_step, precision
 from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync, write_report
 
 # ------------------------------------------------------------------ FLOPs
@@ -171,22 +178,13 @@ def profile_step(step, device, out_dir: Path, name: str) -> dict:
                      "calls": e.count} for e in top]}
 
 
-def bench_train(model, batch: PackedBatch, loss_fn, args, device) -> dict:
-    opt = make_optimizer(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-    c = LossConfig()
+def bench_train(engine, batch: PackedBatch, objective, run: RunConfig, args, device) -> dict:
+    """Time the trainer's ``micro_step`` (one micro-batch per optimizer step)."""
+    noise = torch.Generator(device).manual_seed(args.seed + 1)
+    amp = precision(run, device)
 
     def step():
-        with autocast(device):
-            out = model(batch)
-            recon, post = out.recon, out.posterior
-            if loss_fn is not None:
-                loss = loss_fn(batch, recon, post.kl())["total"]
-            else:
-                loss = c.rec_weight * c.l1_weight * token_l1(batch, recon).mean() + c.kl_weight * post.kl().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return micro_step(engine, objective, batch, [{}] * batch.num_samples, ("rec",), noise, amp)["total"]
 
     for _ in range(args.warmup):
         step()
@@ -201,10 +199,11 @@ def bench_train(model, batch: PackedBatch, loss_fn, args, device) -> dict:
         sync(device)
         times.append(time.perf_counter() - t)
     out = {"step_times_s": times, "step_s": statistics.median(times), "memory": mem.peak(),
-           "final_loss": float(loss.detach()), "optimizer": type(opt).__module__ + "." + type(opt).__name__,
+           "final_loss": float(loss.detach()),
+           "optimizer": type(torch_optimizer(engine)).__module__ + "." + type(torch_optimizer(engine)).__name__,
            "host_syncs_per_step": count_host_syncs(step, device)}
     if args.profile:
-        out["profile"] = profile_step(step, device, Path(args.profile), f"{args.tag}_{model.cfg.encoder.width}")
+        out["profile"] = profile_step(step, device, Path(args.profile), f"{args.tag}_{engine.module.cfg.encoder.width}")
     return out
 
 
@@ -357,12 +356,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (default 1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
-    p.add_argument("--lpips", action="store_true", help="full ReconstructionLoss incl. LPIPS + Gram")
+    p.add_argument("--lpips", action="store_true", help="the paper's LPIPS + Gram weights in the objective")
     p.add_argument("--peak-tflops", type=float,
                    help="device peak, TFLOP/s (default: 989 on CUDA = H100 bf16 dense; CPU: measured fp32 matmul)")
     p.add_argument("--no-padded", action="store_true", help="skip the packed vs padded comparison")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (training.compile.compile_blocks), as compile=true "
+                   help="torch.compile the transformer blocks (training.parallelize.compile_blocks), as parallel.compile=true "
                         "does in training; the padded comparison compiles its function too")
     p.add_argument("--profile", metavar="DIR", help="profile one step per model: top kernels in the JSON, "
                                                     "the table and a Chrome trace in DIR")
@@ -376,6 +375,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    distributed.init()  # a world of one: the trainer's DeepSpeed engine needs a process group
+    dims = init_parallel(seed=args.seed)
     started, load_start = datetime.now(timezone.utc), os.getloadavg()
     dev = device_info(device)
     if args.peak_tflops:
@@ -389,8 +390,10 @@ def main(argv=None) -> None:
     sizes = image_sizes(args.tokens, args.seed, args.min_res, args.max_res)
     batch_cpu = packed_batch(sizes, args.seed)
     batch = batch_cpu.to(device)
-    # LPIPS + Gram; the CLIP term needs a teacher and has its own benchmark (clip_term.py).
-    loss_fn = ReconstructionLoss(LossConfig(clip_weight=0.0)).to(device) if args.lpips else None
+    # The trainer's objective. The CLIP term needs a teacher and has its own benchmark (clip_term.py).
+    loss_cfg = LossConfig(clip_weight=0.0) if args.lpips else LossConfig(lpips_weight=0.0, gram_weight=0.0,
+                                                                           clip_weight=0.0)
+    objective = Objective(loss_cfg).to(device)
 
     results = []
     for name in args.models.split(","):
@@ -398,18 +401,20 @@ def main(argv=None) -> None:
         if args.depth:
             cfg.encoder.depth = cfg.decoder.depth = args.depth
         torch.manual_seed(args.seed)
-        model = AToken(cfg).to(device)
-        if args.compile:
-            compile_blocks(model)
+        model = AToken(cfg)
         params = sum(p.numel() for p in model.parameters())
+        run = RunConfig(model=cfg, steps=10**6, seed=args.seed)
+        run.optim.warmup_steps = 0  # every timed step moves the weights
+        run.parallel.compile = args.compile
+        engine = parallelize(model, dims, run, device)
         flops = train_flops(cfg, batch.seqlens)
         t0 = time.perf_counter()
         try:
-            r = bench_train(model, batch, loss_fn, args, device)
+            r = bench_train(engine, batch, objective, run, args, device)
         except torch.cuda.OutOfMemoryError as e:  # record it and go on with the next model
             print(f"{name}: out of memory at {args.tokens} tokens: {str(e).splitlines()[0]}", flush=True)
             results.append({"model": name, "params": params, "tokens": batch.num_tokens, "error": "CUDA OOM"})
-            del model
+            del model, engine
             torch.cuda.empty_cache()
             continue
         step = r["step_s"]
@@ -426,7 +431,7 @@ def main(argv=None) -> None:
         print(f"{name}: step {step:.3f}s, {res['tokens_per_s']:.0f} tok/s, MFU {100 * res['mfu']:.1f}%"
               + (f", padded/packed {pp['padded_over_packed']:.2f}x (padding {100 * pp['padding_fraction']:.0f}%,"
                  f" max diff {pp['max_abs_diff_forward']:.1e})" if pp else ""), flush=True)
-        del model
+        del model, engine
         torch._dynamo.reset()  # each model compiles afresh (the blocks of all models share one code object)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -452,6 +457,7 @@ def main(argv=None) -> None:
     out = write_report(report, args.out, f"train_step_{device_slug(dev)}{suffix}.json")
     print(table(results))
     print(f"wrote {out}")
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ _EXPORTS = {
     **dict.fromkeys(["grid_coords", "pad_to_patches", "patchify", "unpatchify"], "patches"),
     **dict.fromkeys(["apply_rope", "rope_angles"], "rope"),
     **dict.fromkeys(["ImageLatent", "Tokenizer"], "tokenizer"),
-    **dict.fromkeys(["LinearSpec", "Transformer", "fuse_qkv", "split_qkv"], "transformer"),
+    **dict.fromkeys(["SequenceSharding", "Transformer", "fuse_qkv", "split_qkv"], "transformer"),
 }
 __all__ = list(_EXPORTS)
 

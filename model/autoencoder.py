@@ -34,7 +34,7 @@ from .kv_cache import KVCache
 from .packed import ASSET3D, AttentionLayout, PackedBatch
 from .params import ParamGroup, optim_groups
 from .rope import rope_angles
-from .transformer import Angles, LinearSpec, Transformer, init_weights, make_norm
+from .transformer import Angles, Transformer, init_weights, make_norm
 from .understanding import Understanding
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in fp32
@@ -110,14 +110,13 @@ def position_embedding(table: torch.Tensor, layout: AttentionLayout) -> torch.Te
 class Encoder(nn.Module):
     NO_DECAY = ("pos_embed",)  # a learned position table (model/params.py)
 
-    def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         tc = cfg.encoder
         self.patch_embed = nn.Linear(PATCH_DIM, tc.width)
         # SigLIP2's learned table, row-major over a (size, size) grid of (row, column).
         self.pos_embed = nn.Parameter(torch.empty(cfg.pos_table_size ** 2, tc.width))
-        self.transformer = Transformer(tc, linear, rope=cfg.encoder_rope, checkpoint=checkpoint,
-                                       attention=cfg.attention)
+        self.transformer = Transformer(tc, rope=cfg.encoder_rope, attention=cfg.attention)
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)  # SigLIP2's post_layernorm
 
     def forward(self, features: torch.Tensor, layout: AttentionLayout, angles: Angles | None) -> torch.Tensor:
@@ -131,13 +130,12 @@ class Decoder(nn.Module):
     """z [N, C] -> up-projection + its own resized position table -> transformer -> RMSNorm -> pixels."""
     NO_DECAY = ("pos_embed",)  # a learned position table (model/params.py)
 
-    def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         tc = cfg.decoder
         self.up = nn.Linear(cfg.latent_channels, tc.width, bias=tc.bias)
         self.pos_embed = nn.Parameter(torch.empty(cfg.pos_table_size ** 2, tc.width))
-        self.transformer = Transformer(tc, linear, checkpoint=checkpoint, attention=cfg.attention,
-                                       fused=cfg.fused_qk_rope)
+        self.transformer = Transformer(tc, attention=cfg.attention, fused=cfg.fused_qk_rope)
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)
         self.head = nn.Linear(tc.width, PATCH_DIM, bias=tc.bias)
 
@@ -150,20 +148,20 @@ class Decoder(nn.Module):
 
 
 class AToken(nn.Module):
-    """The unified tokenizer. ``linear`` builds the transformer linears (tensor parallelism hook);
-    ``checkpoint`` enables per-block activation checkpointing."""
+    """The unified tokenizer, a plain single-process module: tensor / sequence parallelism and
+    activation checkpointing are applied to it from outside (training/parallelize.py)."""
     ENCODER_LR = ("encoder",)  # SigLIP2-initialised: these children learn at OptimConfig.encoder_lr_mult x LR
 
-    def __init__(self, cfg: ModelConfig, linear: LinearSpec | None = None, checkpoint: bool = False):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg, linear, checkpoint)
+        self.encoder = Encoder(cfg)
         # The release's ``proj``: no bias.
         self.latent = nn.Linear(cfg.encoder.width, 2 * cfg.latent_channels, bias=False)  # -> (mean, logvar)
-        self.decoder = Decoder(cfg, linear, checkpoint)
+        self.decoder = Decoder(cfg)
         self.understanding = Understanding(cfg.encoder) if cfg.understanding else None
         self.fsq = FSQ(cfg.latent_channels, cfg.fsq_levels, cfg.fsq_group_dims) if cfg.quantizer == "fsq" else None
-        self.gaussian_decoder = (GaussianDecoder(cfg.gaussian, cfg.latent_channels, linear, checkpoint)
+        self.gaussian_decoder = (GaussianDecoder(cfg.gaussian, cfg.latent_channels)
                                  if cfg.gaussian is not None else None)
         self.reset_parameters()
 

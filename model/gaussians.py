@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GaussianDecoderConfig, TransformerConfig, gaussian_decoder_preset  # noqa: F401
 from .rope import rope_angles
-from .transformer import Angles, Block, LinearSpec, init_weights, make_norm
+from .transformer import Angles, Block, init_weights, make_norm
 
 # Raw values per Gaussian: position offset 3, scale 3, rotation 4, opacity 1, RGB 3.
 GAUSSIAN_CHANNELS = 14
@@ -142,20 +142,18 @@ def slot_offsets(k: int) -> torch.Tensor:
 class GaussianDecoder(nn.Module):
     """Latents of occupied voxels -> ``gaussians_per_voxel`` Gaussians per voxel.
 
-    ``linear`` builds the block linears (tensor parallelism hook, as in ``Transformer``); sequence
+    Tensor parallelism is applied to its blocks from outside (training/parallelize.py); sequence
     parallelism is not supported here (each block re-sorts the tokens into its windows).
     ``checkpoint=True`` recomputes each block in backward.
     """
 
-    def __init__(self, cfg: GaussianDecoderConfig, latent_channels: int, linear: LinearSpec | None = None,
-                 checkpoint: bool = False):
+    def __init__(self, cfg: GaussianDecoderConfig, latent_channels: int, checkpoint: bool = False):
         super().__init__()
         self.cfg = cfg
         tc, k = cfg.transformer, cfg.gaussians_per_voxel
-        linear = linear or LinearSpec()
         self.checkpoint = checkpoint
         self.up = nn.Linear(latent_channels, tc.width, bias=tc.bias)
-        self.blocks = nn.ModuleList(Block(tc, linear) for _ in range(tc.depth))
+        self.blocks = nn.ModuleList(Block(tc) for _ in range(tc.depth))
         self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)
         self.head = nn.Linear(tc.width, k * GAUSSIAN_CHANNELS)
         # Fixed pre-activation constants (recomputed from the config, so not saved).

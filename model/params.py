@@ -10,7 +10,7 @@ Each parameter gets two facts:
 Decay is decided per module, for its own (direct) parameters:
 
 - ``nn.Linear`` and every module that declares ``DECAY = ("weight",)`` / ``NO_DECAY = ("bias",)``
-  (the tensor-parallel linears do, training/parallel.py): the weight is decayed, the bias not;
+  (the tensor-parallel linears do, training/parallelize.py): the weight is decayed, the bias not;
 - norms (``nn.LayerNorm``, ``nn.RMSNorm``): not decayed;
 - any other module names each of its parameters in a class attribute ``DECAY`` or ``NO_DECAY``
   (e.g. ``Encoder.NO_DECAY = ("pos_embed",)``).

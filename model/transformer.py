@@ -1,15 +1,11 @@
 """Pre-norm transformer blocks on the packed token stream ``[N, width]``.
 
-Every linear layer is built through one ``LinearSpec``: the plain default makes ``nn.Linear``; a
-tensor-parallel spec can return megatron's ColumnParallelLinear (``qkv``, ``fc1``) and
-RowParallelLinear (``proj``, ``fc2``) instead, with ``tp_size`` > 1 making the attention run on its
-local ``heads // tp_size`` heads. Nothing else in the model needs to change for that.
-
-The spec also owns the token dimension of each stack: ``shard_sequence`` / ``unshard_sequence``
-run at the start / end of every ``Transformer`` and are the identity here. A sequence-parallel spec
-splits the packed stream ``[N, width]`` across its ranks there (its column / row linears then
-all-gather / reduce-scatter the tokens around attention and the MLP), so norms and residuals run on
-a shard while attention still sees the whole packed stream.
+The blocks are plain modules (``nn.Linear``, one process). Parallelism is applied to a built model
+from outside (training/parallelize.py): it swaps the block linears for megatron's tensor-parallel ones
+in place and may set a ``Transformer``'s ``sequence`` hook (``SequenceSharding``), which splits the packed stream
+``[N, width]`` across the TP ranks at the start of the stack and gathers it at the end (its column /
+row linears then all-gather / reduce-scatter the tokens around attention and the MLP), so norms and
+residuals run on a shard while attention still sees the whole packed stream.
 
 Fused QKV layout: output features are ordered ``[heads, 3 (q, k, v), head_dim]`` (per head, like
 megatron's linear_qkv) so that a column-parallel split along the output keeps each rank's q, k and
@@ -21,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import fused_qk_rope
 from .attention import varlen_attention
@@ -32,27 +27,17 @@ from .rope import apply_rope
 Angles = tuple[torch.Tensor, torch.Tensor]  # RoPE (cos, sin), each [N, head_dim / 2] fp32
 
 
-class LinearSpec:
-    """Factory for the block's linear layers (the single place to swap in tensor parallelism).
+class SequenceSharding:
+    """The hook a ``Transformer`` calls around its blocks; the identity here (one process).
+    training/parallelize.py sets a sequence-parallel one."""
 
-    A replacement must return modules mapping ``[..., in] -> [..., out / tp_size]`` (column) and
-    ``[..., in / tp_size] -> [..., out]`` (row), each returning a plain tensor.
-    """
-    tp_size: int = 1
-
-    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias)
-
-    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias)
-
-    def shard_sequence(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, angles: Angles | None
-                       ) -> tuple[torch.Tensor, torch.Tensor, int, Angles | None]:
+    def shard(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, angles: Angles | None
+              ) -> tuple[torch.Tensor, torch.Tensor, int, Angles | None]:
         """Entering a stack: x [N, width] -> this rank's rows, with the (cu_seqlens, max_seqlen,
         angles) that attention must use on the full stream it will see."""
         return x, cu_seqlens, max_seqlen, angles
 
-    def unshard_sequence(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def unshard(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Leaving a stack: this rank's rows -> the full [num_tokens, width]."""
         return x
 
@@ -91,16 +76,14 @@ def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, linear: LinearSpec, backend: str = "auto", fused: bool = False):
+    def __init__(self, cfg: TransformerConfig, backend: str = "auto", fused: bool = False):
         super().__init__()
         self.backend = backend  # model/attention.py: "auto" or a kernel's name
         self.fused = fused  # QK-norm and RoPE in one Triton pass (model/fused_qk_rope.py) where it runs
-        if cfg.heads % linear.tp_size:
-            raise ValueError(f"heads {cfg.heads} not divisible by tensor-parallel size {linear.tp_size}")
-        self.heads = cfg.heads // linear.tp_size  # local heads
+        self.heads = cfg.heads  # this rank's heads (tensor parallelism divides them)
         self.head_dim = cfg.head_dim
-        self.qkv = linear.column(cfg.width, 3 * cfg.width, cfg.bias)
-        self.proj = linear.row(cfg.width, cfg.width, cfg.bias)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
         self.q_norm = MultiHeadRMSNorm(self.heads, self.head_dim) if cfg.qk_norm else None
         self.k_norm = MultiHeadRMSNorm(self.heads, self.head_dim) if cfg.qk_norm else None
 
@@ -127,22 +110,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: TransformerConfig, linear: LinearSpec):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.fc1 = linear.column(cfg.width, cfg.mlp_width, cfg.bias)
-        self.fc2 = linear.row(cfg.mlp_width, cfg.width, cfg.bias)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, linear: LinearSpec, attention: str = "auto", fused: bool = False):
+    def __init__(self, cfg: TransformerConfig, attention: str = "auto", fused: bool = False):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
-        self.attn = Attention(cfg, linear, attention, fused)
+        self.attn = Attention(cfg, attention, fused)
         self.norm2 = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
-        self.mlp = MLP(cfg, linear)
+        self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 angles: Angles | None, cache: BlockCache | None = None) -> torch.Tensor:
@@ -154,19 +137,15 @@ class Transformer(nn.Module):
     """A stack of ``cfg.depth`` blocks; no final norm (the encoder / decoder own theirs).
 
     ``rope=False`` (or setting ``.rope = False`` later) ignores the RoPE angles, e.g. to compare
-    against SigLIP2, which has none. ``checkpoint=True`` recomputes each block in backward.
-    ``attention``: the varlen kernel (model/attention.py), "auto" or a backend's name; ``fused``:
-    QK-norm and RoPE in one Triton pass where it runs (model/fused_qk_rope.py).
+    against SigLIP2, which has none. ``attention``: the varlen kernel (model/attention.py), "auto" or a
+    backend's name; ``fused``: QK-norm and RoPE in one Triton pass where it runs (model/fused_qk_rope.py).
     """
 
-    def __init__(self, cfg: TransformerConfig, linear: LinearSpec | None = None, rope: bool = True,
-                 checkpoint: bool = False, attention: str = "auto", fused: bool = False):
+    def __init__(self, cfg: TransformerConfig, rope: bool = True, attention: str = "auto", fused: bool = False):
         super().__init__()
-        linear = linear or LinearSpec()
-        self.linear = linear  # a plain object (no parameters): shards / unshards the token dim
+        self.sequence = SequenceSharding()  # a plain object (no parameters): shards / unshards the token dim
         self.rope = rope
-        self.checkpoint = checkpoint
-        self.blocks = nn.ModuleList(Block(cfg, linear, attention, fused) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, attention, fused) for _ in range(cfg.depth))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 angles: Angles | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -178,13 +157,10 @@ class Transformer(nn.Module):
             for i, block in enumerate(self.blocks):
                 x = block(x, cu_seqlens, max_seqlen, angles, cache.block(i))
             return x
-        x, cu_seqlens, max_seqlen, angles = self.linear.shard_sequence(x, cu_seqlens, max_seqlen, angles)
+        x, cu_seqlens, max_seqlen, angles = self.sequence.shard(x, cu_seqlens, max_seqlen, angles)
         for block in self.blocks:
-            if self.checkpoint and torch.is_grad_enabled():
-                x = checkpoint(block, x, cu_seqlens, max_seqlen, angles, use_reentrant=False)
-            else:
-                x = block(x, cu_seqlens, max_seqlen, angles)
-        return self.linear.unshard_sequence(x, num_tokens)
+            x = block(x, cu_seqlens, max_seqlen, angles)
+        return self.sequence.unshard(x, num_tokens)
 
 
 @torch.no_grad()

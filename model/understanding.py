@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .config import TransformerConfig
 from .hf_checkpoint import read_safetensors
-from .transformer import MLP, LinearSpec
+from .transformer import MLP
 
 LOGIT_SCALE_INIT = 4.8438  # log t
 LOGIT_BIAS_INIT = -15.5625
@@ -53,7 +53,7 @@ class MAPHead(nn.Module):
         self.kv = nn.Linear(w, 2 * w)  # output rows [k (heads, head_dim); v (heads, head_dim)]
         self.out = nn.Linear(w, w)
         self.norm = nn.LayerNorm(w, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg, LinearSpec())  # the head is replicated, never tensor-parallel
+        self.mlp = MLP(cfg)  # the head is replicated, never tensor-parallel
         self.reset_parameters()
 
     @torch.no_grad()

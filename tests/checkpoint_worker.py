@@ -1,4 +1,4 @@
-"""Multi-process checks of training/checkpoint.py, run by tests/test_checkpoint_dist.py:
+"""Multi-process checks of training/checkpoint/, run by tests/test_checkpoint_dist.py:
 
     torchrun --nproc_per_node N tests/checkpoint_worker.py PHASE ROOT
 
@@ -40,8 +40,7 @@ from atoken.model import AToken, PackedBatch, patchify, preset  # noqa: E402
 from atoken.training import checkpoint, distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
 from atoken.training.ema import EMA  # noqa: E402
-from atoken.training.engine import build_engine  # noqa: E402
-from atoken.training.parallel import build_model, full_state_dict, init_parallel, mpu_for  # noqa: E402
+from atoken.training.parallelize import full_state_dict, init_parallel, parallelize  # noqa: E402
 
 SEED = 7
 K = 2  # steps before and after the save
@@ -56,7 +55,8 @@ def model_config():
 
 
 def run_config(zero: int, grad_accum: int) -> RunConfig:
-    cfg = RunConfig(model=model_config(), steps=STEPS, precision="fp32", zero_stage=zero, grad_accum=grad_accum)
+    cfg = RunConfig(model=model_config(), steps=STEPS, precision="fp32", grad_accum=grad_accum)
+    cfg.parallel.zero_stage = zero
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.ema_decay = 1e-3, 1, 0.9
     return cfg
 
@@ -76,9 +76,9 @@ class Run:
     def __init__(self, tp: int, zero: int, grad_accum: int = 1):
         self.dims = init_parallel(tp=tp, seed=SEED)
         torch.manual_seed(SEED)
-        self.model = build_model(model_config(), self.dims)
+        self.model = AToken(model_config())
         self.cfg = run_config(zero, grad_accum)
-        self.engine = build_engine(self.model, self.cfg, mpu=mpu_for(self.dims))
+        self.engine = parallelize(self.model, self.dims, self.cfg, torch.device("cpu"))
         self.ema = EMA(self.model, 0.9)
         self.noise = torch.Generator().manual_seed(SEED + 1 + self.dims.dp_rank)
         self.grad_accum = grad_accum
@@ -127,7 +127,7 @@ class Run:
             if getattr(p, "tensor_model_parallel", False):
                 t = t.chunk(self.dims.tp, dim=p.partition_dim)[self.dims.tp_rank]
             if hasattr(p, "ds_tensor"):
-                t = checkpoint._partition(t, self.dims.dp, self.dims.dp_rank)
+                t = checkpoint.partition(t, self.dims.dp, self.dims.dp_rank)
             ok &= torch.equal(t, mine[n])
         return all_ranks(ok)
 

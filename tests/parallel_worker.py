@@ -1,10 +1,10 @@
-"""Two-process checks of training/parallel.py, run by tests/test_parallel.py under torchrun (gloo):
+"""Two-process checks of training/parallelize.py, run by tests/test_parallel.py under torchrun (gloo):
 
     torchrun --nproc_per_node 2 tests/parallel_worker.py OUT.json
 
-One launch runs every case (the imports cost more than the checks). A case builds the model at a
-layout, takes one optimizer step through a DeepSpeed engine (``training.engine.build_engine``, torch
-AdamW, clipping on) on packed batches of 3 images with odd token counts (13 and 11: sequence
+One launch runs every case (the imports cost more than the checks). A case builds the plain model,
+parallelizes it at a layout and takes one optimizer step through its DeepSpeed engine
+(``training.parallelize.parallelize``, torch AdamW, clipping on) on packed batches of 3 images with odd token counts (13 and 11: sequence
 parallelism pads them), and compares with a plain single-process TP=1 reference computed here, on
 every rank, from the same seed:
 
@@ -18,8 +18,9 @@ every rank, from the same seed:
 Errors are max |a - b| / max |b| per tensor, the worst tensor reported. The clip value is half the
 smaller reference norm, so clipping scales every step.
 
-NOTE: two deliberate departures from the production objective, both to keep the comparison tight:
-- the loss is ``L1 + 0.01 * KL`` (ReconstructionLoss' L1 and KL terms, KL weighted so its gradient
+The step is the trainer's own (``training.train.micro_step``) with the trainer's ``Objective``.
+NOTE: two deliberate departures from the production weights, both to keep the comparison tight:
+- the loss is ``L1 + 0.01 * KL`` (LPIPS and Gram weighted 0, KL weighted so its gradient
   is not lost under the L1's): the LPIPS/Gram terms route gradients through max-pools, and a 4e-7
   difference in the reconstruction (what a TP reduction order gives) flipped near-tied maxima in
   an upsampled image and moved its gradient by 5e-3. Nothing of the perceptual net is parallel.
@@ -47,19 +48,23 @@ import gc
 import json
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from atoken.model import AToken, PackedBatch, patchify, preset
-from atoken.model.losses import token_l1
+from atoken.model.losses import LossConfig
+from atoken.model.objective import Objective
 from atoken.model.understanding import distill_loss, sigmoid_loss
 from atoken.training import distributed, megatron_cpu
 from atoken.training.config import RunConfig
-from atoken.training.engine import build_engine, param_groups
-from atoken.training.parallel import TP_PARTIAL_GRAD, build_model, full_state_dict, init_parallel, mpu_for
+from atoken.training.engine import param_groups
+from atoken.training.parallelize import (TP_PARTIAL_GRAD, full_state_dict, init_parallel, parallelize,
+                                         shard_model)
 from atoken.training.schedule import lr_factor
+from atoken.training.train import micro_step
 
 SEED, NOISE_SEED = 1234, 99
 ADAM_EPS = 1e-2
@@ -109,15 +114,31 @@ def batches() -> list[PackedBatch]:
     return out
 
 
-def forward_loss(model, batch: PackedBatch, b: int) -> tuple[torch.Tensor, dict]:
-    """Micro-batch ``b`` -> (recon, loss terms); its posterior noise has a per-batch stream."""
-    out = model(batch, generator=torch.Generator().manual_seed(NOISE_SEED + b))
-    recon, posterior = out.recon, out.posterior
-    l1, kl = token_l1(batch, recon).mean(), posterior.kl().mean()
-    return recon, {"l1": l1, "kl": kl, "total": l1 + KL_WEIGHT * kl}
+# The trainer's objective with L1 and KL alone weighted (see the NOTE above): total = L1 + KL_WEIGHT * KL.
+# The perceptual net still runs (at 64 px), its terms weighted 0.
+LOSS = LossConfig(rec_weight=1.0, kl_weight=KL_WEIGHT, lpips_weight=0.0, gram_weight=0.0, clip_weight=0.0,
+                  perceptual_size=64)
+TERMS = ("l1", "kl", "total")
 
 
-def reference(cfg, data) -> dict:
+def noise(b: int) -> torch.Generator:
+    """Micro-batch ``b``'s posterior noise: its own stream, the same on every rank."""
+    return torch.Generator().manual_seed(NOISE_SEED + b)
+
+
+def forward_loss(model, objective, batch: PackedBatch, b: int, amp=nullcontext()) -> tuple[torch.Tensor, dict]:
+    """Micro-batch ``b`` -> (recon, loss terms), without an engine. ``amp`` covers the model only.
+    NOTE: the objective sees the reconstruction in fp32: CPU has no bf16 antialiased resize (the
+    perceptual net's input), which CUDA has."""
+    with amp:
+        out = model(batch, generator=noise(b))
+    recon = out.recon
+    losses = objective(model, batch, dataclasses.replace(out, recon=recon.float()), [{}] * batch.num_samples,
+                       ("rec",))
+    return recon, {k: losses[k] for k in TERMS}
+
+
+def reference(cfg, data, objective) -> dict:
     """The TP=1 model in this process: per-batch recon, losses and grads; the mean grads and norms
     of the micro-batch sets a step averages over ("one": batch 0; "both": batches 0 and 1)."""
     torch.manual_seed(SEED)
@@ -126,7 +147,7 @@ def reference(cfg, data) -> dict:
     recons, losses, grads = [], [], []
     for b, batch in enumerate(data):
         model.zero_grad()
-        recon, out = forward_loss(model, batch, b)
+        recon, out = forward_loss(model, objective, batch, b)
         out["total"].backward()
         recons.append(recon.detach())
         losses.append({k: v.item() for k, v in out.items()})
@@ -174,7 +195,7 @@ def gather_tp(dims, t: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
     return torch.cat(parts, dim=p.partition_dim)
 
 
-def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig) -> dict:
+def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig, objective) -> dict:
     tp, sp, zero, accum, ckpt = case
     t0 = time.perf_counter()
     dims = init_parallel(tp=tp, sequence_parallel=sp, seed=SEED)
@@ -182,22 +203,26 @@ def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig)
     micro = list(range(len(data))) if accum > 1 else [dims.dp_rank]
     key = "both" if dims.dp * len(micro) > 1 else "one"
     torch.manual_seed(SEED)
-    model = build_model(cfg, dims, checkpoint=ckpt)
-    res = {"state_keys_match": set(model.state_dict()) == set(ref["init"])}  # the plain model's names
-    model.load_state_dict(model.state_dict())  # strict: megatron's extra state is gone
+    sharded = shard_model(AToken(cfg), dims)  # parallelize's first step alone, before any engine
+    res = {"state_keys_match": set(sharded.state_dict()) == set(ref["init"])}  # the plain model's names
+    sharded.load_state_dict(sharded.state_dict())  # strict: megatron's extra state is gone
+    del sharded
+    torch.manual_seed(SEED)
+    model = AToken(cfg)
+    run.parallel.zero_stage, run.parallel.activation_checkpointing, run.grad_accum = zero, ckpt, accum
+    engine = parallelize(model, dims, run, torch.device("cpu"))
     captured = {}
-    for name, p in model.named_parameters():  # registered after build_model's hooks: sees reduced grads
+    for name, p in model.named_parameters():  # registered after shard_model's hooks: sees reduced grads
         p.register_hook(lambda g, name=name: captured.__setitem__(name, g.detach().clone()))
-    run.zero_stage, run.grad_accum = zero, accum
-    engine = build_engine(model, run, mpu=mpu_for(dims))
     for group in engine.optimizer.param_groups:
         group["eps"] = ADAM_EPS
     res.update(recon_err=0.0, loss_err=0.0, grad_err=0.0, grad_err_at="", losses=[])
     params = dict(model.named_parameters())
+    recons = []
+    model.register_forward_hook(lambda module, args, out: recons.append(out.recon.detach()))
     for b in micro:
-        recon, out = forward_loss(engine, data[b], b)
-        engine.backward(out["total"])
-        engine.step()
+        out = micro_step(engine, objective, data[b], [{}] * data[b].num_samples, ("rec",), noise(b), nullcontext())
+        recon = recons[-1]
         res["recon_err"] = max(res["recon_err"], rel(recon.detach(), ref["recons"][b]))
         res["loss_err"] = max([res["loss_err"]] + [abs(out[k].item() - v) / abs(v)
                                                    for k, v in ref["losses"][b].items()])
@@ -235,13 +260,12 @@ def rng_case() -> dict:
             "default_continues": bool(torch.equal(after, torch.rand(4)))}  # as if the fork never ran
 
 
-def bf16_case(cfg, data, ref: dict) -> dict:
+def bf16_case(cfg, data, ref: dict, objective) -> dict:
     """TP=2 with sequence parallelism under CPU bf16 autocast: runs, and lands near fp32."""
     dims = init_parallel(tp=2, sequence_parallel=True, seed=SEED)
     torch.manual_seed(SEED)
-    model = build_model(cfg, dims)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        recon, out = forward_loss(model, data[0], 0)
+    model = shard_model(AToken(cfg), dims)
+    recon, out = forward_loss(model, objective, data[0], 0, torch.autocast("cpu", dtype=torch.bfloat16))
     out["total"].backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
     return {"loss_err": abs(out["total"].item() - ref["losses"][0]["total"]) / ref["losses"][0]["total"],
@@ -297,12 +321,12 @@ def run_semantic_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: R
     key, b = ("both" if dims.dp > 1 else "one"), dims.dp_rank
     group = dims.dp_group if dims.dp > 1 else None  # as train.py gives the objective
     torch.manual_seed(SEED)
-    model = build_model(cfg, dims)
+    model = AToken(cfg)
+    run.parallel.zero_stage, run.parallel.activation_checkpointing, run.grad_accum = zero, False, 1
+    engine = parallelize(model, dims, run, torch.device("cpu"))
     captured = {}
     for name, p in model.named_parameters():
         p.register_hook(lambda g, name=name: captured.__setitem__(name, g.detach().clone()))
-    run.zero_stage, run.grad_accum = zero, 1
-    engine = build_engine(model, run, mpu=mpu_for(dims))
     for g in engine.optimizer.param_groups:
         g["eps"] = run.optim.grad_clip  # see semantic_cases
     txt = data["txt"][b].clone().requires_grad_(True)
@@ -356,8 +380,8 @@ def semantic_cases() -> dict:
 def main(out_path: str) -> None:
     t0 = time.perf_counter()
     info = distributed.init()
-    cfg, data = model_config(), batches()
-    ref = reference(cfg, data)
+    cfg, data, objective = model_config(), batches(), Objective(LOSS)
+    ref = reference(cfg, data, objective)
     run = run_config(clip=0.5 * min(s["norm"] for s in ref["steps"].values()))
     ref_steps = {k: reference_step(cfg, ref["init"], s["mean_grad"], run) for k, s in ref["steps"].items()}
     patched = megatron_cpu.apply_if_no_cuda()  # the first call; init_parallel's find it done
@@ -365,8 +389,8 @@ def main(out_path: str) -> None:
                "shim": {"patched": patched, "again": megatron_cpu.apply_if_no_cuda() == patched,
                         "cuda_available": torch.cuda.is_available()}}
     for name, case in CASES.items():
-        results[name] = run_case(case, cfg, data, ref, ref_steps, run)
-    results["bf16"] = bf16_case(cfg, data, ref)
+        results[name] = run_case(case, cfg, data, ref, ref_steps, run, objective)
+    results["bf16"] = bf16_case(cfg, data, ref, objective)
     results.update(semantic_cases())
     results["worker_seconds"] = time.perf_counter() - t0
     gathered = [None] * info.world_size

@@ -29,7 +29,7 @@ STEPS = 30
 SHRINK = ["model=tiny", "model.encoder.depth=1", "model.decoder.depth=1",
           "data.streams.image_rec.min_res=32", "data.streams.image_rec.max_res=64",
           "data.streams.image_rec.token_budget=32", "loss.perceptual_size=32", "optim.warmup_steps=2",
-          "precision=fp32", "zero_stage=1", "log.every=1", "log.eval_every=100000", "checkpoint.every=100000",
+          "precision=fp32", "parallel.zero_stage=1", "log.every=1", "log.eval_every=100000", "checkpoint.every=100000",
           f"steps={STEPS}",
           # Image reconstruction only (no SigLIP2 weights ship: no image understanding, no CLIP term),
           # one round of the mix per step (the stages' grad_accum=0 accumulates to 256 GPUs' batch).

@@ -1,4 +1,4 @@
-"""The stated global batch (training/batch.py, training/configs.py): the stage configs hold the paper's
+"""The stated global batch (training/batch.py, training/stages.py): the stage configs hold the paper's
 samples per step at 256 GPUs, and the accumulation follows from the data-parallel size."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from atoken.data_pipeline.config import StreamConfig
 from atoken.data_pipeline.images import sample_resolution, training_size
 from atoken.training.batch import mean_tokens, step_batches
-from atoken.training.configs import CONFIGS
+from atoken.training.stages import CONFIGS
 
 
 def test_mean_tokens_is_the_resolution_policys_mean():
@@ -48,4 +48,4 @@ def test_accumulation_follows_the_world_size():
     assert cfg.with_rounds(8).grad_accum == 3  # an explicit value is kept
     cfg.grad_accum = 0
     with pytest.raises(ValueError, match="resolved at start"):
-        cfg.accumulation_steps  # noqa: B018
+        cfg.micro_batches_per_step  # noqa: B018

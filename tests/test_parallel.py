@@ -1,4 +1,4 @@
-"""Tensor, sequence and data parallelism (training/parallel.py) against a single-process reference.
+"""Tensor, sequence and data parallelism (training/parallelize.py) against a single-process reference.
 
 One torchrun launch of 2 processes over gloo runs every case (tests/parallel_worker.py says what
 each metric compares); the tests below read its JSON. All in fp32 on CPU.
@@ -16,7 +16,7 @@ import pytest
 
 from atoken.model import AToken
 from atoken.training.distributed import free_port
-from atoken.training.parallel import ParallelDims, build_model, mpu_for
+from atoken.training.parallelize import ParallelDims, mpu_for, shard_model
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TOL = 1e-5  # fp32: TP changes the order of sums (measured errors 1e-7 .. 1e-6)
@@ -148,7 +148,7 @@ def test_plain_layout_needs_no_process_group():
     cfg = preset("tiny")
     for tc in (cfg.encoder, cfg.decoder):
         tc.depth, tc.width, tc.heads, tc.mlp_width = 1, 64, 4, 128
-    model = build_model(cfg, ParallelDims())
+    model = shard_model(AToken(cfg), ParallelDims())
     assert type(model) is AToken and type(model.encoder.transformer.blocks[0].attn.qkv).__name__ == "Linear"
     assert all(p.tensor_model_parallel is False and p.partition_dim == -1 for p in model.parameters())
     assert mpu_for(ParallelDims()) is None

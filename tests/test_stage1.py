@@ -1,4 +1,4 @@
-"""Stage 1 as configured (training/configs.py ``stage1``), shrunk to the tiny model: image
+"""Stage 1 as configured (training/stages.py ``stage1``), shrunk to the tiny model: image
 reconstruction and image understanding trained together by the real trainer on real captioned photos
 (scikit-image, scikit-learn) with a tiny random SigLIP2 teacher and text tower saved locally; then
 atoken-convert and atoken-zero-shot on held-out photos of classes not trained on by name."""

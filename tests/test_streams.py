@@ -147,7 +147,7 @@ def test_config_yaml_round_trip_and_overrides(tmp_path):
     assert cfg.data.streams["image_rec"].remote == "s3://b/img"
     video = cfg.data.streams["video_rec"]
     assert video.name == "video_rec" and video.frame_strides == ((1, 2), (4, 8))
-    assert cfg.accumulation_steps == 2 * (2 + 6)
+    assert cfg.micro_batches_per_step == 2 * (2 + 6)
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
     assert load_yaml(str(tmp_path / "c.yaml")) == cfg  # typed again: StreamConfig entries, tuples
     with pytest.raises(ValueError, match="ambiguous"):

@@ -184,7 +184,7 @@ def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
     (["--config", "demo", "--set", "loss.clip_weight=1"], "CLIP/feature term of image reconstruction needs"),
 ])
 def test_runs_that_cannot_work_are_refused_at_start(args, message, capsys):
-    from atoken.training.configs import CONFIGS
+    from atoken.training.stages import CONFIGS
     from atoken.training.train import main
 
     # Every stream given a remote (it is never reached): "no data given" would come first.

@@ -20,18 +20,15 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> torch dtype name
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """Resolve a run dir / checkpoints dir / checkpoint dir to one complete checkpoint directory."""
+    """A run dir / checkpoints dir / checkpoint dir -> one complete checkpoint directory
+    (``checkpoint.find``), or the CLI's error."""
     from atoken.training import checkpoint
 
-    path = Path(path)
-    for pointer in (path / "checkpoints" / "latest", path / "latest"):
-        if pointer.exists():
-            path = pointer.parent / pointer.read_text().strip()
-            break
-    if not checkpoint.is_checkpoint(path):
+    ckpt = checkpoint.find(path)
+    if ckpt is None:
         raise UserError(f"{path} is not a checkpoint (no {checkpoint.LAYOUT} or *model_states.pt); pass a "
                         "run directory, its checkpoints/ directory or a checkpoints/step_* directory")
-    return path
+    return ckpt
 
 
 def load_weights(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -40,8 +37,6 @@ def load_weights(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]
     Works at any training layout (ZeRO 1/2/3, any tensor- and data-parallel size): the shards are
     merged into the plain single-process model's state dict (``checkpoint.consolidate``).
     """
-    import torch
-
     from atoken.training import checkpoint
 
     files = sorted(ckpt.glob("*model_states.pt"))
@@ -49,8 +44,7 @@ def load_weights(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]
     if not files:
         raise UserError(f"{ckpt}: no *model_states.pt file; {damaged}")
     try:  # a truncated file fails in torch.load (RuntimeError, EOFError, UnpicklingError), a missing one as OSError
-        states = torch.load(files[0], map_location="cpu", weights_only=False)
-        client = {k: states[k] for k in ("step", "config") if k in states}
+        client = {k: v for k, v in checkpoint.client_state(ckpt).items() if k in ("step", "config")}
         return checkpoint.consolidate(ckpt, which), client
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else ""

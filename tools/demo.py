@@ -5,7 +5,7 @@
 1. Copies the photos bundled with scikit-image and scikit-learn into ``<run-dir>/photos`` and holds
    one out (``chelsea.png``) in ``<run-dir>/holdout``.
 2. Writes the training photos as MDS shards (``tools/make_image_shards.py``).
-3. Trains the ``demo`` config (``training/configs.py``): a few minutes on 2 CPU cores; the trainer
+3. Trains the ``demo`` config (``training/stages.py``): a few minutes on 2 CPU cores; the trainer
    reports the held-out PSNR at step 0 and at every evaluation.
 4. Converts the last checkpoint to ``<run-dir>/inference`` and reconstructs the held-out photo with
    it, printing its PSNR at step 0 and after training.

@@ -1,8 +1,8 @@
 """The run's one typed config tree, YAML round-trip and ``--set a.b=value`` overrides.
 
 Each component owns its dataclass (``ModelConfig`` in model/, ``DataConfig`` in data_pipeline/,
-``LossConfig`` in model/losses.py); ``RunConfig`` only assembles them. Named runs live in
-``training/configs.py``.
+``LossConfig`` in model/losses.py); ``RunConfig`` only assembles them. The named runs (the stages,
+the demo) live in ``training/stages.py``.
 """
 from __future__ import annotations
 
@@ -31,9 +31,12 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    """How the model is parallelised, all applied by training/parallelize.py, in this order."""
     tp: int = 1  # tensor-parallel size (megatron-core); data-parallel size is world_size // tp
     sequence_parallel: bool = False  # split the packed token dim over the TP ranks (needs tp > 1)
     activation_checkpointing: bool = False  # recompute each transformer block in backward
+    compile: bool = False  # torch.compile each transformer block; tested at tp=1 only
+    zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters
 
 
 @dataclass
@@ -66,7 +69,7 @@ class RunConfig:
     run_dir: str = "runs/stage1"
     stage: int = 1
     model: ModelConfig = field(default_factory=lambda: preset("so400m"))
-    # One image-reconstruction stream (stage 1); named configs (configs.py) set the stage's streams.
+    # One image-reconstruction stream (stage 1); named configs (stages.py) set the stage's streams.
     data: DataConfig = field(default_factory=lambda: DataConfig(streams={"image_rec": StreamConfig()}))
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -75,21 +78,19 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     steps: int = 200_000
     # Rounds of the task mix per optimizer step: a step accumulates grad_accum * (sum of the streams'
-    # micro_batches) packed micro-batches (``accumulation_steps``; data_pipeline/mixing.py).
+    # micro_batches) packed micro-batches (``micro_batches_per_step``; data_pipeline/mixing.py).
     # 0: "auto", round(reference_gpus / data-parallel size) (training/batch.py), resolved at start.
     grad_accum: int = 1
     # The scale the streams' ``global_batch`` (the paper's samples per step) is stated at: the Slurm
     # scripts' default of 32 nodes x 8 GPUs.
     reference_gpus: int = 256
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
-    compile: bool = False  # torch.compile each transformer block (training/compile.py); tested at tp=1 only
-    zero_stage: int = 1  # DeepSpeed ZeRO stage for optimizer state
     seed: int = 0
     # The same command reproduces its losses bit for bit (training/determinism.py); costs speed.
     deterministic: bool = False
 
     @property
-    def accumulation_steps(self) -> int:
+    def micro_batches_per_step(self) -> int:
         """Packed micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps); needs
         ``grad_accum`` resolved (``with_rounds``)."""
         if self.grad_accum < 1:

@@ -47,7 +47,7 @@ def make_optimizer(groups, lr: float, betas: tuple[float, float], weight_decay: 
 
 
 def build_engine(model: nn.Module, cfg, mpu=None):
-    """Wrap ``model`` in a DeepSpeed engine with ZeRO stage ``cfg.zero_stage``.
+    """Wrap ``model`` in a DeepSpeed engine with ZeRO stage ``cfg.parallel.zero_stage``.
 
     The optimizer is ``make_optimizer``'s (not DeepSpeed's JIT-compiled Adam kernels: no build step).
     """
@@ -62,11 +62,11 @@ def build_engine(model: nn.Module, cfg, mpu=None):
         # counts them.
         "train_micro_batch_size_per_gpu": 1,
         # Every micro-batch of the step's task mix (grad_accum rounds of it) is one accumulation step.
-        "gradient_accumulation_steps": cfg.accumulation_steps,
+        "gradient_accumulation_steps": cfg.micro_batches_per_step,
         "gradient_clipping": o.grad_clip,
         # Buckets of 5e7 elements (200 MB in fp32) instead of DeepSpeed's 5e8: the default buffer
         # alone is 1.9 GiB per rank whatever the model size (benchmarks/README.md).
-        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
     }

@@ -31,23 +31,18 @@ log = logging.getLogger(__name__)
 
 
 def source_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a run directory, its ``checkpoints/`` or a checkpoint itself."""
-    p = Path(path)
-    for ckpt_dir in (p / "checkpoints", p):
-        tag = checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
-        if tag is not None:
-            return ckpt_dir / tag
-    if checkpoint.is_checkpoint(p):
-        return p
-    raise FileNotFoundError(f"checkpoint.init_from={str(path)!r}: no complete checkpoint there (expected a run "
-                            "directory, its checkpoints/ folder, or a checkpoints/step_* directory)")
+    """The checkpoint ``checkpoint.init_from`` names (``checkpoint.find``)."""
+    ckpt = checkpoint.find(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"checkpoint.init_from={str(path)!r}: no complete checkpoint there (expected a run "
+                                "directory, its checkpoints/ folder, or a checkpoints/step_* directory)")
+    return ckpt
 
 
 def source_model_config(ckpt: Path) -> ModelConfig:
     """The model config the checkpoint was trained with (saved in every checkpoint's client state)."""
     try:
-        client = torch.load(ckpt / checkpoint.rank_file(0), map_location="cpu", weights_only=False)["client"]
-        return ModelConfig.from_dict(client["config"]["model"])
+        return ModelConfig.from_dict(checkpoint.client_state(ckpt)["config"]["model"])
     except (FileNotFoundError, KeyError, TypeError) as e:
         raise ValueError(f"{ckpt}: cannot read the model config it was trained with ({e})") from None
 
@@ -102,11 +97,9 @@ def initial_state(new: ModelConfig, source: str | Path, weights: str = "ema"
     return prev.state_dict(), origin, old
 
 
-def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights: str, dims) -> dict:
-    """Load the previous stage's weights into ``model`` (TP shards; before the engine exists).
-    Returns a record for the run's events."""
-    from .parallel import load_full_state_dict
-
+def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights: str) -> dict:
+    """Load the previous stage's weights into ``model``, the plain model before ``parallelize``
+    shards it. Returns a record for the run's events."""
     state, ckpt, old = initial_state(new, source, weights)
     names = {n for n, _ in model.named_parameters()}
     unexpected = sorted(set(state) - names)
@@ -116,7 +109,7 @@ def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights:
                          f"{unexpected[0]}) that this stage's model has not; give the stage the same heads "
                          "(e.g. --set model.understanding=true)")
     fresh = sorted(names - set(state))
-    load_full_state_dict(model, state, dims, allow_missing=True)
+    model.load_state_dict(state, strict=False)  # the fresh parameters keep their values; shapes are checked
     if fresh:
         log.info("new in this stage, freshly initialised: %s", sorted({n.split(".")[0] for n in fresh}))
     log.info("initialised from %s (%s weights)", ckpt, weights)

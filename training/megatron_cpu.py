@@ -18,14 +18,19 @@ call                                  where (megatron-core 0.16)
 ====================================  ==============================================================
 
 Without CUDA each of them raises, or silently does nothing. ``apply_if_no_cuda()`` points exactly
-these at the CPU: the current device is the CPU, the "device RNG" is the CPU default generator,
-``synchronize`` has nothing to wait for. It patches nothing when CUDA is available, and on a
-second call. ``torch.cuda.is_available()`` still answers False, so code that branches on it is
-unaffected.
+these at the CPU (the current device is the CPU, the "device RNG" is the CPU default generator,
+``synchronize`` has nothing to wait for), and only as megatron-core sees them: the name ``torch``
+inside the megatron modules that make these calls (``MODULES``) is bound to a stand-in that answers
+these five ``torch.cuda`` functions and hands every other attribute to the real ``torch``. The
+process' own ``torch.cuda`` is untouched (``torch.cuda.is_available()`` still answers False, and
+``torch.cuda.current_device()`` elsewhere still raises). It patches nothing when CUDA is available,
+and nothing on a second call. dist_checkpointing is not used by the trainer and is not patched.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import types
 
 import torch
 
@@ -66,6 +71,27 @@ def _megatron_set_rng_state(new_state: torch.Tensor, device=-1, graph_safe: bool
     torch.default_generator.set_state(new_state)
 
 
+# The megatron-core modules whose ``torch.cuda`` calls are on our paths (layers, SP mappings, the
+# RNG tracker, the global memory buffer, parallel state set-up).
+MODULES = ("megatron.core.tensor_parallel.layers", "megatron.core.tensor_parallel.mappings",
+           "megatron.core.tensor_parallel.random", "megatron.core.tensor_parallel.utils", "megatron.core.utils",
+           "megatron.core.parallel_state")
+_CPU_CUDA = {"current_device": _current_device, "synchronize": _synchronize, "get_rng_state": _get_rng_state,
+             "set_rng_state": _set_rng_state, "manual_seed": _manual_seed}
+
+
+class _Overlay(types.ModuleType):
+    """A module that answers ``overrides`` itself and everything else from ``real``."""
+
+    def __init__(self, real: types.ModuleType, overrides: dict):
+        super().__init__(real.__name__, real.__doc__)
+        self.__dict__.update(overrides)
+        self._real = real
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
 def apply_if_no_cuda() -> list[str]:
     """Redirect megatron-core's CUDA-only calls to the CPU when CUDA is absent; never on a GPU.
 
@@ -77,19 +103,15 @@ def apply_if_no_cuda() -> list[str]:
     if torch.cuda.is_available():
         _patched = []
         return _patched
-    from megatron.core.tensor_parallel import random as mrandom
-
-    targets = [
-        (torch.cuda, "current_device", _current_device),
-        (torch.cuda, "synchronize", _synchronize),
-        (torch.cuda, "get_rng_state", _get_rng_state),
-        (torch.cuda, "set_rng_state", _set_rng_state),
-        (torch.cuda, "manual_seed", _manual_seed),
-        (mrandom, "_get_cuda_rng_state", _megatron_get_rng_state),
-        (mrandom, "_set_cuda_rng_state", _megatron_set_rng_state),
-    ]
-    for owner, name, fn in targets:
-        setattr(owner, name, fn)
-    _patched = [f"{owner.__name__}.{name}" for owner, name, _ in targets]
-    log.info("no CUDA: megatron-core's device, RNG and sync calls now use the CPU (%s)", ", ".join(_patched))
+    torch_on_cpu = _Overlay(torch, {"cuda": _Overlay(torch.cuda, _CPU_CUDA)})
+    _patched = []
+    for name in MODULES:
+        module = importlib.import_module(name)
+        module.torch = torch_on_cpu
+        _patched += [f"{name}: torch.cuda.{fn}" for fn in _CPU_CUDA]
+    mrandom = importlib.import_module("megatron.core.tensor_parallel.random")
+    mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = _megatron_get_rng_state, _megatron_set_rng_state
+    _patched += [f"{mrandom.__name__}.{fn}" for fn in ("_get_cuda_rng_state", "_set_cuda_rng_state")]
+    log.info("no CUDA: megatron-core's device, RNG and sync calls use the CPU, inside megatron only (%s)",
+             ", ".join(MODULES))
     return _patched

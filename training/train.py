@@ -16,7 +16,7 @@ from atoken.model.errors import cli
 
 from . import determinism, preflight
 from .config import RunConfig, apply_override, load_yaml
-from .configs import CONFIGS
+from .stages import CONFIGS
 
 # NOTE: torch, DeepSpeed, the model and the data pipeline are imported in ``main`` after the
 # arguments are parsed and checked: ``--help`` and a mistake in the command answer in seconds.
@@ -59,9 +59,21 @@ def precision(cfg: RunConfig, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def micro_step(engine, objective, batch, extras, tasks: tuple[str, ...], noise, amp) -> dict:
+    """One packed micro-batch (already on the device) through the engine: forward, the objective's
+    terms ("total" among them, still attached to the graph), backward, and ``engine.step()``, which
+    steps the optimizer only at the accumulation boundary. The benchmarks time this same function."""
+    with amp:
+        out = engine(batch, generator=noise, tasks=tasks)
+        losses = objective(engine.module, batch, out, extras, tasks)
+    engine.backward(losses["total"])
+    engine.step()
+    return losses
+
+
 def train_step(engine, objective, loader, noise, device, amp) -> tuple[dict, int, list[str]]:
     """One optimizer step: the task mix's micro-batches in its round-robin order (``loader.order``,
-    ``cfg.accumulation_steps`` of them), each through the heads and losses of its stream's task.
+    ``cfg.micro_batches_per_step`` of them), each through the heads and losses of its stream's task.
     Returns detached mean losses, tokens and sample names."""
     totals, tokens, names = {}, 0, []
     n = loader.micro_batches_per_step
@@ -70,11 +82,7 @@ def train_step(engine, objective, loader, noise, device, amp) -> tuple[dict, int
         batch, tasks = micro.batch, (micro.stream.task,)
         tokens, names = tokens + batch.num_tokens, names + batch.names
         batch = batch.to(device)
-        with amp:
-            out = engine(batch, generator=noise, tasks=tasks)
-            losses = objective(engine.module, batch, out, micro.extras, tasks)
-        engine.backward(losses["total"])
-        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        losses = micro_step(engine, objective, batch, micro.extras, tasks, noise, amp)
         for k, v in losses.items():
             if v.requires_grad:  # NOTE: a term of a task not run is a constant zero: not logged at all
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / n
@@ -116,15 +124,15 @@ def main(argv=None) -> None:
     import torch
 
     from atoken.data_pipeline import MixedLoader
+    from atoken.model import AToken
     from atoken.model.attention import log_attention_backend
     from atoken.model.objective import Objective
 
-    from . import checkpoint, distributed, handoff, parallel
+    from . import checkpoint, distributed, handoff
     from .batch import describe, step_batches
-    from .compile import compile_blocks
     from .ema import EMA
-    from .engine import build_engine
     from .holdout import load_images
+    from .parallelize import init_parallel, parallelize
     from .logger import RunLogger
     from .preemption import StopSignals
 
@@ -139,25 +147,23 @@ def main(argv=None) -> None:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         log.info("resolved config:\n%s", cfg.to_yaml())
 
-    # Parallelism is applied here and only here (training/parallel.py): megatron TP/SP layers when
-    # tp > 1, DeepSpeed ZeRO over the data-parallel group.
-    dims = parallel.init_parallel(cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.seed)
+    dims = init_parallel(cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.seed)
     # grad_accum=0 (auto): rounds of the mix per step follow from the data-parallel size (batch.py).
     cfg = cfg.with_rounds(dims.dp)
     log.info("%s", describe(step_batches(cfg.data.streams, cfg.grad_accum, dims.dp), dims.dp, cfg.grad_accum,
                             cfg.reference_gpus))
     torch.manual_seed(cfg.seed)  # the same weights on every rank
-    model = parallel.build_model(cfg.model, dims, checkpoint=cfg.parallel.activation_checkpointing).to(device)
+    model = AToken(cfg.model)  # plain, built once, on the CPU
     # A run's own checkpoint (``resume_from``) wins; otherwise a later stage starts from the stage
-    # before (handoff.py).
+    # before (handoff.py), loaded into the plain model before it is sharded.
     init_record = None
     if resume_from is None and cfg.checkpoint.init_from:
-        init_record = handoff.apply(model, cfg.model, cfg.checkpoint.init_from, cfg.checkpoint.init_weights, dims)
-    if cfg.compile:
-        compile_blocks(model)
+        init_record = handoff.apply(model, cfg.model, cfg.checkpoint.init_from, cfg.checkpoint.init_weights)
     # The semantic losses score against the whole data-parallel micro-batch (gathered over dp_group).
     objective = Objective.from_config(cfg.loss, group=dims.dp_group if dims.dp > 1 else None).to(device)
-    engine = build_engine(model, cfg, mpu=parallel.mpu_for(dims))
+    # Parallelism is applied here and only here (training/parallelize.py): TP/SP, activation
+    # checkpointing, compile, then the DeepSpeed engine (ZeRO over the data-parallel group).
+    engine = parallelize(model, dims, cfg, device)
     ema = EMA(model, cfg.optim.ema_decay)
     # Per data-parallel rank from here on; the TP ranks of a group must agree (same batch, same noise).
     torch.manual_seed(cfg.seed + 1 + dims.dp_rank)

@@ -1,10 +1,23 @@
-"""Tensor, sequence and data parallelism, applied in one place.
+"""Parallelism, applied in one place, in torchtitan's order, to a model built once.
 
     info = distributed.init()                                   # torch.distributed, gloo or NCCL
     dims = init_parallel(tp=2, sequence_parallel=True, seed=cfg.seed)
     torch.manual_seed(cfg.seed)                                 # the same weights on every rank
-    model = build_model(cfg.model, dims).to(info.device)
-    engine = build_engine(model, cfg, mpu=mpu_for(dims))        # DeepSpeed ZeRO over dims.dp
+    model = AToken(cfg.model)                                   # plain, once, on the CPU
+    engine = parallelize(model, dims, cfg, info.device)
+
+``parallelize`` applies, in this order (``cfg.parallel``):
+
+1. tensor parallelism, and sequence parallelism with it (``shard_model``): each block's linears are
+   swapped in place for megatron's Column/RowParallelLinear holding this rank's slices of the
+   plain weights, so the model is never built twice and a TP rank holds exactly the corresponding
+   slices of the TP=1 model of the same seed;
+2. activation checkpointing of each transformer block (``apply_activation_checkpointing``);
+3. ``torch.compile`` of each transformer block (``compile_blocks``);
+4. the DeepSpeed engine: AdamW, the LR schedule and ZeRO over the data-parallel group
+   (engine.py), with ``mpu_for(dims)``.
+
+The model itself (model/) knows nothing of this: its blocks are plain ``nn.Linear`` modules.
 
 Layout: ``world = tp * dp``; the ``tp`` ranks of a tensor-parallel group are consecutive global
 ranks (megatron's order). Every rank of a TP group sees the same packed micro-batch; each DP rank
@@ -23,8 +36,8 @@ and a full copy of everything else (norms, row-parallel biases, patch embedding,
 latent, up-projection, pixel head): identical on the TP ranks.
 
 Each parameter carries megatron's attributes ``tensor_model_parallel`` (True: split),
-``partition_dim`` (0 or 1; -1 when replicated) and ``partition_stride`` (1). ``full_state_dict``
-and ``load_full_state_dict`` convert between a rank's shards and the full tensors.
+``partition_dim`` (0 or 1; -1 when replicated) and ``partition_stride`` (1); ``shards.py`` splits
+and merges by them. ``full_state_dict`` gathers a rank's shards back into the full tensors.
 
 Gradients that are a partial sum on each TP rank are all-reduced over the TP group by a tensor
 hook, before DeepSpeed sees them (so ZeRO 1, 2 and 3 all get whole gradients). They are marked
@@ -49,11 +62,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from atoken.model import AToken, ModelConfig
-from atoken.model.transformer import Angles, Block, LinearSpec
+from atoken.model.transformer import Angles, Block, SequenceSharding, Transformer
 
 from . import megatron_cpu
+from .shards import merge, partition_dim, split
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +132,7 @@ def init_parallel(tp: int = 1, sequence_parallel: bool = False, seed: int = 0) -
 # ------------------------------------------------------------------ megatron's linear layers
 
 def _no_init(weight: torch.Tensor) -> None:
-    """perform_initialization is off: build_model copies the plain model's weights in."""
+    """perform_initialization is off: shard_model copies the plain model's weights in."""
 
 
 def _plain_linear_state(module: nn.Module) -> None:
@@ -181,39 +195,22 @@ def _column_row_classes():
     return ColumnLinear, RowLinear
 
 
-class MegatronLinearSpec(LinearSpec):
-    """The transformer's linears as megatron's Column/RowParallelLinear over ``dims.tp_group``, and,
-    with ``dims.sequence_parallel``, the packed token dim split across the TP ranks in each stack."""
+class MegatronSequenceSharding(SequenceSharding):
+    """With sequence parallelism: the packed token dim of a stack split across the TP ranks
+    (megatron's scatter / gather over ``dims.tp_group``), set on each ``Transformer`` by ``shard_model``."""
 
     def __init__(self, dims: ParallelDims):
-        from megatron.core import ModelParallelConfig
-
         self.tp_size = dims.tp
-        self.sequence_parallel = dims.sequence_parallel
         self.tp_group = dims.tp_group
-        # NOTE: parameters are allocated on the CPU, like the plain model's (the caller moves the
-        # model); weights are copied in by build_model, not drawn by megatron.
-        self.config = ModelParallelConfig(tensor_model_parallel_size=dims.tp,
-                                          sequence_parallel=dims.sequence_parallel, params_dtype=torch.float32,
-                                          use_cpu_initialization=True, perform_initialization=False)
-        self._column, self._row = _column_row_classes()
 
-    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        return self._column(in_features, out_features, bias, self.config, self.tp_group)
-
-    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        return self._row(in_features, out_features, bias, self.config, self.tp_group)
-
-    def shard_sequence(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, angles: Angles | None
-                       ) -> tuple[torch.Tensor, torch.Tensor, int, Angles | None]:
+    def shard(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, angles: Angles | None
+              ) -> tuple[torch.Tensor, torch.Tensor, int, Angles | None]:
         """x [N, width] (identical on the TP ranks) -> this rank's [N_pad / tp, width].
 
         N is padded to N_pad, a multiple of tp, with zero tokens that form their own last segment
-        of cu_seqlens: no real sample attends to them, and ``unshard_sequence`` drops them again
-        (so no loss, and exactly zero gradient, comes from them).
+        of cu_seqlens: no real sample attends to them, and ``unshard`` drops them again (so no
+        loss, and exactly zero gradient, comes from them).
         """
-        if not self.sequence_parallel:
-            return x, cu_seqlens, max_seqlen, angles
         from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
         n = x.shape[0]
@@ -226,10 +223,8 @@ class MegatronLinearSpec(LinearSpec):
                 angles = (F.pad(angles[0], (0, 0, 0, pad), value=1.0), F.pad(angles[1], (0, 0, 0, pad)))
         return scatter_to_sequence_parallel_region(x, group=self.tp_group), cu_seqlens, max_seqlen, angles
 
-    def unshard_sequence(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def unshard(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """This rank's [N_pad / tp, width] -> the full [N, width] on every TP rank."""
-        if not self.sequence_parallel:
-            return x
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
         # What follows the stack (final norm, heads, loss) runs replicated on every TP rank, so the
@@ -238,33 +233,83 @@ class MegatronLinearSpec(LinearSpec):
         return full[:num_tokens]
 
 
-# ------------------------------------------------------------------ the model
+# ------------------------------------------------------------------ the one entry point
 
-def build_model(cfg: ModelConfig, dims: ParallelDims, checkpoint: bool = False) -> AToken:
-    """The model for this rank: plain at tp == 1, megatron's TP (and SP) layers otherwise.
+def parallelize(model: nn.Module, dims: ParallelDims, cfg, device: torch.device):
+    """``model`` (a plain ``AToken``, built once on the CPU, the same weights on every rank) ->
+    this rank's DeepSpeed engine. ``cfg``: the ``RunConfig`` (``cfg.parallel`` and, for the
+    engine, ``cfg.optim`` and ``cfg.steps``). Every rank calls it."""
+    from .engine import build_engine
 
-    Draws the weights from the current CPU RNG exactly as ``AToken(cfg)`` does, so with the same
-    seed a TP rank holds the corresponding slices of the TP=1 model (and every TP rank the same
-    replicated weights: checked here).
+    p = cfg.parallel
+    shard_model(model, dims)  # 1. TP / SP (before the move: the slices are cut on the CPU)
+    model.to(device)
+    if p.activation_checkpointing:
+        apply_activation_checkpointing(model)  # 2.
+    if p.compile:
+        compile_blocks(model)  # 3. (compiles the checkpointed forward: recomputation is traced too)
+    return build_engine(model, cfg, mpu=mpu_for(dims))  # 4.
+
+
+def blocks(model: nn.Module) -> list[Block]:
+    """Every transformer ``Block`` of ``model`` (encoder, decoder, Gaussian decoder), in order."""
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+# ------------------------------------------------------------------ 1. tensor / sequence parallelism
+
+def shard_model(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """In place: this rank's part of ``model`` (a no-op apart from megatron's attributes at tp == 1).
+
+    Each block's ``qkv``/``fc1`` become column-parallel and ``proj``/``fc2`` row-parallel layers
+    holding this rank's slices (``shards.split``), its attention keeps its own ``heads // tp``
+    heads (and their QK-norm rows); with ``dims.sequence_parallel`` every ``Transformer`` splits
+    the token dim (``MegatronSequenceSharding``). Then: partial-gradient hooks, and a check that
+    the replicated parameters agree over the TP group.
     """
     if not dims.tensor_parallel:
-        model = AToken(cfg, checkpoint=checkpoint)
         _set_replicated_defaults(model)
         return model
-    full = AToken(cfg)  # NOTE: the whole model on each rank for a moment (as megatron's CPU init)
-    with torch.random.fork_rng(devices=[]):  # the RNG continues as after the plain model's init
-        model = AToken(cfg, linear=MegatronLinearSpec(dims), checkpoint=checkpoint)
-    for attn in (m.attn for m in model.modules() if isinstance(m, Block)):
-        if attn.q_norm is not None:  # per-head gains: each rank holds its own heads' rows
-            _mark_split(attn.q_norm.weight, dim=0)
-            _mark_split(attn.k_norm.weight, dim=0)
+    from megatron.core import ModelParallelConfig
+
+    # NOTE: parameters are allocated on the CPU, like the plain model's (parallelize moves the
+    # model); weights are copied in from the plain layers, not drawn by megatron.
+    config = ModelParallelConfig(tensor_model_parallel_size=dims.tp, sequence_parallel=dims.sequence_parallel,
+                                 params_dtype=torch.float32, use_cpu_initialization=True,
+                                 perform_initialization=False)
+    column, row = _column_row_classes()
+    for block in blocks(model):
+        attn, mlp = block.attn, block.mlp
+        if attn.heads % dims.tp:
+            raise ValueError(f"heads {attn.heads} not divisible by tensor-parallel size {dims.tp}")
+        attn.qkv, attn.proj = _sharded(column, attn.qkv, config, dims), _sharded(row, attn.proj, config, dims)
+        mlp.fc1, mlp.fc2 = _sharded(column, mlp.fc1, config, dims), _sharded(row, mlp.fc2, config, dims)
+        attn.heads //= dims.tp  # this rank's heads
+        for norm in (attn.q_norm, attn.k_norm):
+            if norm is not None:  # per-head gains [heads, head_dim]: each rank holds its own heads' rows
+                norm.weight = nn.Parameter(split(norm.weight.detach(), 0, dims.tp, dims.tp_rank).clone())
+                _mark_split(norm.weight, dim=0)
+    if dims.sequence_parallel:
+        sharding = MegatronSequenceSharding(dims)
+        for stack in (m for m in model.modules() if isinstance(m, Transformer)):
+            stack.sequence = sharding
     _set_replicated_defaults(model)
-    load_full_state_dict(model, full.state_dict(), dims)
-    del full
     _mark_partial_grads(model, dims)
     _reduce_partial_grads_over_tp(model, dims)
     _check_replicated(model, dims)
     return model
+
+
+@torch.no_grad()
+def _sharded(cls, plain: nn.Linear, config, dims: ParallelDims) -> nn.Module:
+    """A megatron linear holding this rank's slices of ``plain``'s weight and bias."""
+    layer = cls(plain.in_features, plain.out_features, plain.bias is not None, config, dims.tp_group)
+    for name, p in layer.named_parameters():
+        t = split(getattr(plain, name), partition_dim(p), dims.tp, dims.tp_rank)
+        if t.shape != p.shape:
+            raise ValueError(f"{name}: shard {tuple(t.shape)} does not fit parameter {tuple(p.shape)}")
+        p.copy_(t)
+    return layer
 
 
 def _set_replicated_defaults(model: nn.Module) -> None:
@@ -317,6 +362,44 @@ def _check_replicated(model: nn.Module, dims: ParallelDims) -> None:
                            f"{bad[:5]} ({len(bad)} in all)")
 
 
+# ------------------------------------------------------------------ 2. activation checkpointing
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each transformer ``Block`` in backward (torch's non-reentrant checkpoint), as
+    torchtitan wraps its blocks. The block's ``forward`` is wrapped in place, so parameter names are
+    unchanged (a wrapper module would prefix them). Without grad (evaluation, inference) it is the
+    plain forward. Returns how many blocks."""
+    found = blocks(model)
+    for block in found:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    log.info("activation checkpointing: %d transformer blocks", len(found))
+    return len(found)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+# ------------------------------------------------------------------ 3. compile
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every transformer ``Block`` in place (``nn.Module.compile``: parameter names
+    and checkpoints unchanged), the unit that repeats, as torchtitan compiles its blocks. Inductor
+    fuses what eager mode runs as separate memory-bound kernels: the norms with their casts, the
+    fp32 RoPE rotation, GELU, the residual adds. Attention stays the varlen kernel
+    (``model.attention``), called from the compiled graph. Packed batches change length every step,
+    so shapes are compiled dynamic. Returns how many blocks."""
+    found = blocks(model)
+    for block in found:
+        block.compile(dynamic=True)
+    log.info("torch.compile: %d transformer blocks (dynamic shapes)", len(found))
+    return len(found)
+
+
+# ------------------------------------------------------------------ reading the weights back
+
 def _zero3_gathered(model: nn.Module):
     """DeepSpeed ZeRO-3 keeps only a DP partition of each parameter: gather them for reading."""
     import contextlib
@@ -337,36 +420,16 @@ def full_state_dict(model: nn.Module, dims: ParallelDims) -> dict[str, torch.Ten
     out = {}
     with _zero3_gathered(module):
         for name, p in module.named_parameters():
-            t = p.detach()
-            if dims.tensor_parallel and getattr(p, "tensor_model_parallel", False):
+            t, dim = p.detach(), partition_dim(p)
+            if dims.tensor_parallel and dim is not None:
                 parts = [torch.empty_like(t) for _ in range(dims.tp)]
                 dist.all_gather(parts, t.contiguous(), group=dims.tp_group)
-                t = torch.cat(parts, dim=p.partition_dim)
+                t = merge(parts, dim)
             out[name] = t.cpu().clone()
     return out
 
 
-@torch.no_grad()
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], dims: ParallelDims,
-                         allow_missing: bool = False) -> None:
-    """Copy the plain model's tensors into this rank's shards (before the DeepSpeed engine exists).
-    ``allow_missing``: parameters absent from ``state`` keep their values (a stage hand-off's new heads)."""
-    params = dict(model.named_parameters())
-    missing, unexpected = set(params) - set(state), set(state) - set(params)
-    if unexpected or (missing and not allow_missing):
-        raise KeyError(f"state and model differ: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    for name, p in params.items():
-        if name not in state:
-            continue
-        t = state[name]
-        if dims.tensor_parallel and getattr(p, "tensor_model_parallel", False):
-            t = t.chunk(dims.tp, dim=p.partition_dim)[dims.tp_rank]
-        if t.shape != p.shape:
-            raise ValueError(f"{name}: shard {tuple(t.shape)} does not fit parameter {tuple(p.shape)}")
-        p.copy_(t)
-
-
-# ------------------------------------------------------------------ DeepSpeed
+# ------------------------------------------------------------------ 4. DeepSpeed's view of the layout
 
 class MegatronMPU:
     """DeepSpeed's model-parallel unit (``deepspeed.initialize(mpu=...)``) over our layout.

@@ -1,4 +1,5 @@
-"""Named runs: each function returns a complete ``RunConfig`` (``--config NAME``)."""
+"""The named runs, the curriculum's stages and the demo: each function returns a complete
+``RunConfig`` (``--config NAME``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -120,7 +121,7 @@ def demo() -> RunConfig:
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20, encoder_lr_mult=1.0, ema_decay=0.999),
         checkpoint=CheckpointConfig(every=100, keep=2),
         log=LogConfig(every=10, eval_every=100),
-        steps=300, precision="fp32", zero_stage=1,
+        steps=300, precision="fp32",
     )
 
 
