@@ -30,8 +30,7 @@ REST = {"latent.weight": D, "decoder.up.weight": D, "decoder.pos_embed": N, "dec
         **{f"understanding.head.{m}.{p}": D if p == "weight" else N
            for m in ("q", "kv", "out", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")},
         "understanding.head.norm.weight": N, "understanding.head.norm.bias": N,
-        "gaussian_decoder.up.weight": D, "gaussian_decoder.norm.weight": N, "gaussian_decoder.head.weight": D,
-        "gaussian_decoder.head.bias": N}
+        "gaussian_decoder.up.weight": D, "gaussian_decoder.head.weight": D, "gaussian_decoder.head.bias": N}
 
 
 def expected(cfg) -> dict[str, str]:
