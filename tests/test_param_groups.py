@@ -22,6 +22,8 @@ ENCODER_BLOCK = {"norm1.weight": N, "norm1.bias": N, "attn.qkv.weight": D, "attn
                  "mlp.fc2.weight": D, "mlp.fc2.bias": N}
 DECODER_BLOCK = {"norm1.weight": N, "attn.qkv.weight": D, "attn.proj.weight": D, "attn.q_norm.weight": N,
                  "attn.k_norm.weight": N, "norm2.weight": N, "mlp.fc1.weight": D, "mlp.fc2.weight": D}
+# The Gaussian decoder's blocks: no QK-norm (the release's).
+GAUSSIAN_BLOCK = {k: g for k, g in DECODER_BLOCK.items() if "_norm" not in k}
 ENCODER = {"encoder.pos_embed": N, "encoder.patch_embed.weight": D, "encoder.patch_embed.bias": N,
            "encoder.norm.weight": N, "encoder.norm.bias": N}
 REST = {"latent.weight": D, "decoder.up.weight": D, "decoder.pos_embed": N, "decoder.norm.weight": N,
@@ -41,7 +43,7 @@ def expected(cfg) -> dict[str, str]:
     out.update({f"decoder.transformer.blocks.{i}.{k}": f"rest_{g}"
                 for i in range(cfg.decoder.depth) for k, g in DECODER_BLOCK.items()})
     out.update({f"gaussian_decoder.blocks.{i}.{k}": f"rest_{g}"
-                for i in range(cfg.gaussian.transformer.depth) for k, g in DECODER_BLOCK.items()})
+                for i in range(cfg.gaussian.transformer.depth) for k, g in GAUSSIAN_BLOCK.items()})
     return out
 
 
