@@ -252,7 +252,8 @@ class AToken(nn.Module):
 
         "rec": the posterior, z (a sample, its mean if not ``sample``; with FSQ the quantized mean,
         straight-through, never a sample), the pixel decoder's output for every sample, and from it
-        the Gaussians of the 3D samples. "und": the pooled embedding of every sample. The encoder runs once for both.
+        the Gaussians of the 3D samples. "und": the pooled embedding of every sample. The encoder
+        runs once for both.
         """
         unknown = set(tasks) - {"rec", "und"}
         if unknown or not tasks:

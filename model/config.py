@@ -84,6 +84,10 @@ class GaussianDecoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GaussianDecoderConfig":
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:  # e.g. max_offset, scale_range: atoken's own decoder before it became the release's
+            raise ValueError(f"the Gaussian decoder config has fields this version does not know: {unknown} "
+                             "(written for atoken's earlier Gaussian decoder, which no longer exists)")
         return cls(transformer=TransformerConfig(**d.pop("transformer")), **d)
 
 

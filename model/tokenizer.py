@@ -76,7 +76,10 @@ def read_inference_config(path: str | Path) -> tuple[ModelConfig, dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{cfg_file} is not an {FORMAT} config (format="
                         f"{meta.get('format') if isinstance(meta, dict) else None!r}); {REMAKE}")
-    return ModelConfig.from_dict(meta["model"]), meta
+    try:
+        return ModelConfig.from_dict(meta["model"]), meta
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cfg_file}: its model config does not fit this version ({e}); {REMAKE}") from None
 
 
 @dataclass

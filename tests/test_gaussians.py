@@ -62,6 +62,8 @@ def test_presets_are_the_released_config():
         gaussian_decoder_preset("huge")
     with pytest.raises(ValueError, match="lr must give"):
         tiny(lr={"_xyz": 1.0})
+    with pytest.raises(ValueError, match=r"does not know: \['max_offset'\]"):  # atoken's decoder before this one
+        GaussianDecoderConfig.from_dict({**base.to_dict(), "max_offset": 0.75})
 
 
 def reference(dec: GaussianDecoder, pixels: torch.Tensor, coords: torch.Tensor) -> dict[str, torch.Tensor]:

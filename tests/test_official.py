@@ -284,7 +284,8 @@ def gs_yaml() -> dict:
     """A small ``3d_decode_gs.yaml`` (the release's keys; widths shrunk)."""
     rep = {"lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
            "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": GS_K, "2d_filter_kernel_size": 0.1,
-           "3d_filter_kernel_size": 9.0e-4, "scaling_bias": 4.0e-3, "opacity_bias": 0.1, "scaling_activation": "softplus"}
+           "3d_filter_kernel_size": 9.0e-4, "scaling_bias": 4.0e-3, "opacity_bias": 0.1,
+           "scaling_activation": "softplus"}
     return {"model": {"class_name": "models.pretrained.decoder_gs.SLatGaussianDecoderTrain", "resolution": 64,
                       "model_channels": GS_W, "latent_channels": 768, "num_blocks": 2, "num_heads": GS_HEADS,
                       "mlp_channels": 4 * GS_W, "attn_mode": "swin", "window_size": 4, "representation_config": rep}}
@@ -297,11 +298,12 @@ def official_gs_state(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shapes = {"input_layer.weight": (GS_W, 768), "out_layer.weight": (14 * GS_K, GS_W), "out_layer.bias": (14 * GS_K,)}
     for i in range(2):
-        shapes.update({f"blocks.{i}.norm1.weight": (GS_W,), f"blocks.{i}.norm2.weight": (GS_W,),
-                       f"blocks.{i}.attn.to_qkv.weight": (3 * GS_W, GS_W), f"blocks.{i}.attn.to_out.weight": (GS_W, GS_W),
-                       f"blocks.{i}.mlp.mlp.0.weight": (4 * GS_W, GS_W), f"blocks.{i}.mlp.mlp.2.weight": (GS_W, 4 * GS_W)})
-    state = {k: (1 + 0.3 * torch.randn(s, generator=g)) if "norm" in k else torch.randn(s, generator=g) / math.sqrt(s[-1])
-             for k, s in shapes.items()}
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (GS_W,), b + "norm2.weight": (GS_W,),
+                       b + "attn.to_qkv.weight": (3 * GS_W, GS_W), b + "attn.to_out.weight": (GS_W, GS_W),
+                       b + "mlp.mlp.0.weight": (4 * GS_W, GS_W), b + "mlp.mlp.2.weight": (GS_W, 4 * GS_W)})
+    state = {k: (1 + 0.3 * torch.randn(s, generator=g)) if "norm" in k
+             else torch.randn(s, generator=g) / math.sqrt(s[-1]) for k, s in shapes.items()}
     ham = [[n / GS_K, sum(((n >> b) & 1) / 2 ** (b + 1) for b in range(6)), 0.0] for n in range(GS_K)]
     for n in range(GS_K):  # base-3 radical inverse
         m, f = n, 1 / 3

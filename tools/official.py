@@ -279,7 +279,8 @@ def gs_model_config(gs: dict) -> GaussianDecoderConfig:
     for key, ok in fixed.items():
         if key in gs and gs[key] not in ok:
             raise FormatError(f"model.{key} = {gs[key]!r} is not supported (the release's decoder has {ok[0]!r})")
-    for key, want in (("perturb_offset", True), ("scaling_activation", "softplus"), ("2d_filter_kernel_size", FILTER_2D)):
+    fixed_rep = (("perturb_offset", True), ("scaling_activation", "softplus"), ("2d_filter_kernel_size", FILTER_2D))
+    for key, want in fixed_rep:
         if rep.get(key, want) != want:
             raise FormatError(f"representation_config.{key} = {rep[key]!r} is not supported (only {want!r})")
     try:
@@ -438,7 +439,8 @@ def export_official(src: str | Path, out: str | Path, weights: str = "ema") -> P
     state, cfg = read_ours(src, weights)
     meta = json.loads((Path(src) / "config.json").read_text()) if (Path(src) / "config.json").is_file() else {}
     dtypes = meta.get("source", {})
-    cast = lambda d, key: {k: v.to(getattr(torch, dtypes[key])) for k, v in d.items()} if key in dtypes else d  # noqa: E731
+    def cast(d: dict, key: str) -> dict:  # back to the dtype an import recorded
+        return {k: v.to(getattr(torch, dtypes[key])) for k, v in d.items()} if key in dtypes else d
     gs = {k: state.pop(k) for k in [k for k in state if k.startswith("gaussian_decoder.")]}
     g, cfg = cfg.gaussian, dataclasses.replace(cfg, gaussian=None)
     arch = arch_config(cfg)
@@ -447,8 +449,8 @@ def export_official(src: str | Path, out: str | Path, weights: str = "ema") -> P
     if g is not None:
         extra_file = Path(src) / GS_EXTRA_FILE
         if not extra_file.is_file():
-            raise FormatError(f"{extra_file} not found: the release's SLatGaussianDecoderTrain loads strictly, with the "
-                              f"LPIPS-VGG tensors of its training loss ({GS_EXTRA_PREFIX}*), which only an inference "
+            raise FormatError(f"{extra_file} not found: the release's SLatGaussianDecoderTrain loads strictly, "
+                              f"with the LPIPS-VGG tensors of its training loss ({GS_EXTRA_PREFIX}*), which only an inference "
                               "directory imported from 3d_decode_gs.pt holds")
         gs_official = {**cast(gs_to_official(gs, g), "gs_dtype"), **_read_state(extra_file)}
     out = Path(out)
