@@ -24,6 +24,7 @@ Writes ``benchmarks/results/splatting_<device>.json`` (``--out`` changes it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 import shlex
@@ -49,10 +50,9 @@ def shell_scene(grid: int, per_voxel: int, seed: int, device: torch.device) -> G
     centre = (ijk + 0.5) / grid - 0.5
     ijk = ijk[((centre.norm(dim=-1) - 0.4).abs() < 0.5 / grid)]
     coords = torch.cat([torch.zeros(len(ijk), 1, dtype=torch.long), ijk], 1)
-    cfg = gaussian_decoder_preset("tiny")
-    cfg.resolution, cfg.gaussians_per_voxel = grid, per_voxel
-    dec = GaussianDecoder(cfg, latent_channels=8)
-    raw = 0.5 * torch.randn(len(coords), per_voxel, 14, generator=torch.Generator().manual_seed(seed))
+    cfg = dataclasses.replace(gaussian_decoder_preset("tiny"), resolution=grid, gaussians_per_voxel=per_voxel)
+    dec = GaussianDecoder(cfg)
+    raw = 0.5 * torch.randn(len(coords), per_voxel * 14, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         g = dec.activate(raw, coords, torch.tensor([0, len(coords)], dtype=torch.int32))
     return g.to(device)

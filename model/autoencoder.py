@@ -5,6 +5,7 @@
          mean, or with ``quantizer="fsq"`` the FSQ-quantized mean; FSQ ids [N, C / 6] are the tokens)
       -> decoder (up-projection + its own resized position table, transformer with per-head
          QK-norm, RMSNorm, pixel head) -> recon [N, 3072]
+      -> at a 3D sample's voxels: the Gaussian decoder (model/gaussians.py) -> Gaussians
     encoder tokens [N, width] -> understanding (MAP head, per sample) -> embedding [B, width]
 
 This is the released AToken's structure (``tools/official.py`` maps its weights one to one).
@@ -74,7 +75,7 @@ class Posterior:
 class Outputs:
     """What ``AToken.forward`` computed; a head that did not run is None."""
     posterior: Posterior | None = None  # mean, logvar [N, C] of every token
-    recon: torch.Tensor | None = None  # [N, 3072] pixels of image/video tokens (rows of 3D samples: 0)
+    recon: torch.Tensor | None = None  # [N, 3072] the pixel decoder's output for every token
     gaussians: Gaussians | None = None  # of the 3D samples, in batch order (one segment each)
     embedding: torch.Tensor | None = None  # [B, width] L2-normalised pooled embedding per sample
     # The sigmoid loss' log-scale and bias [1] each, as the understanding module's forward returned
@@ -161,8 +162,8 @@ class AToken(nn.Module):
         self.decoder = Decoder(cfg)
         self.understanding = Understanding(cfg.encoder) if cfg.understanding else None
         self.fsq = FSQ(cfg.latent_channels, cfg.fsq_levels, cfg.fsq_group_dims) if cfg.quantizer == "fsq" else None
-        self.gaussian_decoder = (GaussianDecoder(cfg.gaussian, cfg.latent_channels)
-                                 if cfg.gaussian is not None else None)
+        # Reads the pixel decoder's output at 3D samples' voxels (the release's 3D path).
+        self.gaussian_decoder = GaussianDecoder(cfg.gaussian) if cfg.gaussian is not None else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -173,7 +174,7 @@ class AToken(nn.Module):
         if self.understanding is not None:
             self.understanding.reset_parameters()
         if self.gaussian_decoder is not None:
-            self.gaussian_decoder.reset_parameters(std)  # its head starts small, not at ``std``
+            self.gaussian_decoder.reset_parameters(std)  # its head starts at zero, not at ``std``
 
     def optim_groups(self) -> dict[str, ParamGroup]:
         """{parameter name: (decay, encoder LR)} for every parameter, as the modules declare it."""
@@ -248,8 +249,9 @@ class AToken(nn.Module):
         """Run the heads ``tasks`` asks for over one packed batch of any mix of modalities.
 
         "rec": the posterior, z (a sample, its mean if not ``sample``; with FSQ the quantized mean,
-        straight-through, never a sample), pixels of the image/video samples, Gaussians of the 3D
-        samples. "und": the pooled embedding of every sample. The encoder runs once for both.
+        straight-through, never a sample), the pixel decoder's output for every sample, and from it
+        the Gaussians of the 3D samples. "und": the pooled embedding of every sample. The encoder
+        runs once for both.
         """
         unknown = set(tasks) - {"rec", "und"}
         if unknown or not tasks:
@@ -268,23 +270,24 @@ class AToken(nn.Module):
             z = self.fsq.quantize(posterior.mean)[0]
         else:
             z = posterior.sample(generator) if sample else posterior.mode()
+        dec_hd = self.cfg.decoder.head_dim
+        dec_angles = enc_angles if dec_hd == self.cfg.encoder.head_dim else self.rope(layout, dec_hd)
+        out.recon = self.decode(z, batch, layout, dec_angles)  # 3D samples too: the Gaussians read it
         assets = [i for i, m in enumerate(batch.modalities) if m == ASSET3D]
-        if not assets:  # the common case: no gathering
-            dec_hd = self.cfg.decoder.head_dim
-            dec_angles = enc_angles if dec_hd == self.cfg.encoder.head_dim else self.rope(layout, dec_hd)
-            out.recon = self.decode(z, batch, layout, dec_angles)
-            return out
-        pixels = [i for i in range(batch.num_samples) if i not in set(assets)]
-        out.recon = z.new_zeros(batch.num_tokens, PATCH_DIM)  # rows of 3D samples stay 0 (not decoded)
-        if pixels:
-            sub, rows = batch.select(pixels)
-            out.recon = out.recon.index_copy(0, rows, self.decode(z[rows], sub))
+        if assets:
+            out.gaussians = self.decode_gaussians(out.recon, batch, assets)
+        return out
+
+    def decode_gaussians(self, recon: torch.Tensor, batch: PackedBatch, assets: list[int] | None = None) -> Gaussians:
+        """The pixel decoder's output recon [N, 3072] -> the Gaussians of the 3D samples ``assets``
+        (default: all of the batch's), in batch order (the release's ``inference_3d``)."""
         if self.gaussian_decoder is None:
             raise ValueError("the batch holds 3D samples but the model has no Gaussian decoder "
                              "(ModelConfig.gaussian)")
-        sub, rows = batch.select(assets)
-        out.gaussians = self.gaussian_decoder(z[rows], sub.coords, sub.cu_seqlens)
-        return out
+        if assets is None:
+            assets = list(range(batch.num_samples))
+        sub, rows = batch.select(assets) if len(assets) < batch.num_samples else (batch, None)
+        return self.gaussian_decoder(recon if rows is None else recon[rows], sub.coords, sub.cu_seqlens)
 
     @torch.no_grad()
     def widen_latent(self, channels: int) -> None:
@@ -302,8 +305,6 @@ class AToken(nn.Module):
         if self.fsq is not None and channels % self.cfg.fsq_group_dims:
             raise ValueError(f"widen_latent: {channels} channels do not split into FSQ groups of "
                              f"{self.cfg.fsq_group_dims}")
-        if self.gaussian_decoder is not None:  # reads z too: the same zero columns
-            self.gaussian_decoder.up = _widened_input(self.gaussian_decoder.up, channels)
         lat, up = self.latent, self.decoder.up
         new_lat = nn.Linear(lat.in_features, 2 * channels, bias=lat.bias is not None,
                             device=lat.weight.device, dtype=lat.weight.dtype)

@@ -43,30 +43,40 @@ class TransformerConfig:
 
 @dataclass
 class GaussianDecoderConfig:
-    transformer: TransformerConfig
+    """The released ``SLatGaussianDecoder`` (``3d_decode_gs.yaml``) and TRELLIS' ``Gaussian`` activations.
+
+    It reads the first ``in_channels`` values of the pixel decoder's output at each occupied voxel
+    (one 16x16 RGB patch) and outputs ``gaussians_per_voxel`` Gaussians per voxel.
+    """
+    transformer: TransformerConfig  # RMSNorm, no biases, no QK-norm, no RoPE (sinusoidal positions)
+    in_channels: int = 768
     gaussians_per_voxel: int = 32
     resolution: int = 64  # voxels per side of the [-0.5, 0.5]^3 cube
-    window: int = 8  # attention windows of window^3 voxels; 0: each sample is one window
-    shift_windows: bool = True  # odd blocks use windows shifted by window // 2
-    max_offset: float = 0.75  # |position offset| per axis, voxels (TRELLIS: 0.5 * voxel_size 1.5)
-    scale_range: tuple[float, float] = (0.005, 4.0)  # bounds of each std-dev, voxels
-    init_scale: float = 0.25  # voxels (TRELLIS' scaling_bias 4e-3 is 0.26 voxel at 64^3)
-    init_opacity: float = 0.1  # TRELLIS' opacity_bias
-    head_init_std: float = 1e-3  # small: the first render is the configured initial Gaussians
-    rope_theta: float = 10000.0
+    window: int = 8  # Swin windows of window^3 voxels, shifted by window // 2 on odd blocks
+    # The release's windowed attention calls flash-attn with softcap=30: logits -> 30 tanh(logits / 30).
+    attn_softcap: float = 30.0
+    # representation_config of 3d_decode_gs.yaml, same names:
+    voxel_size: float = 1.5  # |offset| < 0.5 * voxel_size voxels
+    lr: dict = dataclasses.field(default_factory=lambda: {
+        "_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1})
+    scaling_bias: float = 4e-3  # softplus(0 + inverse_softplus(scaling_bias)) == scaling_bias
+    opacity_bias: float = 0.1  # sigmoid(0 + logit(opacity_bias)) == opacity_bias
+    filter_3d: float = 9e-4  # 3d_filter_kernel_size: scales = sqrt(s^2 + filter_3d^2)
+    filter_2d: float = 0.1  # 2d_filter_kernel_size: the renderer's screen-space dilation, px^2
+    # "gsplat" (CUDA), "torch" (any device) or None: gsplat on CUDA when installed, else torch.
+    render_backend: str | None = None
 
     def __post_init__(self):
-        lo, hi = self.scale_range
-        if not 0 < lo < self.init_scale < hi:
-            raise ValueError(f"need 0 < scale_range[0] < init_scale < scale_range[1], got "
-                             f"{self.scale_range} and init_scale {self.init_scale}")
-        if not 0 < self.init_opacity < 1:
-            raise ValueError(f"init_opacity must be in (0, 1), got {self.init_opacity}")
-        if self.max_offset <= 0.5:
-            raise ValueError(f"max_offset {self.max_offset} must exceed 0.5 voxel (the slots fill the voxel)")
-        if self.window < 0 or self.gaussians_per_voxel < 1 or self.resolution < 1:
-            raise ValueError(f"bad window {self.window}, gaussians_per_voxel {self.gaussians_per_voxel} "
-                             f"or resolution {self.resolution}")
+        if set(self.lr) != set(GAUSSIAN_ATTRIBUTES):
+            raise ValueError(f"lr must give {list(GAUSSIAN_ATTRIBUTES)}, got {sorted(self.lr)}")
+        if not (0 < self.scaling_bias and 0 < self.opacity_bias < 1 and self.voxel_size > 0):
+            raise ValueError(f"need scaling_bias > 0, 0 < opacity_bias < 1, voxel_size > 0; got "
+                             f"{self.scaling_bias}, {self.opacity_bias}, {self.voxel_size}")
+        if self.window < 1 or self.gaussians_per_voxel < 1 or self.resolution < 1 or self.in_channels < 1:
+            raise ValueError(f"bad window {self.window}, gaussians_per_voxel {self.gaussians_per_voxel}, "
+                             f"resolution {self.resolution} or in_channels {self.in_channels}")
+        if self.render_backend not in (None, "gsplat", "torch"):
+            raise ValueError(f"render_backend must be 'gsplat', 'torch' or None, got {self.render_backend!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,21 +84,26 @@ class GaussianDecoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GaussianDecoderConfig":
         d = dict(d)
-        d["scale_range"] = tuple(d["scale_range"])
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:  # e.g. max_offset, scale_range: atoken's own decoder before it became the release's
+            raise ValueError(f"the Gaussian decoder config has fields this version does not know: {unknown} "
+                             "(written for atoken's earlier Gaussian decoder, which no longer exists)")
         return cls(transformer=TransformerConfig(**d.pop("transformer")), **d)
 
 
-def _decoder_transformer(depth: int, width: int, heads: int, mlp_width: int) -> TransformerConfig:
-    # Like the image decoder (DESIGN.md): RMSNorm, QK-RMSNorm, no biases.
-    return TransformerConfig(depth, width, heads, mlp_width, norm="rmsnorm", qk_norm=True, bias=False)
+# The release's per-voxel output layout, attribute-major: name -> values per Gaussian.
+GAUSSIAN_ATTRIBUTES = {"_xyz": 3, "_features_dc": 3, "_scaling": 3, "_rotation": 4, "_opacity": 1}
+
+
+def _gaussian_transformer(depth: int, width: int, heads: int, mlp_width: int) -> TransformerConfig:
+    # The release's SparseTransformerBase defaults: RMSNorm (eps 1e-6), no biases, no QK-norm.
+    return TransformerConfig(depth, width, heads, mlp_width, norm="rmsnorm", qk_norm=False, bias=False)
 
 
 GAUSSIAN_DECODER_PRESETS = {
-    # The released AToken Gaussian decoder (DESIGN.md): 12 blocks, width 768, 12 heads, windowed
-    # attention, 32 Gaussians per voxel. Window 8 with shifting is TRELLIS' choice at 64^3 (an
-    # assumption: the released config names "windowed attention" only).
-    "base": lambda: GaussianDecoderConfig(_decoder_transformer(12, 768, 12, 3072)),
-    "tiny": lambda: GaussianDecoderConfig(_decoder_transformer(2, 64, 2, 256), window=4),
+    # 3d_decode_gs.yaml: 12 blocks, width 768, 12 heads, MLP 3072, swin windows of 8.
+    "base": lambda: GaussianDecoderConfig(_gaussian_transformer(12, 768, 12, 3072)),
+    "tiny": lambda: GaussianDecoderConfig(_gaussian_transformer(2, 64, 2, 256), window=4),
 }
 
 

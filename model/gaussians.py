@@ -1,30 +1,24 @@
-"""The 3D output side: a Gaussian-splat decoder over the latents of an asset's occupied voxels.
+"""The 3D output side: the released AToken Gaussian decoder (``SLatGaussianDecoder`` of
+``apple/ml-atoken``, ``configs/3d_decode_gs.yaml``) and TRELLIS' ``Gaussian`` activations.
 
-    z [M, C] (one row per occupied voxel of a packed batch of 3D samples, coords (0, i, j, k))
-      -> Linear up -> windowed transformer (4D RoPE from the voxel coords) -> RMSNorm
-      -> head: per voxel K = 32 Gaussians x 14 raw values -> bounded activations -> ``Gaussians``
+    pixels [M, 3072] (the pixel decoder's output at an asset's occupied voxels, coords (0, x, y, z))
+      -> first 768 values -> Linear 768 -> width (no bias) + sinusoidal position of (x, y, z)
+      -> blocks (RMSNorm, no biases, no QK-norm, no RoPE), attention inside Swin windows of 8^3
+         voxels shifted by 4 on odd blocks, logits soft-capped at 30
+      -> LayerNorm without affine (eps 1e-5) -> Linear width -> 448 (bias)
+      -> per voxel [xyz 32x3 | features_dc 32x3 | scaling 32x3 | rotation 32x4 | opacity 32]
+      -> activations -> ``Gaussians``, 32 per voxel
 
-Geometry (the shared 3D convention): the asset fills the cube [-0.5, 0.5]^3; voxel (i, j, k) of the
-64^3 grid has its centre at ((i, j, k) + 0.5) / 64 - 0.5. All lengths below in "voxels" are in
-units of one voxel side (1 / resolution).
-
-Windowed attention: a token attends only to tokens of its own sample inside the same window of
-``window``^3 voxels. The tokens are sorted into windows and each window becomes one sequence of the
-varlen attention (its own ``cu_seqlens``), so nothing is padded. With ``shift_windows`` every odd
-block uses windows shifted by ``window // 2`` (as Swin / TRELLIS do), so information crosses window
-borders; without it, windows never exchange anything.
-
-Activations (why each is bounded): the 32 Gaussians of a voxel start spread over the voxel on a
-Hammersley pattern (a fixed, non-learned pre-activation offset, as in TRELLIS), so they do not all
-receive the same gradient.
-  position  centre + max_offset * tanh(raw + slot_offset) voxels     (never leaves the neighbourhood)
-  scale     exp(lerp(log s_min, log s_max, sigmoid(raw + b))) voxels (std-dev per axis, bounded)
-  rotation  normalise(raw + (1, 0, 0, 0))                            (unit wxyz quaternion)
-  opacity   sigmoid(raw + logit(init_opacity))
-  colour    sigmoid(raw): RGB in [0, 1], not SH (``model.ply`` converts to SH DC when saving)
-The constants make a zero raw output the configured initial Gaussian (init_scale, init_opacity,
-grey, identity rotation), and the head starts with small weights, so the first render is a soft,
-grey, semi-transparent version of the occupied voxels.
+Geometry (the shared 3D convention): the asset fills [-0.5, 0.5]^3; voxel (x, y, z) of the 64^3
+grid has its centre at ((x, y, z) + 0.5) / 64 - 0.5. Activations (TRELLIS' ``Gaussian`` with the
+yaml's ``representation_config``; r = raw output * lr of its attribute):
+  position  centre + tanh(r + offset_perturbation) / 64 * 0.5 * voxel_size
+  scale     sqrt(softplus(r + inverse_softplus(scaling_bias))^2 + filter_3d^2)
+  rotation  normalise(r + (1, 0, 0, 0))                       (wxyz)
+  opacity   sigmoid(r + logit(opacity_bias))
+  colour    the SH DC coefficient r; RGB = C0 * r + 0.5 (the rasterizer's degree-0 colour)
+``offset_perturbation`` [32, 3] spreads a voxel's Gaussians on a Hammersley set; it is a buffer in
+the release's state dict, so it is one here too.
 """
 from __future__ import annotations
 
@@ -34,15 +28,16 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from .config import GaussianDecoderConfig, TransformerConfig, gaussian_decoder_preset  # noqa: F401
-from .rope import rope_angles
-from .transformer import Angles, Block, init_weights, make_norm
+from .config import GAUSSIAN_ATTRIBUTES, GaussianDecoderConfig, TransformerConfig, gaussian_decoder_preset  # noqa: F401
+from .transformer import Attention, Block, init_weights
 
-# Raw values per Gaussian: position offset 3, scale 3, rotation 4, opacity 1, RGB 3.
-GAUSSIAN_CHANNELS = 14
-_SPLIT = (3, 3, 4, 1, 3)
+try:
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # ImportError, or a build that does not match the installed torch/CUDA
+    flash_attn_varlen_func = None
+
+SH_C0 = 0.28209479177387814  # the degree-0 real spherical harmonic, 1 / (2 sqrt(pi))
 
 
 @dataclass
@@ -52,7 +47,8 @@ class Gaussians:
     scales: torch.Tensor  # [G, 3] std-devs along the rotated axes, world units (> 0)
     quats: torch.Tensor  # [G, 4] unit quaternions (w, x, y, z), rotation of the local axes
     opacities: torch.Tensor  # [G] in (0, 1)
-    colors: torch.Tensor  # [G, 3] RGB, in [0, 1] from the decoder
+    # [G, 3] RGB = C0 * SH DC + 0.5, not clamped (renderers clamp at 0, as the 3DGS rasterizer does)
+    colors: torch.Tensor
     cu_seqlens: torch.Tensor = field(default=None)  # [B + 1] int32; default: one sample
 
     def __post_init__(self):
@@ -124,116 +120,161 @@ def window_partition(coords: torch.Tensor, cu_seqlens: torch.Tensor, window: int
     return WindowPartition(order, inverse, cu, int(counts.max()) if m else 0)
 
 
-def slot_offsets(k: int) -> torch.Tensor:
-    """[k, 3] positions of a voxel's k Gaussians inside it, in voxels, in (-0.5, 0.5): a 3D Hammersley
-    set ((n + 0.5) / k, base-2 and base-3 radical inverses of n), shrunk to keep off the faces."""
-    def radical_inverse(n: int, base: int) -> float:
-        out, f = 0.0, 1.0 / base
-        while n:
+def hammersley(k: int) -> torch.Tensor:
+    """[k, 3] float32 in [0, 1): the 3D Hammersley set (n / k, base-2 and base-3 radical inverses of n)."""
+    def radical_inverse(base: int, n: int) -> float:
+        val, f = 0.0, 1.0 / base
+        while n > 0:
             n, digit = divmod(n, base)
-            out += digit * f
+            val += digit * f
             f /= base
-        return out
-    pts = torch.tensor([[(n + 0.5) / k, radical_inverse(n, 2), radical_inverse(n, 3)] for n in range(k)],
-                       dtype=torch.float64)
-    return (pts * (1 - 1 / k) + 0.5 / k - 0.5).float()
+        return val
+    return torch.tensor([[n / k, radical_inverse(2, n), radical_inverse(3, n)] for n in range(k)])
+
+
+def sinusoidal_positions(xyz: torch.Tensor, width: int) -> torch.Tensor:
+    """xyz [M, 3] -> [M, width] fp32: per axis [sin(p f) | cos(p f)], f_i = 10000^(-i / F), F =
+    width // 6 frequencies, axes concatenated, zero-padded to ``width`` (the release's
+    ``AbsolutePositionEmbedder``)."""
+    f = width // 3 // 2
+    freqs = 1.0 / (10000 ** (torch.arange(f, dtype=torch.float32, device=xyz.device) / f))
+    out = torch.outer(xyz.reshape(-1).float(), freqs)  # [3M, F]
+    emb = torch.cat([torch.sin(out), torch.cos(out)], dim=-1).reshape(xyz.shape[0], -1)  # [M, 6F]
+    return F.pad(emb, (0, width - emb.shape[1]))
+
+
+def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int, cap: float, budget: int = 1 << 24) -> torch.Tensor:
+    """q, k, v [N, heads, D], sequences ``cu_seqlens`` -> [N, heads, D]: per sequence
+    softmax(cap * tanh(q k^T / (sqrt(D) cap))) v, flash-attn's ``softcap`` (0: no cap).
+
+    flash-attn on CUDA fp16/bf16; otherwise the sequences padded to ``max_seqlen`` and batched, in
+    chunks of at most ``budget`` score elements (windows hold at most window^3 tokens)."""
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softcap=cap)
+    n, h, d = q.shape
+    lens = (cu[1:] - cu[:-1]).long()
+    pos = torch.arange(max_seqlen, device=q.device)
+    valid = pos[None] < lens[:, None]  # [S, L]
+    index = (cu[:-1, None].long() + pos[None]).clamp(max=max(n - 1, 0))  # [S, L]
+    step = max(1, budget // max(1, h * max_seqlen * max_seqlen))
+    outs = []
+    for s in range(0, lens.shape[0], step):
+        i, ok = index[s:s + step], valid[s:s + step]
+        scores = torch.einsum("slhd,smhd->shlm", q[i].float(), k[i].float()) / math.sqrt(d)  # [S', h, L, L]
+        if cap:
+            scores = cap * torch.tanh(scores / cap)
+        probs = scores.masked_fill(~ok[:, None, None, :], float("-inf")).softmax(-1)
+        out = torch.einsum("shlm,smhd->slhd", probs, v[i].float())  # [S', L, h, D]
+        outs.append(out[ok])  # the sequences' rows, in order
+    return torch.cat(outs).to(q.dtype) if outs else q.new_empty(q.shape)
+
+
+class WindowAttention(Attention):
+    """The block's attention with soft-capped logits and no RoPE (parameters as ``Attention``)."""
+
+    def __init__(self, cfg: TransformerConfig, softcap: float):
+        super().__init__(cfg)
+        self.softcap = softcap
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, angles=None,
+                cache=None) -> torch.Tensor:
+        qkv = self.qkv(x)
+        n = qkv.shape[0]
+        q, k, v = qkv.view(n, self.heads, 3, self.head_dim).unbind(2)  # each [N, h, D]
+        out = softcap_attention(q, k, v, cu_seqlens, max_seqlen, self.softcap)
+        return self.proj(out.reshape(n, self.heads * self.head_dim))
+
+
+class WindowBlock(Block):
+    """A pre-norm block whose attention is ``WindowAttention`` (same parameter names as ``Block``)."""
+
+    def __init__(self, cfg: TransformerConfig, softcap: float):
+        super().__init__(cfg)
+        self.attn = WindowAttention(cfg, softcap)
 
 
 class GaussianDecoder(nn.Module):
-    """Latents of occupied voxels -> ``gaussians_per_voxel`` Gaussians per voxel.
+    """The pixel decoder's output at occupied voxels -> ``gaussians_per_voxel`` Gaussians per voxel.
 
-    Tensor parallelism is applied to its blocks from outside (training/parallelize.py); sequence
-    parallelism is not supported here (each block re-sorts the tokens into its windows).
-    ``checkpoint=True`` recomputes each block in backward.
+    Parameters (release name in brackets): ``up`` [input_layer], ``blocks.i`` [blocks.i], ``head``
+    [out_layer], buffer ``offset_perturbation``. Tensor parallelism and activation checkpointing are
+    applied to its blocks from outside (training/parallelize.py); sequence parallelism is not (each
+    block re-sorts the tokens into its windows).
     """
 
-    def __init__(self, cfg: GaussianDecoderConfig, latent_channels: int, checkpoint: bool = False):
+    def __init__(self, cfg: GaussianDecoderConfig):
         super().__init__()
         self.cfg = cfg
         tc, k = cfg.transformer, cfg.gaussians_per_voxel
-        self.checkpoint = checkpoint
-        self.up = nn.Linear(latent_channels, tc.width, bias=tc.bias)
-        self.blocks = nn.ModuleList(Block(tc) for _ in range(tc.depth))
-        self.norm = make_norm(tc.norm, tc.width, tc.norm_eps)
-        self.head = nn.Linear(tc.width, k * GAUSSIAN_CHANNELS)
-        # Fixed pre-activation constants (recomputed from the config, so not saved).
-        self.register_buffer("slot_bias", torch.atanh(slot_offsets(k) / cfg.max_offset), persistent=False)
-        lo, hi = (math.log(s) for s in cfg.scale_range)
-        self.log_scale_range = (lo, hi)
-        frac = (math.log(cfg.init_scale) - lo) / (hi - lo)
-        self.scale_bias = math.log(frac / (1 - frac))  # sigmoid(scale_bias) == frac
-        self.opacity_bias = math.log(cfg.init_opacity / (1 - cfg.init_opacity))
+        self.up = nn.Linear(cfg.in_channels, tc.width, bias=False)
+        self.blocks = nn.ModuleList(WindowBlock(tc, cfg.attn_softcap) for _ in range(tc.depth))
+        self.head = nn.Linear(tc.width, k * sum(GAUSSIAN_ATTRIBUTES.values()))
+        # The release's float32 arithmetic, op for op (its buffer then loads bit-identical).
+        self.register_buffer("offset_perturbation", torch.atanh((hammersley(k) * 2 - 1) / cfg.voxel_size))
+        bias = torch.tensor(cfg.scaling_bias, device="cpu")  # (also when built on the meta device)
+        self.scale_bias = float(bias + torch.log(-torch.expm1(-bias)))  # inverse softplus
+        o = torch.tensor(cfg.opacity_bias, device="cpu")
+        self.opacity_bias = float(torch.log(o / (1 - o)))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Trunk linears as ``AToken.reset_parameters``; the head small (see ``head_init_std``).
-        NOTE: a parent that re-initialises every nn.Linear must call this again afterwards."""
+        """Trunk linears as ``AToken.reset_parameters``; the head zero, as the release initialises it
+        (every Gaussian starts as the configured one). NOTE: a parent that re-initialises every
+        nn.Linear must call this again afterwards."""
         init_weights(self, std)
-        s = self.cfg.head_init_std
-        nn.init.trunc_normal_(self.head.weight, std=s, a=-2 * s, b=2 * s)
+        nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def partitions(self, coords: torch.Tensor, cu_seqlens: torch.Tensor) -> list[WindowPartition | None]:
-        """The window partition of each block (None: whole samples, no re-sorting)."""
+    def partitions(self, coords: torch.Tensor, cu_seqlens: torch.Tensor) -> list[WindowPartition]:
+        """Each block's windows: plain on even blocks, shifted by window // 2 on odd ones."""
         w = self.cfg.window
-        if w == 0:
-            return [None] * len(self.blocks)
         plain = window_partition(coords, cu_seqlens, w)
-        shifted = window_partition(coords, cu_seqlens, w, w // 2) if self.cfg.shift_windows and w > 1 else plain
+        shifted = window_partition(coords, cu_seqlens, w, w // 2) if w > 1 else plain
         return [plain if i % 2 == 0 else shifted for i in range(len(self.blocks))]
 
-    def forward(self, z: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor) -> Gaussians:
-        """z [M, C] latents of the occupied voxels; coords [M, 4] (0, i, j, k); cu_seqlens [B + 1] voxel
-        offsets per sample -> Gaussians with [M * K, ...] rows, voxel-major (voxel m owns rows
-        m*K:(m+1)*K) and ``cu_seqlens`` = K * the voxel offsets."""
-        self._check(z, coords, cu_seqlens)
-        m, k = z.shape[0], self.cfg.gaussians_per_voxel
-        cos, sin = rope_angles(coords, self.cfg.transformer.head_dim, self.cfg.rope_theta)  # [M, D/2] each
-        x = self.up(z)  # [M, width]
+    def forward(self, pixels: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor) -> Gaussians:
+        """pixels [M, >= in_channels] the pixel decoder's output at the occupied voxels (its first
+        ``in_channels`` are read); coords [M, 4] (0, x, y, z); cu_seqlens [B + 1] voxel offsets per
+        sample -> Gaussians with [M * K, ...] rows, voxel-major (voxel m owns rows m*K:(m+1)*K) and
+        ``cu_seqlens`` = K * the voxel offsets."""
+        self._check(pixels, coords, cu_seqlens)
+        x = self.up(pixels[:, :self.cfg.in_channels])  # [M, width]
+        x = x + sinusoidal_positions(coords[:, 1:], x.shape[1]).to(x.dtype)
         for block, part in zip(self.blocks, self.partitions(coords, cu_seqlens)):
-            if part is None:  # window 0: whole samples, already in order
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if m else 0
-                x = self._block(block, x, cu_seqlens, max_seqlen, (cos, sin))
-            else:
-                angles = (cos[part.order], sin[part.order])
-                x = self._block(block, x[part.order], part.cu_seqlens, part.max_seqlen, angles)[part.inverse]
-        raw = self.head(self.norm(x)).view(m, k, GAUSSIAN_CHANNELS).float()  # [M, K, 14]
-        return self.activate(raw, coords, cu_seqlens)
-
-    def _block(self, block: Block, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-               angles: Angles) -> torch.Tensor:
-        if self.checkpoint and torch.is_grad_enabled():
-            return checkpoint(block, x, cu_seqlens, max_seqlen, angles, use_reentrant=False)
-        return block(x, cu_seqlens, max_seqlen, angles)
+            x = block(x[part.order], part.cu_seqlens, part.max_seqlen, None)[part.inverse]
+        x = F.layer_norm(x, x.shape[-1:])  # no affine parameters, eps 1e-5: as released
+        return self.activate(self.head(x).float(), coords, cu_seqlens)
 
     def activate(self, raw: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor) -> Gaussians:
-        """raw [M, K, 14] fp32 -> bounded Gaussian parameters (see the module docstring)."""
-        cfg, (m, k, _) = self.cfg, raw.shape
-        voxel = 1.0 / cfg.resolution
-        offset, scale, rot, opacity, rgb = raw.split(_SPLIT, dim=-1)
-        centre = (coords[:, 1:].to(raw.dtype) + 0.5) * voxel - 0.5  # [M, 3]
-        means = centre[:, None, :] + cfg.max_offset * voxel * torch.tanh(offset + self.slot_bias)  # [M, K, 3]
-        lo, hi = self.log_scale_range
-        scales = voxel * torch.exp(lo + (hi - lo) * torch.sigmoid(scale + self.scale_bias))
+        """raw [M, K * 14] fp32, attribute-major -> Gaussians (formulas in the module docstring)."""
+        cfg, m, k = self.cfg, raw.shape[0], self.cfg.gaussians_per_voxel
+        r = {name: part.reshape(m, k, -1) * cfg.lr[name]  # [M, K, n] each
+             for (name, n), part in zip(GAUSSIAN_ATTRIBUTES.items(),
+                                        raw.split([k * n for n in GAUSSIAN_ATTRIBUTES.values()], dim=-1))}
+        centre = (coords[:, 1:].float() + 0.5) / cfg.resolution  # [M, 3] in the unit cube
+        offset = torch.tanh(r["_xyz"] + self.offset_perturbation) / cfg.resolution * 0.5 * cfg.voxel_size
+        means = (centre[:, None, :] + offset) - 0.5  # TRELLIS' aabb [-0.5, -0.5, -0.5, 1, 1, 1]
+        scales = torch.sqrt(torch.square(F.softplus(r["_scaling"] + self.scale_bias)) + cfg.filter_3d ** 2)
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=raw.dtype, device=raw.device)
-        quats = F.normalize(rot + identity, dim=-1, eps=1e-8)
         return Gaussians(means=means.reshape(m * k, 3), scales=scales.reshape(m * k, 3),
-                         quats=quats.reshape(m * k, 4),
-                         opacities=torch.sigmoid(opacity + self.opacity_bias).reshape(m * k),
-                         colors=torch.sigmoid(rgb).reshape(m * k, 3),
+                         quats=F.normalize(r["_rotation"] + identity, dim=-1).reshape(m * k, 4),
+                         opacities=torch.sigmoid(r["_opacity"] + self.opacity_bias).reshape(m * k),
+                         colors=(SH_C0 * r["_features_dc"] + 0.5).reshape(m * k, 3),
                          cu_seqlens=(cu_seqlens.to(torch.int64) * k).to(torch.int32))
 
-    def _check(self, z: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-        m = z.shape[0]
-        if z.ndim != 2 or z.shape[1] != self.up.in_features:
-            raise ValueError(f"z must be [M, {self.up.in_features}], got {list(z.shape)}")
+    def _check(self, pixels: torch.Tensor, coords: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        m = pixels.shape[0]
+        if pixels.ndim != 2 or pixels.shape[1] < self.cfg.in_channels:
+            raise ValueError(f"pixels must be [M, >= {self.cfg.in_channels}], got {list(pixels.shape)}")
         if coords.shape != (m, 4):
             raise ValueError(f"coords must be [{m}, 4], got {list(coords.shape)}")
         if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != m:
             raise ValueError(f"cu_seqlens {cu_seqlens.tolist()} does not cover {m} voxels")
         if m and (bool((coords[:, 0] != 0).any()) or int(coords[:, 1:].min()) < 0
                   or int(coords[:, 1:].max()) >= self.cfg.resolution):
-            raise ValueError(f"3D coords must be (0, i, j, k) with 0 <= i, j, k < {self.cfg.resolution}; got "
-                             f"t in [{int(coords[:, 0].min())}, {int(coords[:, 0].max())}], ijk in "
+            raise ValueError(f"3D coords must be (0, x, y, z) with 0 <= x, y, z < {self.cfg.resolution}; got "
+                             f"t in [{int(coords[:, 0].min())}, {int(coords[:, 0].max())}], xyz in "
                              f"[{int(coords[:, 1:].min())}, {int(coords[:, 1:].max())}]")

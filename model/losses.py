@@ -48,7 +48,6 @@ class LossConfig:
     # tower for understanding streams, and the frozen image teacher for image distillation.
     text_tower: str | None = None
     teacher: str | None = None
-    render_backend: str | None = None  # 3D views: "gsplat", "torch" or None (gsplat on CUDA if present)
 
 
 def token_l1(batch: PackedBatch, recon: torch.Tensor) -> torch.Tensor:

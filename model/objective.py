@@ -92,7 +92,7 @@ class Objective(nn.Module):
                 for k, i in enumerate(assets):
                     views, cameras = _required(extras[i], ("views", "cameras"), batch.names, i)
                     losses.append(gaussian_view_loss(out.gaussians.sample(k), views, cameras,
-                                                     backend=cfg.render_backend))
+                                                     backend=model.cfg.gaussian.render_backend))
                 terms["l1_3d"] = torch.stack(losses).mean()
             terms["kl"] = out.posterior.kl().float().mean()
             terms["rec"] = (cfg.l1_weight * (terms["l1"] + terms["l1_3d"]) + cfg.lpips_weight * terms["lpips"]

@@ -4,12 +4,17 @@ Two backends, one convention:
   ``gsplat``  ``gsplat.rasterization`` (CUDA kernels), when gsplat is importable and the tensors are on CUDA
   ``torch``   a pure-PyTorch rasterizer (any device): the named CPU fallback, written to gsplat's rules
 
-The conventions, as in gsplat 1.5.3's "classic" pinhole path (checked against its CUDA sources):
+The conventions, as in gsplat 1.5.3's "antialiased" pinhole path (checked against its CUDA sources),
+which is the release's rasterizer's (mip-splatting's ``diff-gaussian-rasterization`` with
+``kernel_size`` 0.1, as TRELLIS' and AToken's ``GaussianRenderer`` set it):
 - ``viewmats`` [V, 4, 4] are world-to-camera (OpenCV: the camera looks down +z, image x right, y
   down); ``Ks`` [V, 3, 3] are pixel intrinsics; pixel (row i, column j) has its centre at
   (j + 0.5, i + 0.5).
 - Sigma = R S S^T R^T, R from the normalised (w, x, y, z) quaternion, S = diag(scales).
-- EWA: Sigma2D = J W Sigma W^T J^T + 0.3 I (the low-pass; classic mode has no opacity compensation).
+- EWA: Sigma2D = J W Sigma W^T J^T + 0.1 I (the 2D filter, ``FILTER_2D``), and each Gaussian's
+  opacity is scaled by sqrt(det(Sigma2D without the filter) / det(Sigma2D)), so the filter blurs a
+  Gaussian without brightening it (mip-splatting's compensation).
+- Colours are RGB, clamped at 0 (a degree-0 SH colour C0 * dc + 0.5 is clamped so in 3DGS).
   J is the perspective Jacobian at the camera-space mean, with x/z and y/z clamped to 1.3x the
   field of view as gsplat does (so Gaussians far off-screen do not blow up).
 - A Gaussian is dropped in a view if its depth z is not in (0.01, 1e10), its opacity is < 1/255,
@@ -28,6 +33,7 @@ recomputes the chunk (autograd, no hand-written backward).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -43,7 +49,7 @@ from .gaussians import Gaussians
 logger = logging.getLogger(__name__)
 
 NEAR_PLANE, FAR_PLANE = 0.01, 1e10
-EPS2D = 0.3  # px^2 added to Sigma2D's diagonal
+FILTER_2D = 0.1  # px^2 added to Sigma2D's diagonal: the release's 2d_filter_kernel_size
 ALPHA_MIN, ALPHA_MAX = 1.0 / 255.0, 0.999
 T_MIN = 1e-4  # compositing stops before T would reach this
 MAX_EXTENT = 3.33  # box half-size in std-devs (gsplat)
@@ -63,6 +69,7 @@ class Projection:
     conics: torch.Tensor  # [V, G, 3] (a, b, c) with Sigma2D^-1 = [[a, b], [b, c]]
     depths: torch.Tensor  # [V, G] camera-space z
     radii: torch.Tensor  # [V, G, 2] box half-sizes in px (x, y); no gradient
+    opacities: torch.Tensor  # [V, G] opacity times the 2D filter's compensation
     visible: torch.Tensor  # [V, G] bool: survives the culling rules above
 
 
@@ -97,21 +104,24 @@ def project(g: Gaussians, viewmats: torch.Tensor, Ks: torch.Tensor, width: int, 
     zero = torch.zeros_like(z)
     jac = torch.stack([fx / z, zero, -fx * tx / z ** 2, zero, fy / z, -fy * ty / z ** 2], -1).unflatten(-1, (2, 3))
     cov2d = jac @ cov @ jac.transpose(-1, -2)  # [V, G, 2, 2]
-    a, b, c = cov2d[..., 0, 0] + EPS2D, 0.5 * (cov2d[..., 0, 1] + cov2d[..., 1, 0]), cov2d[..., 1, 1] + EPS2D
+    a0, b, c0 = cov2d[..., 0, 0], 0.5 * (cov2d[..., 0, 1] + cov2d[..., 1, 0]), cov2d[..., 1, 1]
+    a, c = a0 + FILTER_2D, c0 + FILTER_2D
     det = a * c - b * b
     det_ok = det > 0
     det = torch.where(det_ok, det, torch.ones_like(det))
+    compensation = torch.sqrt(((a0 * c0 - b * b) / det).clamp(min=0))  # [V, G]
+    opacities = g.opacities[None] * compensation
     conics = torch.stack([c / det, -b / det, a / det], -1)
     means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], -1)
     with torch.no_grad():
-        o = g.opacities[None].expand_as(z)
+        o = opacities
         extent = torch.sqrt(2 * torch.log(o.clamp(min=ALPHA_MIN) / ALPHA_MIN)).clamp(max=MAX_EXTENT)
         radii = torch.ceil(extent[..., None] * torch.stack([a, c], -1).clamp(min=0).sqrt())  # [V, G, 2]
         mx, my = means2d[..., 0], means2d[..., 1]
         on_image = ((mx + radii[..., 0] > 0) & (mx - radii[..., 0] < width)
                     & (my + radii[..., 1] > 0) & (my - radii[..., 1] < height))
         visible = in_depth & det_ok & (o >= ALPHA_MIN) & on_image
-    return Projection(means2d, conics, mc[..., 2], radii, visible)
+    return Projection(means2d, conics, mc[..., 2], radii, opacities, visible)
 
 
 def _composite(pix: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, means2d: torch.Tensor,
@@ -222,7 +232,8 @@ def render_torch(g: Gaussians, viewmats: torch.Tensor, Ks: torch.Tensor, width: 
     images, alphas = [], []
     for v in range(viewmats.shape[0]):
         rgb, trans = _rasterize_view(proj.means2d[v], proj.conics[v], proj.depths[v], proj.radii[v],
-                                     proj.visible[v], g.opacities, g.colors, background, width, height, tile, budget)
+                                     proj.visible[v], proj.opacities[v], g.colors, background, width, height, tile,
+                                     budget)
         images.append(rgb.permute(2, 0, 1))
         alphas.append((1 - trans)[None])
     return torch.stack(images), torch.stack(alphas)
@@ -236,8 +247,8 @@ def render_gsplat(g: Gaussians, viewmats: torch.Tensor, Ks: torch.Tensor, width:
     f = lambda t: t.float().contiguous()  # noqa: E731  (gsplat's kernels are fp32)
     colors, alphas, _ = gsplat.rasterization(
         f(g.means), f(g.quats), f(g.scales), f(g.opacities), f(g.colors), f(viewmats), f(Ks), width, height,
-        near_plane=NEAR_PLANE, far_plane=FAR_PLANE, eps2d=EPS2D, sh_degree=None,
-        backgrounds=f(background).expand(viewmats.shape[0], -1).contiguous(), rasterize_mode="classic")
+        near_plane=NEAR_PLANE, far_plane=FAR_PLANE, eps2d=FILTER_2D, sh_degree=None,
+        backgrounds=f(background).expand(viewmats.shape[0], -1).contiguous(), rasterize_mode="antialiased")
     return colors.permute(0, 3, 1, 2), alphas.permute(0, 3, 1, 2)  # from [V, H, W, C]
 
 
@@ -269,7 +280,8 @@ def render(gaussians: Gaussians, viewmats: torch.Tensor, Ks: torch.Tensor, width
 
     viewmats [V, 4, 4] world-to-camera, Ks [V, 3, 3] (conventions in the module docstring);
     background: RGB [3] (default black). -> (images [V, 3, H, W], alphas [V, 1, H, W]).
-    ``backend``: "gsplat", "torch" or None (gsplat on CUDA when importable, else torch; logged once).
+    ``backend``: "gsplat", "torch" or None (gsplat on CUDA when importable, else torch; logged once);
+    the model's is ``GaussianDecoderConfig.render_backend``.
     """
     v = viewmats.shape[0]
     if viewmats.shape != (v, 4, 4) or Ks.shape != (v, 3, 3):
@@ -286,6 +298,7 @@ def render(gaussians: Gaussians, viewmats: torch.Tensor, Ks: torch.Tensor, width
         _logged.add((name, reason))
         logger.info("render backend: %s (%s)", name, reason)
     viewmats, Ks = viewmats.to(means.device), Ks.to(means.device)
+    gaussians = dataclasses.replace(gaussians, colors=gaussians.colors.clamp(min=0))
     # NOTE: under the trainer's bf16 autocast the projection would lose the precision it needs.
     with torch.autocast(means.device.type, enabled=False):
         if name == "gsplat":

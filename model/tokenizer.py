@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .autoencoder import AToken
-from .config import PATCH_T, ModelConfig
+from .config import PATCH_DIM, PATCH_T, ModelConfig
 from .errors import UserError
 from .gaussians import Gaussians
 from .kv_cache import KVCache
@@ -76,7 +76,10 @@ def read_inference_config(path: str | Path) -> tuple[ModelConfig, dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{cfg_file} is not an {FORMAT} config (format="
                         f"{meta.get('format') if isinstance(meta, dict) else None!r}); {REMAKE}")
-    return ModelConfig.from_dict(meta["model"]), meta
+    try:
+        return ModelConfig.from_dict(meta["model"]), meta
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cfg_file}: its model config does not fit this version ({e}); {REMAKE}") from None
 
 
 @dataclass
@@ -222,18 +225,23 @@ class Tokenizer:
     @torch.no_grad()
     def encode_asset(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """An asset's voxel tokens (``data_pipeline.assets.voxel_tokens``: features [M, 3072] in
-        [-1, 1], coords [M, 4] = (0, i, j, k)) -> its latent [M, C] (posterior mean)."""
-        batch = PackedBatch.cat([(features.float(), coords.long(), (1, 64, 64, 64), ASSET3D, 1)])
-        return self._latent(batch.to(self.device, self.dtype))
+        [-1, 1], coords [M, 4] = (0, x, y, z)) -> its latent [M, C] (posterior mean)."""
+        return self._latent(self._asset_batch(features, coords))
 
     @torch.no_grad()
     def decode_asset(self, z: torch.Tensor, coords: torch.Tensor) -> Gaussians:
-        """latent [M, C] at voxel coords [M, 4] -> the asset's Gaussians (fp32, CPU)."""
+        """latent [M, C] at voxel coords [M, 4] -> the asset's Gaussians (fp32, CPU): the pixel
+        decoder, then the Gaussian decoder on its output (the release's ``inference_3d``)."""
         if self.model.gaussian_decoder is None:
             raise ValueError("this tokenizer has no Gaussian decoder (a stage 1-2 model): it cannot decode 3D")
-        cu = torch.tensor([0, z.shape[0]], dtype=torch.int32, device=self.device)
-        g = self.model.gaussian_decoder(z.to(self.device, self.dtype), coords.long().to(self.device), cu)
-        return g.to("cpu", torch.float32)
+        batch = self._asset_batch(torch.zeros(z.shape[0], PATCH_DIM), coords)  # the decoder reads coords only
+        recon = self.model.decode(z.to(self.device, self.dtype), batch)
+        return self.model.decode_gaussians(recon, batch).to("cpu", torch.float32)
+
+    def _asset_batch(self, features: torch.Tensor, coords: torch.Tensor) -> PackedBatch:
+        res = self.model.cfg.gaussian.resolution if self.model.cfg.gaussian else 64
+        batch = PackedBatch.cat([(features.float(), coords.long(), (1, res, res, res), ASSET3D, 1)])
+        return batch.to(self.device, self.dtype)
 
     # ---------------------------------------------------------------- discrete tokens, embeddings
 

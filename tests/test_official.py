@@ -277,6 +277,110 @@ def test_import_export_round_trip_is_bit_identical(tmp_path, suffix, fsq):
         assert ids.shape == (2, 3, 8)
 
 
+GS_W, GS_HEADS, GS_K = 64, 2, 32
+
+
+def gs_yaml() -> dict:
+    """A small ``3d_decode_gs.yaml`` (the release's keys; widths shrunk)."""
+    rep = {"lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
+           "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": GS_K, "2d_filter_kernel_size": 0.1,
+           "3d_filter_kernel_size": 9.0e-4, "scaling_bias": 4.0e-3, "opacity_bias": 0.1,
+           "scaling_activation": "softplus"}
+    return {"model": {"class_name": "models.pretrained.decoder_gs.SLatGaussianDecoderTrain", "resolution": 64,
+                      "model_channels": GS_W, "latent_channels": 768, "num_blocks": 2, "num_heads": GS_HEADS,
+                      "mlp_channels": 4 * GS_W, "attn_mode": "swin", "window_size": 4, "representation_config": rep}}
+
+
+def official_gs_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A release-format ``SLatGaussianDecoderTrain`` state dict: the decoder's names and shapes, its
+    Hammersley buffer, and tensors of the LPIPS network its class carries (two sharing storage, as
+    torchmetrics' ``lin0`` and ``lins.0`` do)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"input_layer.weight": (GS_W, 768), "out_layer.weight": (14 * GS_K, GS_W), "out_layer.bias": (14 * GS_K,)}
+    for i in range(2):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (GS_W,), b + "norm2.weight": (GS_W,),
+                       b + "attn.to_qkv.weight": (3 * GS_W, GS_W), b + "attn.to_out.weight": (GS_W, GS_W),
+                       b + "mlp.mlp.0.weight": (4 * GS_W, GS_W), b + "mlp.mlp.2.weight": (GS_W, 4 * GS_W)})
+    state = {k: (1 + 0.3 * torch.randn(s, generator=g)) if "norm" in k
+             else torch.randn(s, generator=g) / math.sqrt(s[-1]) for k, s in shapes.items()}
+    ham = [[n / GS_K, sum(((n >> b) & 1) / 2 ** (b + 1) for b in range(6)), 0.0] for n in range(GS_K)]
+    for n in range(GS_K):  # base-3 radical inverse
+        m, f = n, 1 / 3
+        while m:
+            m, d = divmod(m, 3)
+            ham[n][2] += d * f
+            f /= 3
+    state["offset_perturbation"] = torch.atanh((torch.tensor(ham) * 2 - 1) / 1.5)
+    lin = torch.rand(1, 64, 1, 1, generator=g)
+    state.update({"lpips_loss.net.scaling_layer.shift": torch.tensor([-0.03, -0.088, -0.188]).view(1, 3, 1, 1),
+                  "lpips_loss.net.net.slice1.0.weight": torch.randn(64, 3, 3, 3, generator=g),
+                  "lpips_loss.net.lin0.model.1.weight": lin, "lpips_loss.net.lins.0.model.1.weight": lin})
+    return state
+
+
+def write_gs_release(tmp_path, state: dict, cfg: dict | None = None):
+    model, config = tmp_path / "3d_decode_gs.pt", tmp_path / "3d_decode_gs.yaml"
+    torch.save(state, model)
+    config.write_text(yaml.safe_dump(cfg or gs_yaml()))
+    return model, config
+
+
+def test_gaussian_decoder_import_export_round_trip_is_bit_identical(tmp_path):
+    a = arch()
+    model, config = write_release(tmp_path, a, official_state(a, seed=5))
+    gs_state = official_gs_state(seed=6)
+    gs_model, gs_config = write_gs_release(tmp_path, gs_state)
+    out = import_official(model, config, tmp_path / "imported", gs_model, gs_config)
+    tok = Tokenizer.from_pretrained(out)
+    dec = tok.model.gaussian_decoder
+    assert dec.cfg.window == 4 and dec.cfg.gaussians_per_voxel == GS_K and dec.cfg.lr["_rotation"] == 0.1
+    # The release's fused QKV rows are [3, heads, head_dim]: head 1's key is rows W + D : W + 2D.
+    d = GS_W // GS_HEADS
+    q, k, v = dec.blocks[0].attn.qkv.weight.view(GS_HEADS, 3, d, GS_W).unbind(1)
+    assert torch.equal(k[1], gs_state["blocks.0.attn.to_qkv.weight"][GS_W + d:GS_W + 2 * d])
+    assert torch.equal(dec.offset_perturbation, gs_state["offset_perturbation"])  # our formula, the release's values
+    # A real decode through the imported weights (pixel decoder, then the Gaussian decoder).
+    coords = torch.tensor([[0, 3, 4, 5], [0, 3, 4, 6], [0, 9, 9, 9]])
+    gaussians = tok.decode_asset(tok.encode_asset(torch.rand(3, 3072) * 2 - 1, coords), coords)
+    assert gaussians.num_gaussians == 3 * GS_K and torch.isfinite(gaussians.means).all()
+    exported = export_official(out, tmp_path / "exported")
+    back = torch.load(exported / "3d_decode_gs.pt", weights_only=True)
+    assert sorted(back) == sorted(gs_state)
+    for key in gs_state:
+        assert back[key].dtype == gs_state[key].dtype and torch.equal(back[key], gs_state[key]), key
+    assert yaml.safe_load((exported / "3d_decode_gs.yaml").read_text()) == gs_yaml()
+    main = torch.load(exported / "model.pt", weights_only=True)
+    assert not any(k.startswith("gaussian") for k in main) and len(main) == len(official_state(a))
+
+
+def test_gaussian_decoder_import_refuses_by_name(tmp_path):
+    a = arch()
+    model, config = write_release(tmp_path, a, official_state(a))
+    good = official_gs_state()
+    cases = {"missing": ({k: v for k, v in good.items() if k != "blocks.1.norm2.weight"}, None,
+                         "missing: blocks.1.norm2.weight"),
+             "shape": ({**good, "out_layer.bias": torch.zeros(5)}, None, "out_layer.bias (5,) (expected (448,))"),
+             "unexpected": ({**good, "pos_embedder.freqs": torch.zeros(3)}, None, "unexpected: pos_embedder.freqs"),
+             "attn": (good, {"model": {**gs_yaml()["model"], "attn_mode": "full"}}, "attn_mode = 'full'"),
+             "rep": (good, {"model": {**gs_yaml()["model"], "representation_config": {
+                 **gs_yaml()["model"]["representation_config"], "scaling_activation": "exp"}}}, "scaling_activation")}
+    for name, (state, cfg, message) in cases.items():
+        (tmp_path / name).mkdir()
+        gs_model, gs_config = write_gs_release(tmp_path / name, state, cfg)
+        with pytest.raises(FormatError) as e:
+            import_official(model, config, tmp_path / "out", gs_model, gs_config)
+        assert message in str(e.value), (name, str(e.value))
+    with pytest.raises(FormatError, match="together"):
+        import_official(model, config, tmp_path / "out", gs_model)
+    # Without the LPIPS tensors the release's class cannot load strictly: export says so.
+    gs_model, gs_config = write_gs_release(tmp_path, good)
+    out = import_official(model, config, tmp_path / "imported", gs_model, gs_config)
+    (out / "gs_lpips.pt").unlink()
+    with pytest.raises(FormatError, match="gs_lpips.pt not found"):
+        export_official(out, tmp_path / "x")
+
+
 def test_import_refuses_by_name(tmp_path, capsys):
     from atoken.tools.official import import_main
 

@@ -22,6 +22,8 @@ ENCODER_BLOCK = {"norm1.weight": N, "norm1.bias": N, "attn.qkv.weight": D, "attn
                  "mlp.fc2.weight": D, "mlp.fc2.bias": N}
 DECODER_BLOCK = {"norm1.weight": N, "attn.qkv.weight": D, "attn.proj.weight": D, "attn.q_norm.weight": N,
                  "attn.k_norm.weight": N, "norm2.weight": N, "mlp.fc1.weight": D, "mlp.fc2.weight": D}
+# The Gaussian decoder's blocks: no QK-norm (the release's).
+GAUSSIAN_BLOCK = {k: g for k, g in DECODER_BLOCK.items() if "_norm" not in k}
 ENCODER = {"encoder.pos_embed": N, "encoder.patch_embed.weight": D, "encoder.patch_embed.bias": N,
            "encoder.norm.weight": N, "encoder.norm.bias": N}
 REST = {"latent.weight": D, "decoder.up.weight": D, "decoder.pos_embed": N, "decoder.norm.weight": N,
@@ -30,8 +32,7 @@ REST = {"latent.weight": D, "decoder.up.weight": D, "decoder.pos_embed": N, "dec
         **{f"understanding.head.{m}.{p}": D if p == "weight" else N
            for m in ("q", "kv", "out", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")},
         "understanding.head.norm.weight": N, "understanding.head.norm.bias": N,
-        "gaussian_decoder.up.weight": D, "gaussian_decoder.norm.weight": N, "gaussian_decoder.head.weight": D,
-        "gaussian_decoder.head.bias": N}
+        "gaussian_decoder.up.weight": D, "gaussian_decoder.head.weight": D, "gaussian_decoder.head.bias": N}
 
 
 def expected(cfg) -> dict[str, str]:
@@ -42,7 +43,7 @@ def expected(cfg) -> dict[str, str]:
     out.update({f"decoder.transformer.blocks.{i}.{k}": f"rest_{g}"
                 for i in range(cfg.decoder.depth) for k, g in DECODER_BLOCK.items()})
     out.update({f"gaussian_decoder.blocks.{i}.{k}": f"rest_{g}"
-                for i in range(cfg.gaussian.transformer.depth) for k, g in DECODER_BLOCK.items()})
+                for i in range(cfg.gaussian.transformer.depth) for k, g in GAUSSIAN_BLOCK.items()})
     return out
 
 

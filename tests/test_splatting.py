@@ -10,8 +10,9 @@ from atoken.model.splatting import gaussian_view_loss, get_render_backend, rende
 
 W, H, F, CX, CY = 64, 48, 200.0, 32.0, 24.0  # image and pinhole intrinsics used by most tests
 BG = torch.tensor([0.2, 0.3, 0.4])
-# gsplat's conventions, written out here so the tests do not take them from the code under test.
-EPS2D, ALPHA_MIN = 0.3, 1.0 / 255.0
+# The release's rasterizer's conventions (gsplat's "antialiased" mode), written out here so the tests
+# do not take them from the code under test: a 0.1 px^2 2D filter with opacity compensation.
+FILTER_2D, ALPHA_MIN = 0.1, 1.0 / 255.0
 
 
 def camera(v: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,8 +30,17 @@ def gaussians(means, scales, opacities, colors, quats=None) -> Gaussians:
                      torch.as_tensor(colors, dtype=torch.float32).reshape(n, 3))
 
 
+def filtered(cov2d, opacity) -> tuple[torch.Tensor, float]:
+    """The 2D filter: (cov2d + 0.1 I, opacity * sqrt(det cov2d / det(cov2d + 0.1 I)))."""
+    cov = torch.as_tensor(cov2d, dtype=torch.float64)
+    blurred = cov + FILTER_2D * torch.eye(2, dtype=torch.float64)
+    return blurred, opacity * math.sqrt(float(torch.linalg.det(cov) / torch.linalg.det(blurred)))
+
+
 def analytic_alpha(centre, cov2d, opacity) -> torch.Tensor:
-    """[H, W] alpha of one splat by the rule: o exp(-d^T cov^-1 d / 2) at pixel centres, 0 below 1/255."""
+    """[H, W] alpha of one splat (cov2d before the 2D filter) by the rule: o' exp(-d^T cov'^-1 d / 2)
+    at pixel centres with the filtered (cov', o'), 0 below 1/255."""
+    cov2d, opacity = filtered(cov2d, opacity)
     ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
                             indexing="ij")
     d = torch.stack([xs - centre[0], ys - centre[1]], -1)  # [H, W, 2]
@@ -41,18 +51,21 @@ def analytic_alpha(centre, cov2d, opacity) -> torch.Tensor:
 
 @pytest.mark.parametrize("pos", [(0.0, 0.0, 2.0), (0.1, -0.05, 2.0)], ids=["on_axis", "off_axis"])
 def test_isotropic_gaussian_is_the_hand_derived_ewa_splat(pos):
-    sigma, opacity, color = 0.02, 0.8, torch.tensor([1.0, 0.5, 0.0])
+    # A colour below 0 (an SH DC term C0 * dc + 0.5 < 0) renders as 0, as the 3DGS rasterizer clamps it.
+    sigma, opacity, color = 0.02, 0.8, torch.tensor([1.0, 0.5, -0.3])
     X, Y, d = pos
     # By hand: the mean projects to f X / d + c; J = [[f/d, 0, -f X/d^2], [0, f/d, -f Y/d^2]] and
-    # J (sigma^2 I) J^T = (sigma f / d)^2 [[1 + X^2/d^2, XY/d^2], [XY/d^2, 1 + Y^2/d^2]], plus 0.3 px^2.
+    # J (sigma^2 I) J^T = (sigma f / d)^2 [[1 + X^2/d^2, XY/d^2], [XY/d^2, 1 + Y^2/d^2]], then the filter.
     centre = (F * X / d + CX, F * Y / d + CY)
     k = (sigma * F / d) ** 2
-    cov2d = [[k * (1 + X * X / d / d) + EPS2D, k * X * Y / d / d], [k * X * Y / d / d, k * (1 + Y * Y / d / d) + EPS2D]]
+    cov2d = [[k * (1 + X * X / d / d), k * X * Y / d / d], [k * X * Y / d / d, k * (1 + Y * Y / d / d)]]
     g = gaussians(pos, [sigma] * 3, opacity, color)
     img, alpha = render(g, *camera(), W, H, background=BG, backend="torch")
     want = analytic_alpha(centre, cov2d, opacity)
     torch.testing.assert_close(alpha[0, 0], want, atol=2e-6, rtol=0)
-    torch.testing.assert_close(img[0], want * color[:, None, None] + (1 - want) * BG[:, None, None], atol=2e-6, rtol=0)
+    shown = color.clamp(min=0)
+    torch.testing.assert_close(img[0], want * shown[:, None, None] + (1 - want) * BG[:, None, None], atol=2e-6, rtol=0)
+    opacity = filtered(cov2d, opacity)[1]  # what the splat peaks at
 
     # Moments of the alpha image: centre, and the covariance of a Gaussian truncated where alpha < 1/255.
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
@@ -60,7 +73,7 @@ def test_isotropic_gaussian_is_the_hand_derived_ewa_splat(pos):
     mx, my = (a * xs).sum() / a.sum(), (a * ys).sum() / a.sum()
     assert abs(mx - centre[0]) < 0.02 and abs(my - centre[1]) < 0.02, (mx, my, centre)
     if X == 0 and Y == 0:  # isotropic on screen: r^2 / s^2 ~ Exp(1/2) truncated at c = 2 ln(255 o)
-        s2, c = k + EPS2D, 2 * math.log(255 * opacity)
+        s2, c = k + FILTER_2D, 2 * math.log(255 * opacity)
         var = s2 * (1 - (c / 2 + 1) * math.exp(-c / 2)) / (1 - math.exp(-c / 2))
         vx, vy = (a * (xs - mx) ** 2).sum() / a.sum(), (a * (ys - my) ** 2).sum() / a.sum()
         cxy = (a * (xs - mx) * (ys - my)).sum() / a.sum()
@@ -79,7 +92,7 @@ def test_rotated_anisotropic_gaussian_follows_the_wxyz_quaternion():
     _, alpha = render(g, *camera(), W, H, backend="torch")
     rot = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
     axes = torch.diag(torch.tensor([a * a, b * b], dtype=torch.float64))
-    cov2d = (F / d) ** 2 * rot @ axes @ rot.T + EPS2D * torch.eye(2)
+    cov2d = (F / d) ** 2 * rot @ axes @ rot.T
     torch.testing.assert_close(alpha[0, 0], analytic_alpha((CX, CY), cov2d, 0.9), atol=2e-6, rtol=0)
 
 
@@ -113,15 +126,23 @@ def test_viewmat_is_world_to_camera():
 @pytest.mark.parametrize("red_depth,blue_depth", [(2.0, 3.0), (3.0, 2.0)])
 def test_front_gaussian_occludes_the_back_one(red_depth, blue_depth):
     red, blue = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
-    # Both centred on pixel (24, 32)'s centre, where each one's alpha is exactly its opacity 0.8.
+    # Both centred on pixel (24, 32)'s centre, where each one's alpha is exactly its opacity 0.8 times
+    # its filter compensation (which depends on its size on screen, so on its depth).
     ray = torch.tensor([(32.5 - CX) / F, (24.5 - CY) / F, 1.0])
+    X, Y = float(ray[0]), float(ray[1])
+
+    def shown(d):  # the splat's opacity after the filter; cov2d as in the isotropic test
+        k = (0.02 * F / d) ** 2
+        return filtered([[k * (1 + X * X), k * X * Y], [k * X * Y, k * (1 + Y * Y)]], 0.8)[1]
     g = gaussians(torch.stack([ray * red_depth, ray * blue_depth]), [[0.02] * 3] * 2, [0.8, 0.8],
                   torch.stack([red, blue]))
     img, alpha = render(g, *camera(), W, H, background=BG, backend="torch")
     front, back = (red, blue) if red_depth < blue_depth else (blue, red)
-    want = 0.8 * front + 0.2 * 0.8 * back + 0.2 * 0.2 * BG
+    of, ob = shown(min(red_depth, blue_depth)), shown(max(red_depth, blue_depth))
+    assert 0.7 < ob < of < 0.8
+    want = of * front + (1 - of) * ob * back + (1 - of) * (1 - ob) * BG
     torch.testing.assert_close(img[0, :, 24, 32], want, atol=1e-6, rtol=0)
-    assert float(alpha[0, 0, 24, 32]) == pytest.approx(1 - 0.04, abs=1e-6)
+    assert float(alpha[0, 0, 24, 32]) == pytest.approx(1 - (1 - of) * (1 - ob), abs=1e-6)
     # The order of the Gaussians in the list does not matter, only their depth.
     flipped = Gaussians(g.means.flip(0), g.scales, g.quats, g.opacities, g.colors.flip(0))
     torch.testing.assert_close(render(flipped, *camera(), W, H, background=BG, backend="torch")[0], img)
@@ -132,7 +153,8 @@ def test_compositing_stops_before_transmittance_reaches_1e_4():
     # would take T to 1e-6 <= 1e-4, so it and everything behind it are left out.
     ray = torch.tensor([(32.5 - CX) / F, (24.5 - CY) / F, 1.0])
     cols = torch.eye(3)
-    g = gaussians(torch.stack([ray * 2, ray * 3, ray * 4]), [[0.05] * 3] * 3, [1.0] * 3, cols)
+    # (Large on screen, so the filter's compensation leaves the opacity above 0.999.)
+    g = gaussians(torch.stack([ray * 2, ray * 3, ray * 4]), [[0.5] * 3] * 3, [1.0] * 3, cols)
     img, alpha = render(g, *camera(), W, H, background=BG, backend="torch")
     torch.testing.assert_close(img[0, :, 24, 32], 0.999 * cols[0] + 0.001 * BG, atol=1e-6, rtol=0)
     assert float(alpha[0, 0, 24, 32]) == pytest.approx(0.999, abs=1e-6)
@@ -234,12 +256,14 @@ def test_projection_matches_gsplats_reference_implementation():
     vm[1, :3, 3] = torch.tensor([0.2, -0.1, 0.4])
     vm, k = vm.double(), k.double()
     ours = project(g, vm, k, W, H)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(g.means, covariances(g.quats, g.scales), vm, k, W, H)
+    radii, means2d, depths, conics, comp = _fully_fused_projection(g.means, covariances(g.quats, g.scales), vm, k, W, H,
+                                                                   eps2d=0.1, calc_compensations=True)
     assert bool((ours.visible <= (radii > 0).all(-1)).all())
     keep = ours.visible
     torch.testing.assert_close(ours.means2d[keep], means2d[keep], atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(ours.conics[keep], conics[keep], atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(ours.depths[keep], depths[keep], atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours.opacities[keep], (g.opacities[None] * comp)[keep], atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.gpu

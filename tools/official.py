@@ -1,12 +1,20 @@
 """The released AToken checkpoint format (``apple/ml-atoken``), both ways.
 
     atoken-import-official atoken-soc.pt --config atoken-soc.yaml --out soc/      # -> inference dir
+    atoken-import-official atoken-soc.pt --config atoken-soc.yaml \
+        --gs-model 3d_decode_gs.pt --gs-config 3d_decode_gs.yaml --out soc3d/    # + the Gaussian decoder
     atoken-export-official runs/s3 --out release/      # -> release/model.pt + release/config.yaml
+                                                       #    (+ 3d_decode_gs.pt and .yaml with a Gaussian decoder)
 
 A release is a torch state dict (``.pt`` or ``.safetensors``) of its ``AutoencoderKL`` plus a YAML
 whose ``model.model_cfg.arch_cfg`` is passed to ``AutoencoderKLConfig``. The weights map one to one
 onto ``AToken`` (``_NAMES``; 563 tensors for So/C); the fused QKV's rows are [3, H, D] there and
 [H, 3, D] here (per head, for tensor parallelism).
+
+The release's Gaussian decoder (``SLatGaussianDecoderTrain``) is a second state dict and YAML; its
+weights map onto ``AToken.gaussian_decoder`` (``_GS_NAMES``). Its class also holds the frozen
+LPIPS-VGG network of its training loss (``lpips_loss.*``), which strict loading needs: import keeps
+those tensors as they are (``GS_EXTRA_FILE``) and export writes them back.
 
 The release keeps the sigmoid loss' logit scale and bias as constants (4.8438, -15.5625), not in
 the file: import sets ours to them, export refuses a model whose training moved them. Nothing is
@@ -16,6 +24,7 @@ weights are the release's licence's (research only, non-commercial; MODEL-LICENS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -24,6 +33,9 @@ import torch
 import yaml
 
 from atoken.model import AToken, ModelConfig, TransformerConfig
+from atoken.model.config import GaussianDecoderConfig
+from atoken.model.gaussians import GaussianDecoder
+from atoken.model.splatting import FILTER_2D
 from atoken.model.errors import UserError, cli
 from atoken.model.tokenizer import load_inference_dir, save_inference_dir
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
@@ -68,6 +80,24 @@ def _regex(template: str) -> re.Pattern:
 
 _TO_OURS = [(_regex(official), ours) for official, ours in _NAMES]
 _TO_RELEASE = [(_regex(ours), official) for official, ours in _NAMES]
+
+# The Gaussian decoder: release name (its own state dict) -> ours (under ``gaussian_decoder.``).
+_GS_NAMES = [
+    ("input_layer.weight", "up.weight"),
+    ("blocks.{i}.{n}.weight", "blocks.{i}.{n}.weight"),
+    ("blocks.{i}.attn.to_qkv.weight", "blocks.{i}.attn.qkv.weight"),
+    ("blocks.{i}.attn.to_out.weight", "blocks.{i}.attn.proj.weight"),
+    ("blocks.{i}.mlp.mlp.0.weight", "blocks.{i}.mlp.fc1.weight"),
+    ("blocks.{i}.mlp.mlp.2.weight", "blocks.{i}.mlp.fc2.weight"),
+    ("out_layer.{p}", "head.{p}"),
+    ("offset_perturbation", "offset_perturbation"),
+]
+_GS_TO_OURS = [(_regex(official), "gaussian_decoder." + ours) for official, ours in _GS_NAMES]
+_GS_TO_RELEASE = [(_regex("gaussian_decoder." + ours), official) for official, ours in _GS_NAMES]
+GS_CLASS_NAME = "models.pretrained.decoder_gs.SLatGaussianDecoderTrain"
+GS_EXTRA_PREFIX = "lpips_loss."  # the release class' training-loss network, not part of the decoder
+# Where an inference directory keeps those tensors (torch.save: some of them share storage).
+GS_EXTRA_FILE = "gs_lpips.pt"
 
 
 def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> str | None:
@@ -225,6 +255,10 @@ def _check_against(state: dict[str, torch.Tensor], cfg: ModelConfig, unexpected:
     ``AToken(cfg)`` exactly."""
     with torch.device("meta"):
         want = {n: tuple(p.shape) for n, p in AToken(cfg).state_dict().items()}
+    _refuse(state, want, unexpected, what, label)
+
+
+def _refuse(state: dict[str, torch.Tensor], want: dict[str, tuple], unexpected: list[str], what: str, label) -> None:
     missing = sorted(label(n) for n in set(want) - set(state))
     unexpected = sorted(unexpected + [label(n) for n in state if n not in want])
     wrong = sorted(f"{label(n)} {tuple(state[n].shape)} (expected {want[n]})" for n in set(want) & set(state)
@@ -235,19 +269,87 @@ def _check_against(state: dict[str, torch.Tensor], cfg: ModelConfig, unexpected:
         raise FormatError(f"{what} does not fit the model its config describes: " + "; ".join(parts))
 
 
+# ------------------------------------------------------------------ the Gaussian decoder
+
+
+def gs_model_config(gs: dict) -> GaussianDecoderConfig:
+    """The release's ``3d_decode_gs.yaml`` ``model`` section -> our GaussianDecoderConfig."""
+    rep = gs.get("representation_config") or {}
+    fixed = {"attn_mode": ("swin",), "pe_mode": ("ape",), "qk_rms_norm": (False,)}
+    for key, ok in fixed.items():
+        if key in gs and gs[key] not in ok:
+            raise FormatError(f"model.{key} = {gs[key]!r} is not supported (the release's decoder has {ok[0]!r})")
+    fixed_rep = (("perturb_offset", True), ("scaling_activation", "softplus"), ("2d_filter_kernel_size", FILTER_2D))
+    for key, want in fixed_rep:
+        if rep.get(key, want) != want:
+            raise FormatError(f"representation_config.{key} = {rep[key]!r} is not supported (only {want!r})")
+    try:
+        width = gs["model_channels"]
+        heads = gs.get("num_heads") or width // gs.get("num_head_channels", 64)
+        tc = TransformerConfig(gs["num_blocks"], width, heads, int(gs.get("mlp_channels", 3072)), norm="rmsnorm",
+                               qk_norm=False, bias=False)
+        return GaussianDecoderConfig(
+            tc, in_channels=gs["latent_channels"], gaussians_per_voxel=rep["num_gaussians"],
+            resolution=gs["resolution"], window=gs["window_size"], voxel_size=rep["voxel_size"],
+            lr={k: float(v) for k, v in rep["lr"].items()}, scaling_bias=rep["scaling_bias"],
+            opacity_bias=rep["opacity_bias"], filter_3d=rep["3d_filter_kernel_size"])
+    except KeyError as e:
+        raise FormatError(f"the Gaussian decoder config has no {e.args[0]!r}") from None
+    except ValueError as e:
+        raise FormatError(f"the Gaussian decoder config: {e}") from None
+
+
+def gs_yaml_config(g: GaussianDecoderConfig) -> dict:
+    """Our GaussianDecoderConfig -> the release's ``3d_decode_gs.yaml`` (inverse of ``gs_model_config``)."""
+    tc = g.transformer
+    if (tc.norm, tc.qk_norm, tc.bias, tc.norm_eps) != ("rmsnorm", False, False, 1e-6):
+        raise FormatError("the release's Gaussian decoder is RMSNorm (eps 1e-6), no QK-norm, no biases")
+    rep = {"lr": dict(g.lr), "perturb_offset": True, "voxel_size": g.voxel_size, "num_gaussians": g.gaussians_per_voxel,
+           "2d_filter_kernel_size": FILTER_2D, "3d_filter_kernel_size": g.filter_3d, "scaling_bias": g.scaling_bias,
+           "opacity_bias": g.opacity_bias, "scaling_activation": "softplus"}
+    return {"model": {"class_name": GS_CLASS_NAME, "resolution": g.resolution, "model_channels": tc.width,
+                      "latent_channels": g.in_channels, "num_blocks": tc.depth, "num_heads": tc.heads,
+                      "mlp_channels": tc.mlp_width, "attn_mode": "swin", "window_size": g.window,
+                      "representation_config": rep}}
+
+
+def gs_from_official(state: dict[str, torch.Tensor], g: GaussianDecoderConfig
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A release Gaussian-decoder state dict -> (ours, under ``gaussian_decoder.``; the ``lpips_loss.*``
+    tensors, as they are)."""
+    out, extra, unexpected = {}, {}, []
+    for name, t in state.items():
+        if name.startswith(GS_EXTRA_PREFIX):
+            extra[name] = t
+            continue
+        ours = _rename(name, _GS_TO_OURS)
+        if ours is None:
+            unexpected.append(name)
+            continue
+        out[ours] = _qkv_rows(t, g.transformer.heads, to_ours=True) if ".attn.qkv." in ours else t
+    _check_gs(out, g, unexpected, "the release's Gaussian decoder", lambda n: _rename(n, _GS_TO_RELEASE) or n)
+    return out, extra
+
+
+def gs_to_official(state: dict[str, torch.Tensor], g: GaussianDecoderConfig) -> dict[str, torch.Tensor]:
+    """Our ``gaussian_decoder.*`` tensors -> the release's names (inverse of ``gs_from_official``)."""
+    _check_gs(state, g, [], "this model's Gaussian decoder", lambda n: n)
+    return {_rename(n, _GS_TO_RELEASE): (_qkv_rows(t, g.transformer.heads, to_ours=False) if ".attn.qkv." in n
+                                         else t).contiguous() for n, t in state.items()}
+
+
+def _check_gs(state, g: GaussianDecoderConfig, unexpected: list[str], what: str, label) -> None:
+    with torch.device("meta"):
+        want = {"gaussian_decoder." + n: tuple(p.shape) for n, p in GaussianDecoder(g).state_dict().items()}
+    _refuse(state, want, unexpected, what, label)
+
+
 # ------------------------------------------------------------------ files
 
 
-def read_official(model: str | Path, config: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    model, config = Path(model), Path(config)
-    for f in (model, config):
-        if not f.is_file():
-            raise FormatError(f"{f}: no such file")
-    try:
-        arch = yaml.safe_load(config.read_text())["model"]["model_cfg"]["arch_cfg"]
-    except (yaml.YAMLError, KeyError, TypeError) as e:
-        raise FormatError(f"{config}: not a release config (model.model_cfg.arch_cfg not found: {e})") from None
-    cfg = model_config(arch)
+def _read_state(model: Path) -> dict[str, torch.Tensor]:
+    if not model.is_file():
+        raise FormatError(f"{model}: no such file")
     try:
         if model.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -258,16 +360,63 @@ def read_official(model: str | Path, config: str | Path) -> tuple[dict[str, torc
         raise FormatError(f"{model}: cannot read it as a state dict ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FormatError(f"{model}: not a flat state dict of tensors")
-    return state, cfg
+    return state
 
 
-def import_official(model: str | Path, config: str | Path, out: str | Path) -> Path:
-    """Release files -> an inference directory (``Tokenizer.from_pretrained``), in the release's dtype."""
+def _read_yaml(config: Path, keys: tuple[str, ...]) -> dict:
+    if not config.is_file():
+        raise FormatError(f"{config}: no such file")
+    try:
+        d = yaml.safe_load(config.read_text())
+        for k in keys:
+            d = d[k]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise FormatError(f"{config}: not a release config ({'.'.join(keys)} not found: {e})") from None
+    if not isinstance(d, dict):
+        raise FormatError(f"{config}: {'.'.join(keys)} is not a mapping")
+    return d
+
+
+def read_official(model: str | Path, config: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    arch = _read_yaml(Path(config), ("model", "model_cfg", "arch_cfg"))
+    return _read_state(Path(model)), model_config(arch)
+
+
+def read_official_gs(model: str | Path, config: str | Path) -> tuple[dict[str, torch.Tensor], GaussianDecoderConfig]:
+    """``3d_decode_gs.pt`` and ``3d_decode_gs.yaml`` -> (its state dict, our config)."""
+    gs = _read_yaml(Path(config), ("model",))
+    try:
+        g = gs_model_config(gs)
+    except FormatError as e:
+        raise FormatError(f"{config}: {e}") from None
+    return _read_state(Path(model)), g
+
+
+def import_official(model: str | Path, config: str | Path, out: str | Path, gs_model: str | Path | None = None,
+                    gs_config: str | Path | None = None) -> Path:
+    """Release files -> an inference directory (``Tokenizer.from_pretrained``), in the release's dtype;
+    with ``gs_model`` and ``gs_config``, the Gaussian decoder too (both files' dtypes are recorded,
+    the directory holds the wider one)."""
+    if (gs_model is None) != (gs_config is None):
+        raise FormatError("give the Gaussian decoder's weights and its YAML together (--gs-model and --gs-config)")
     state, cfg = read_official(model, config)
     ours = from_official(state, cfg)
     dtype = next(iter(state.values())).dtype
-    return save_inference_dir(out, ours, cfg.to_dict(), weights="release", dtype=dtype,
-                              source={"release": str(Path(model).resolve()), "config": str(Path(config).resolve())})
+    source = {"release": str(Path(model).resolve()), "config": str(Path(config).resolve())}
+    extra = {}
+    if gs_model is not None:
+        gs_state, g = read_official_gs(gs_model, gs_config)
+        gs_ours, extra = gs_from_official(gs_state, g)
+        ours.update(gs_ours)
+        cfg = dataclasses.replace(cfg, gaussian=g)
+        gs_dtype = next(iter(gs_ours.values())).dtype
+        source.update(gs_release=str(Path(gs_model).resolve()), gs_config=str(Path(gs_config).resolve()),
+                      release_dtype=str(dtype).removeprefix("torch."), gs_dtype=str(gs_dtype).removeprefix("torch."))
+        dtype = torch.promote_types(dtype, gs_dtype)
+    out = save_inference_dir(out, ours, cfg.to_dict(), weights="release", dtype=dtype, source=source)
+    if extra:
+        torch.save(extra, out / GS_EXTRA_FILE)
+    return out
 
 
 def read_ours(src: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Tensor], ModelConfig]:
@@ -284,18 +433,34 @@ def read_ours(src: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Te
 
 
 def export_official(src: str | Path, out: str | Path, weights: str = "ema") -> Path:
-    """Ours -> ``OUT/model.pt`` + ``OUT/config.yaml``, loadable by the release's ``ATokenWrapper``."""
+    """Ours -> ``OUT/model.pt`` + ``OUT/config.yaml``, loadable by the release's ``ATokenWrapper``; with a
+    Gaussian decoder also ``OUT/3d_decode_gs.pt`` + ``.yaml``, loadable strictly by its
+    ``SLatGaussianDecoderTrain`` (which needs the LPIPS tensors an import kept)."""
     state, cfg = read_ours(src, weights)
-    if cfg.gaussian is not None:
-        raise FormatError("this model has a Gaussian decoder, which is not the release's 3d_decode_gs yet: "
-                          "it cannot be exported in the release's format")
+    meta = json.loads((Path(src) / "config.json").read_text()) if (Path(src) / "config.json").is_file() else {}
+    dtypes = meta.get("source", {})
+    def cast(d: dict, key: str) -> dict:  # back to the dtype an import recorded
+        return {k: v.to(getattr(torch, dtypes[key])) for k, v in d.items()} if key in dtypes else d
+    gs = {k: state.pop(k) for k in [k for k in state if k.startswith("gaussian_decoder.")]}
+    g, cfg = cfg.gaussian, dataclasses.replace(cfg, gaussian=None)
     arch = arch_config(cfg)
     official = to_official(state, cfg)
+    gs_official = None
+    if g is not None:
+        extra_file = Path(src) / GS_EXTRA_FILE
+        if not extra_file.is_file():
+            raise FormatError(f"{extra_file} not found: the release's SLatGaussianDecoderTrain loads strictly, "
+                              f"with the LPIPS-VGG tensors of its training loss ({GS_EXTRA_PREFIX}*), which only an inference "
+                              "directory imported from 3d_decode_gs.pt holds")
+        gs_official = {**cast(gs_to_official(gs, g), "gs_dtype"), **_read_state(extra_file)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(official, out / "model.pt")
+    torch.save(cast(official, "release_dtype"), out / "model.pt")
     (out / "config.yaml").write_text(yaml.safe_dump({"model": {"class_name": CLASS_NAME, "model_cfg": {"arch_cfg": arch}}},
                                                      sort_keys=False))
+    if gs_official is not None:
+        torch.save(gs_official, out / "3d_decode_gs.pt")
+        (out / "3d_decode_gs.yaml").write_text(yaml.safe_dump(gs_yaml_config(g), sort_keys=False))
     return out
 
 
@@ -305,9 +470,11 @@ def import_main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="the release's weights: MODEL.pt or MODEL.safetensors")
     p.add_argument("--config", required=True, help="the release's YAML beside it (e.g. atoken-soc.yaml)")
+    p.add_argument("--gs-model", help="the release's Gaussian decoder weights (3d_decode_gs.pt), to add 3D decoding")
+    p.add_argument("--gs-config", help="its YAML (3d_decode_gs.yaml)")
     p.add_argument("--out", required=True, help="inference directory to write")
     args = p.parse_args(argv)
-    out = import_official(args.model, args.config, args.out)
+    out = import_official(args.model, args.config, args.out, args.gs_model, args.gs_config)
     meta = json.loads((out / "config.json").read_text())
     print(f"wrote {out}/config.json and model.safetensors ({meta['dtype']}) from {args.model}")
 
@@ -321,4 +488,5 @@ def export_main(argv=None) -> None:
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="from a checkpoint: EMA (default) or raw")
     args = p.parse_args(argv)
     out = export_official(args.src, args.out, args.weights)
-    print(f"wrote {out}/model.pt and config.yaml (the release's format) from {args.src}")
+    gs = " and 3d_decode_gs.pt/.yaml" if (out / "3d_decode_gs.pt").is_file() else ""
+    print(f"wrote {out}/model.pt and config.yaml{gs} (the release's format) from {args.src}")

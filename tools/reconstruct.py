@@ -87,7 +87,8 @@ def reconstruct_asset_file(tokenizer: Tokenizer, path: Path, out: Path, views: i
     gaussians = tokenizer.decode_asset(tokenizer.encode_asset(features, coords), coords)
     save_ply(gaussians, out / f"{path.stem}.ply")
     with torch.no_grad():
-        images, _ = render(gaussians, viewmats, ks, resolution, resolution)
+        images, _ = render(gaussians, viewmats, ks, resolution, resolution,
+                           backend=tokenizer.model.cfg.gaussian.render_backend)
     return psnr(rgb.permute(0, 3, 1, 2), images.clamp(0, 1))
 
 

@@ -57,7 +57,7 @@ def asset_items(spec: str, settings: AssetSettings) -> Source:
 
 
 def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
-                 lpips: LPIPS) -> tuple[dict, torch.Tensor]:
+                 lpips: LPIPS, backend: str | None = None) -> tuple[dict, torch.Tensor]:
     """Render ``gaussians`` at each camera and compare with the reference ``views`` [V, 3, H, W] in
     [0, 1] -> (record: per-view PSNR/SSIM/LPIPS and their means over views, renders [V, 3, H, W]
     rounded to 8 bits, on the CPU). Rendered over black, as the references are."""
@@ -66,7 +66,7 @@ def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: tor
     dev = next(lpips.parameters()).device
     n_views, _, h, w = views.shape
     with torch.no_grad():
-        images, _ = render(gaussians.to(dev), viewmats.to(dev), Ks.to(dev), w, h)
+        images, _ = render(gaussians.to(dev), viewmats.to(dev), Ks.to(dev), w, h, backend=backend)
     renders = to_8bit(images.float()).cpu()
     ref = views.float().cpu()
     psnrs = [psnr(a, b) for a, b in zip(ref, renders)]
@@ -86,12 +86,13 @@ def evaluate_assets(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
 
     kind, total, items = source
     extremes = Extremes(grid_k, grid_cell)
+    backend = tok.model.cfg.gaussian.render_backend
 
     def one(item: Item) -> dict:
         s = item.data
         coords = s["coords"]
         gaussians = tok.decode_asset(tok.encode_asset(s["features"], coords), coords)
-        rec, renders = asset_record(gaussians, s["views"], s["cameras"]["viewmats"], s["cameras"]["Ks"], lpips)
+        rec, renders = asset_record(gaussians, s["views"], s["cameras"]["viewmats"], s["cameras"]["Ks"], lpips, backend)
         extremes.add(item.name, rec["psnr"], s["views"][0], renders[0])
         return {"name": item.name, "voxels": item.meta["voxels"], **rec}
 
@@ -109,9 +110,10 @@ def evaluate_assets(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
             "references": ("stored renders of the shards" if kind == "mds" else
                            {"renderer": "Mitsuba (data_pipeline.render)", "views": settings.views,
                             "resolution": settings.resolution, "spp": settings.spp}),
-            "reconstruction": "voxel tokens from all reference views -> encode_asset -> decode_asset -> Gaussians "
+            "reconstruction": "voxel tokens from all reference views -> encode_asset -> decode_asset (pixel decoder, "
+                              "then the Gaussian decoder) -> Gaussians "
                               "rendered at the reference cameras over black, rounded to 8 bits",
-            "render_backend": get_render_backend(torch.empty(0, device=tok.device))[0],
+            "render_backend": get_render_backend(torch.empty(0, device=tok.device), backend)[0],
             "metrics": "PSNR/SSIM/LPIPS per view as for images, mean over views, then mean over assets",
         },
         "per_asset": per_asset,
