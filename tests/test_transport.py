@@ -19,7 +19,7 @@ from PIL import Image
 
 from atoken.data_pipeline import DataConfig, MixedLoader, StreamConfig, StreamLoader
 from atoken.data_pipeline.config import cpus_per_task
-from atoken.data_pipeline.images import open_rgb, resize_pixels, sample_resolution, training_size
+from atoken.data_pipeline.images import open_rgb, sample_resolution, training_size
 from atoken.data_pipeline.samples import image_sample
 from atoken.model.packed import PackedBatch
 from atoken.model.patches import features_from_values, patchify, patchify_values, unit_table
