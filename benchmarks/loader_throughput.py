@@ -22,6 +22,11 @@ Packing: each stream's samples (images, video rec, video und), in order, through
 ``packing.GreedyPacker`` at each ``--token-budgets`` value: efficiency = real tokens / (closed
 micro-batches x budget); the last, open micro-batch is left out (an endless stream fills it). A
 sample over a budget is counted, not packed. The sample counts are small: read it as a rough guide.
+Host-to-device bytes per token (``transfer``): each stream's samples in micro-batches of the largest
+budget (the last one open), packed as the loader packs them (transport form: uint8 values, int16 coords, int32
+cu_seqlens), against what the previous path copied, the device form itself (fp32 features
+[N, 3072], int64 coords, int32 cu_seqlens: the tensors ``PackedBatch.to`` returns); both are the
+nbytes of the tensors ``PackedBatch.to`` receives and returns.
 
 Writes ``benchmarks/results/loader_throughput_<device>.json`` (``--out`` changes it).
 """
@@ -110,7 +115,7 @@ def run_case(fn, raws: list[dict], stream: StreamConfig, n: int, seed: int,
     for i in range(n):
         samples.append(fn(raws[i % len(raws)], np.random.default_rng([seed, i]), stream, **kw))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    tokens = sum(s["features"].shape[0] for s in samples)
+    tokens = sum(s["values"].shape[0] for s in samples)
     out = {"samples": n, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "samples_per_s": n / wall,
            "tokens_per_s": tokens / wall, "samples_per_cpu_s": n / cpu, "tokens_per_cpu_s": tokens / cpu,
            "sizes": sorted({"x".join(map(str, s["grid"][:3])) for s in samples})}
@@ -126,7 +131,7 @@ def packing(samples: list[dict], stream: StreamConfig, budget: int) -> dict:
     endless stream, so efficiency counts closed micro-batches only (None if none closed)."""
     packer, closed, closed_tokens, over = GreedyPacker(dataclasses.replace(stream, token_budget=budget)), 0, 0, 0
     for s in samples:
-        if s["features"].shape[0] > budget:
+        if s["values"].shape[0] > budget:
             over += 1
             continue
         if not packer.fits(s):
@@ -137,6 +142,32 @@ def packing(samples: list[dict], stream: StreamConfig, budget: int) -> dict:
             "closed_micro_batches": closed, "samples_per_closed_batch": (len(samples) - over - len(packer)) / closed
             if closed else None, "efficiency": closed_tokens / (closed * budget) if closed else None,
             "open_batch_tokens": packer.tokens}
+
+
+def transfer(samples: list[dict], stream: StreamConfig, budget: int) -> dict:
+    """Host-to-device bytes per token of the closed micro-batches, as packed (transport form) and as
+    the previous path sent them (the device form); see the module docstring."""
+    packer, sent, old, tokens, batches = GreedyPacker(dataclasses.replace(stream, token_budget=budget)), 0, 0, 0, 0
+
+    def count() -> None:
+        nonlocal sent, old, tokens, batches
+        host = packer.pop_batch().batch
+        dev = host.to("cpu")
+        sent += sum(t.nbytes for t in (host.features, host.coords, host.cu_seqlens))
+        old += sum(t.nbytes for t in (dev.features, dev.coords, dev.cu_seqlens))
+        tokens, batches = tokens + host.num_tokens, batches + 1
+
+    for s in samples:
+        if s["values"].shape[0] > budget:
+            continue
+        if not packer.fits(s):
+            count()
+        packer.add(s)
+    if len(packer):
+        count()
+    return {"token_budget": budget, "micro_batches": batches, "tokens": tokens, "before_bytes_per_token": old / tokens if tokens else None,
+            "after_bytes_per_token": sent / tokens if tokens else None,
+            "reduction": old / sent if sent else None}
 
 
 def versions() -> dict:
@@ -203,6 +234,11 @@ def main(argv=None) -> None:
         print(f"packing {stream}:", ", ".join(
             f"budget {r['token_budget']}: " + (f"{100 * r['efficiency']:.0f}%" if r["efficiency"] else "-")
             + f" ({r['closed_micro_batches']} closed, {r['samples_over_budget']} over)" for r in rows))
+    moved = {key: transfer(s, streams[key], max(budgets)) for key, s in produced.items()}
+    for stream, r in moved.items():
+        if r["tokens"]:
+            print(f"host->device {stream}: {r['before_bytes_per_token']:.1f} -> {r['after_bytes_per_token']:.1f} "
+                  f"bytes/token ({r['reduction']:.1f}x less), {r['tokens']} tokens")
 
     report = {
         "benchmark": "loader_throughput", "timestamp": started.isoformat(timespec="seconds"),
@@ -216,7 +252,7 @@ def main(argv=None) -> None:
                               for v in h264 + vp9],
                    "vp9_transcode": "PyAV libvpx-vp9, crf 30, deadline realtime, cpu-used 8 (made at start)",
                    "prepare_s": prep_s},
-        "cases": cases, "packing": pack,
+        "cases": cases, "packing": pack, "transfer": moved,
     }
     out = write_report(report, args.out, f"loader_throughput_{device_slug(cpu_info())}.json")
     print(f"wrote {out}")

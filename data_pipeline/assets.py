@@ -9,7 +9,8 @@ Input transform (DESIGN.md, "3D in"): each occupied voxel takes the 16x16 RGB pa
 view it projects into (nearest camera centre to the voxel centre; the patch centred on the projected
 voxel centre, moved inside the image where it would cross the border). Its 768 values, in (h, w, c)
 order and in [-1, 1], are zero-padded to 3072: the t = 0 slice of a 4x16x16 token, exactly like an
-image token (frames = 1). Views are composited over black (``BACKGROUND``), as the targets are.
+image token (frames = 1). Views are composited over black (``BACKGROUND``), as the targets are; a
+training sample rounds the composite to 8 bits, as its 768 values travel as uint8 (``voxel_patches``).
 NOTE: "nearest" does not test occlusion (as in the paper): a voxel hidden from its nearest camera
 by other geometry takes the patch of what hides it.
 """
@@ -184,13 +185,13 @@ def prepare_asset(path: str | Path, views: int = 8, resolution: int = 256, spp: 
 # ---------------------------------------------------------------- training samples
 
 
-def voxel_tokens(voxels: torch.Tensor, views: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
-                 grid: int = VOXEL_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+def voxel_patches(voxels: torch.Tensor, views: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
+                  grid: int = VOXEL_GRID) -> tuple[torch.Tensor, torch.Tensor]:
     """The 3D input transform (module docstring), vectorised over voxels.
 
-    voxels [M, 3] int (i, j, k); views [V, H, W, 3] float in [-1, 1]; viewmats [V, 4, 4]; Ks [V, 3, 3].
-    Returns features [M, 3072] float32 (values 768: zero) and coords [M, 4] int64 (0, i, j, k).
-    Raises ValueError when a voxel projects into no view.
+    voxels [M, 3] int (i, j, k); views [V, H, W, 3] of any dtype; viewmats [V, 4, 4]; Ks [V, 3, 3].
+    Returns each voxel's patch [M, 768] ((h, w, c) order, the views' dtype) and coords [M, 4] int64
+    (0, i, j, k). Raises ValueError when a voxel projects into no view.
     """
     n_views, hgt, wid, _ = views.shape
     if hgt < PATCH_HW or wid < PATCH_HW:
@@ -216,9 +217,17 @@ def voxel_tokens(voxels: torch.Tensor, views: torch.Tensor, viewmats: torch.Tens
     offsets = torch.arange(PATCH_HW)
     patches = views[best[:, None, None], (top[:, None] + offsets)[:, :, None],
                     (left[:, None] + offsets)[:, None, :]]  # [M, 16, 16, 3]
-    features = torch.zeros(len(voxels), PATCH_DIM, dtype=torch.float32)
-    features[:, : PATCH_HW * PATCH_HW * 3] = patches.reshape(len(voxels), -1)
     coords = torch.cat([torch.zeros(len(voxels), 1, dtype=torch.long), voxels], 1)
+    return patches.reshape(len(voxels), -1), coords
+
+
+def voxel_tokens(voxels: torch.Tensor, views: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
+                 grid: int = VOXEL_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """``voxel_patches`` of float views [V, H, W, 3] in [-1, 1] as tokens: features [M, 3072] float32
+    (values 768: zero) and coords [M, 4] int64 (0, i, j, k)."""
+    patches, coords = voxel_patches(voxels, views, viewmats, Ks, grid)
+    features = torch.zeros(len(patches), PATCH_DIM, dtype=torch.float32)
+    features[:, : patches.shape[1]] = patches
     return features, coords
 
 
@@ -227,7 +236,8 @@ def asset_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamCo
 
     Tokens come from all stored views; the reconstruction targets are ``stream.views`` of them
     (0: all), chosen with ``rng`` and kept in stored order. Returns
-      {"features": [M, 3072] float32 in [-1, 1], "coords": [M, 4] int64 (0, i, j, k),
+      {"values": [M, 768] uint8 (each voxel's patch of the views composited and rounded to 8 bits),
+       "coords": [M, 4] int64 (0, i, j, k),
        "grid": (1, 64, 64, 64), "frames": 1, "modality": "3d", "name": str, ["caption": str,]
        "views": [k, 3, H, W] float32 in [0, 1] (over black), "cameras": {"viewmats": [k, 4, 4], "Ks": [k, 3, 3]}}.
     """
@@ -248,10 +258,10 @@ def asset_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamCo
 
     rgba = torch.from_numpy(rgba).float().div_(255.0)  # [V, H, W, 4]
     rgb = rgba[..., :3] * rgba[..., 3:] + BACKGROUND * (1 - rgba[..., 3:])  # over the background
-    features, coords = voxel_tokens(torch.from_numpy(voxels), rgb * 2 - 1, torch.from_numpy(viewmats),
-                                    torch.from_numpy(Ks))
+    pixels = rgb.mul(255.0).round_().to(torch.uint8)  # [V, H, W, 3]
+    values, coords = voxel_patches(torch.from_numpy(voxels), pixels, torch.from_numpy(viewmats), torch.from_numpy(Ks))
     pick = torch.from_numpy(np.sort(rng.choice(n_views, size=want, replace=False)))
-    sample = {"features": features, "coords": coords, "grid": (1, VOXEL_GRID, VOXEL_GRID, VOXEL_GRID),
+    sample = {"values": values, "coords": coords, "grid": (1, VOXEL_GRID, VOXEL_GRID, VOXEL_GRID),
               "frames": 1, "modality": ASSET3D, "name": name,
               "views": rgb[pick].permute(0, 3, 1, 2).contiguous(),
               "cameras": {"viewmats": torch.from_numpy(viewmats)[pick], "Ks": torch.from_numpy(Ks)[pick]},

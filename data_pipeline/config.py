@@ -6,6 +6,7 @@ video und / video rec, DESIGN.md) is 2 / 1 / 6 packed micro-batches per round of
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..model.config import PATCH_HW, PATCH_T
@@ -92,6 +93,14 @@ class RetryConfig:
                              "timeout > 0")
 
 
+def cpus_per_task() -> int:
+    """CPUs this training process may use: Slurm's ``SLURM_CPUS_PER_TASK`` (the stage scripts' 12),
+    else the CPUs it is bound to, shared by the processes torchrun started on this node."""
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 @dataclass
 class DataConfig:
     streams: dict[str, StreamConfig] = field(default_factory=dict)
@@ -102,8 +111,11 @@ class DataConfig:
     shuffle_block: int = 1 << 16
     """Samples are shuffled within windows of this many samples of the shard-shuffled order
     (``dataset.epoch_order``): larger mixes better, but a rank caches a window's shards at once."""
-    num_workers: int = 0
-    """DataLoader worker processes decoding samples, per stream."""
+    num_workers: int = -1
+    """DataLoader worker processes decoding samples, per stream; -1 (auto): this task's CPUs but one
+    (kept for the training process), shared out over the streams (``workers_per_stream``)."""
+    prefetch: int = 2
+    """Packed micro-batches each stream keeps ready ahead of the trainer (``loader.StreamLoader``)."""
     max_bad_fraction: float = 0.01
     """Fail once more than this fraction of a stream's samples seen was undecodable."""
     bad_check_min_samples: int = 100
@@ -121,8 +133,16 @@ class DataConfig:
                 raise ValueError(f"stream {key!r} carries the name {s.name!r}; they must agree")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.shuffle_block < 1 or self.num_workers < 0 or self.bad_check_min_samples < 1 or self.seed < 0:
-            raise ValueError(f"invalid shuffle_block / num_workers / bad_check_min_samples / seed in {self}")
+        if (self.shuffle_block < 1 or self.num_workers < -1 or self.prefetch < 1 or self.bad_check_min_samples < 1
+                or self.seed < 0):
+            raise ValueError(f"invalid shuffle_block / num_workers / prefetch / bad_check_min_samples / seed in {self}")
+
+    @property
+    def workers_per_stream(self) -> int:
+        """``num_workers``, or with -1 (auto) ``(cpus_per_task() - 1) // streams``."""
+        if self.num_workers >= 0:
+            return self.num_workers
+        return max(0, cpus_per_task() - 1) // max(1, len(self.streams))
 
     @property
     def micro_batches_per_round(self) -> int:

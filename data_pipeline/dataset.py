@@ -29,7 +29,7 @@ from .config import DataConfig, StreamConfig
 from .samples import decoder_for
 from .storage import RetryingStream, resolve_location
 
-__all__ = ["StreamDataset", "EpochSamples", "epoch_order", "is_bad", "resolve_location"]
+__all__ = ["StreamDataset", "PositionedSamples", "epoch_order", "is_bad", "resolve_location"]
 
 
 def is_bad(sample: dict[str, Any]) -> bool:
@@ -96,14 +96,13 @@ class StreamDataset(StreamingDataset):
         return {**out, "idx": idx}
 
 
-class EpochSamples(torch.utils.data.Dataset):
-    """The samples ``ids`` of one epoch, in order, as a map-style dataset for a torch DataLoader."""
+class PositionedSamples(torch.utils.data.Dataset):
+    """Map-style view of a stream for a torch DataLoader: the item at key (epoch, position, sample
+    index) is (epoch, position, ``dataset.sample(index, epoch)``), so the reader can track where it is."""
 
-    def __init__(self, dataset: StreamDataset, ids: np.ndarray, epoch: int):
-        self.dataset, self.ids, self.epoch = dataset, ids, epoch
+    def __init__(self, dataset: StreamDataset):
+        self.dataset = dataset
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.dataset.sample(int(self.ids[i]), self.epoch)
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[int, int, dict[str, Any]]:
+        epoch, pos, idx = key
+        return epoch, pos, self.dataset.sample(idx, epoch)

@@ -97,12 +97,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [3, H, W] float32 in [-1, 1]."""
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W] (what training samples carry: ``model.patches.patchify_values``)."""
     import torch  # NOTE: here, not at the top: the shard writer and --help do not need torch
 
-    x = torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3]
-    return x.permute(2, 0, 1).float().div_(127.5).sub_(1.0).contiguous()
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, H, W]
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> [3, H, W] float32 in [-1, 1] (v / 127.5 - 1, ``model.patches.unit_table``)."""
+    from ..model.patches import unit_table
+
+    return unit_table()[to_pixels(img).long()]
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -128,9 +134,16 @@ def training_size(height: int, width: int, target: int) -> tuple[int, int]:
     return side(height), side(width)
 
 
-def resize_for_training(img: Image.Image, target: int) -> torch.Tensor:
-    """RGB PIL image -> [3, h, w] float in [-1, 1], h and w multiples of 16 (policy above)."""
+def resize_pixels(img: Image.Image, target: int) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, h, w], h and w multiples of 16 (policy above)."""
     h, w = training_size(img.height, img.width, target)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), Image.Resampling.BICUBIC)
-    return to_tensor(img)
+    return to_pixels(img)
+
+
+def resize_for_training(img: Image.Image, target: int) -> torch.Tensor:
+    """RGB PIL image -> [3, h, w] float in [-1, 1], h and w multiples of 16 (policy above)."""
+    from ..model.patches import unit_table
+
+    return unit_table()[resize_pixels(img, target).long()]

@@ -10,6 +10,12 @@ video_rec 6 that is::
 An optimizer step is ``grad_accum`` rounds. Every rank follows the same order, so all data-parallel
 ranks run the same task in the same micro-batch (and so build the same graph).
 
+To the device, one micro-batch ahead: when the trainer takes micro-batch k, the copy of k + 1 (its
+uint8 values from pinned memory, non-blocking) and the building of its float [N, 3072] features
+are already queued on a side CUDA stream, where they overlap k's compute; the compute stream waits
+for that copy only when it takes k + 1. The checkpointed state is the one of the micro-batches
+handed out, not of the one made ahead.
+
 ``MixedLoader.state_dict`` is collective over the data-parallel group: it gathers every rank's
 position in every stream, so the checkpoint holds the whole data state and each rank resumes exactly
 its own. At another data-parallel size the positions do not carry over (each rank's slice of an
@@ -22,10 +28,11 @@ import logging
 from fractions import Fraction
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from .config import DataConfig, StreamConfig
-from .loader import StreamLoader
+from .loader import StreamLoader, stream_stats
 from .packing import MicroBatch
 
 log = logging.getLogger(__name__)
@@ -40,20 +47,27 @@ def mix_order(streams: dict[str, StreamConfig]) -> list[str]:
 
 class MixedLoader:
     """``next(mixed)`` is the next ``MicroBatch`` of the step's order (``mixed.order``, one entry per
-    micro-batch of an optimizer step); ``.stream`` says which stream, task and modality it holds.
+    micro-batch of an optimizer step), on ``device`` (float features [N, 3072], int64 coords);
+    ``.stream`` says which stream, task and modality it holds.
 
     ``rank``/``world``/``group``: this rank among the data-parallel ranks, and their process group
     (the tensor-parallel ranks of a group pass the same rank and read the same samples).
     """
 
-    def __init__(self, data: DataConfig, grad_accum: int = 1, rank: int = 0, world: int = 1, group=None):
+    def __init__(self, data: DataConfig, grad_accum: int = 1, rank: int = 0, world: int = 1, group=None,
+                 device: torch.device | str = "cpu"):
         data.check()
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.data, self.rank, self.world, self.group = data, rank, world, group
-        self.loaders = {name: StreamLoader(s, data, rank, world) for name, s in data.streams.items()}
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.loaders = {name: StreamLoader(s, data, rank, world, pin_memory=cuda) for name, s in data.streams.items()}
         self.order = mix_order(data.streams) * grad_accum
-        self.slot = 0  # index into order of the next micro-batch
+        self.slot = 0  # index into order of the next micro-batch handed out
+        self._states = {name: loader.state_dict() for name, loader in self.loaders.items()}  # as handed out
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._ahead = None  # (micro-batch on its way to the device, its copy's CUDA event), slot after it
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -63,14 +77,36 @@ class MixedLoader:
         return self
 
     def __next__(self) -> MicroBatch:
-        name = self.order[self.slot]
-        micro = next(self.loaders[name])
-        self.slot = (self.slot + 1) % len(self.order)
+        if self._ahead is None:
+            self._ahead = self._send(self.slot)
+        micro, event, slot = self._ahead
+        self._ahead = self._send(slot)  # k + 1's copy is queued before k's compute
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in (micro.batch.features, micro.batch.coords, micro.batch.cu_seqlens):
+                t.record_stream(current)  # allocated on the side stream, used on this one
+        self._states[micro.stream.name] = micro.state
+        self.slot = slot
         return micro
+
+    def _send(self, slot: int):
+        """The micro-batch of ``slot`` from its stream, its copy to the device started; and the slot
+        after it."""
+        micro = next(self.loaders[self.order[slot]])
+        event = None
+        if self._copy_stream is None:
+            micro.batch = micro.batch.to(self.device)
+        else:
+            with torch.cuda.stream(self._copy_stream):
+                micro.batch = micro.batch.to(self.device)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+        return micro, event, (slot + 1) % len(self.order)
 
     def state_dict(self) -> dict[str, Any]:
         """Every data-parallel rank's position in every stream. Collective: all ranks call it."""
-        local = {name: loader.state_dict() for name, loader in self.loaders.items()}
+        local = {name: dict(state) for name, state in self._states.items()}
         if self.world > 1:
             ranks: list[Any] = [None] * self.world
             dist.all_gather_object(ranks, local, group=self.group)
@@ -81,6 +117,7 @@ class MixedLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a ``state_dict`` (of any data-parallel size; see the module docstring)."""
+        self._ahead = None
         self.slot = state["slot"] if state["order"] == self.order else 0
         if state["order"] != self.order:
             log.warning("the task mix changed since the checkpoint (%s -> %s): the step's order starts over",
@@ -95,16 +132,18 @@ class MixedLoader:
                 loader.load_state_dict(ranks[self.rank])
             else:
                 loader.load_state_dict(_restart_oldest_epoch(name, ranks, self.rank, self.world))
+            self._states[name] = loader.state_dict()
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per stream: the loader's counters (``StreamLoader.stats``)."""
-        return {name: loader.stats() for name, loader in self.loaders.items()}
+        return {name: stream_stats(self._states[name], loader.stream) for name, loader in self.loaders.items()}
 
     @property
     def samples_bad(self) -> int:
-        return sum(loader.samples_bad for loader in self.loaders.values())
+        return sum(state["samples_bad"] for state in self._states.values())
 
     def close(self) -> None:
+        self._ahead = None
         for loader in self.loaders.values():
             loader.close()
 

@@ -5,7 +5,9 @@ A decode function is ``fn(raw, rng, stream) -> sample``: ``raw`` the MDS sample 
 exactly after a resume or with any number of workers, ``stream`` the ``StreamConfig``. It raises on
 an undecodable sample (the dataset turns that into a counted bad-sample marker). The sample::
 
-    {"features": float32 [n, 3072] in [-1, 1], "coords": int64 [n, 4] (t, x, y, z),
+    {"values": uint8 [n, V] the tokens' real pixel values (V = 768 for an image or a 3D voxel, one
+     frame; 3072 for video; ``model.patches.features_from_values`` makes the float [n, 3072] tokens
+     in [-1, 1] on the device), "coords": int64 [n, 4] (t, x, y, z),
      "grid": (T, H, W, Z), "frames": int, "modality": "image" | "video" | "3d", "name": str,
      optional "caption": str, optional "views": float32 [V, 3, H, W] in [0, 1] and
      "cameras": {"viewmats": float32 [V, 4, 4], "Ks": float32 [V, 3, 3]}}
@@ -18,9 +20,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..model.packed import IMAGE
-from ..model.patches import patchify
+from ..model.patches import patchify_values
 from .config import StreamConfig
-from .images import open_rgb, resize_for_training, sample_resolution
+from .images import open_rgb, resize_pixels, sample_resolution
 
 Decoder = Callable[[dict[str, Any], np.random.Generator, StreamConfig], dict[str, Any]]
 
@@ -34,8 +36,8 @@ def caption_of(raw: dict[str, Any]) -> dict[str, str]:
 def image_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamConfig) -> dict[str, Any]:
     """An image at a longer side drawn from [min_res, max_res] (``images.py``'s policy): one frame."""
     target = sample_resolution(rng, stream.min_res, stream.max_res)
-    features, coords, grid = patchify(resize_for_training(open_rgb(raw["image"]), target))
-    return {"features": features, "coords": coords, "grid": grid, "frames": 1, "modality": IMAGE,
+    values, coords, grid = patchify_values(resize_pixels(open_rgb(raw["image"]), target))
+    return {"values": values, "coords": coords, "grid": grid, "frames": 1, "modality": IMAGE,
             "name": str(raw["name"]), **caption_of(raw)}
 
 

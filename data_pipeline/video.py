@@ -6,8 +6,9 @@
   2. draw a target longer side in [min_res, max_res] and size the clip by the image resolution
      policy (``images.training_size``: aspect kept, sides multiples of 16, never upscaled);
   3. decode only those frames (``video_decode.VideoDecoder``: DALI GPU, DALI CPU or PyAV);
-  4. resize (bicubic, antialiased, like the images' PIL bicubic), scale to [-1, 1] and patchify
-     [3, T, h, w] into T/4 x h/16 x w/16 tokens at coordinates (t, x, y, 0).
+  4. resize (bicubic, antialiased, like the images' PIL bicubic), round to 8-bit levels (as PIL's
+     resize does for images: the values travel as uint8) and patchify [3, T, h, w] into
+     T/4 x h/16 x w/16 tokens at coordinates (t, x, y, 0).
 All draws come from ``rng`` (clip first, then resolution), so the sample does not depend on which
 backend decoded it.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from ..model.config import PATCH_T
 from ..model.packed import VIDEO
-from ..model.patches import patchify
+from ..model.patches import patchify_values, unit_table
 from .clips import clip_frame_indices
 from .config import StreamConfig
 from .images import sample_resolution, training_size
@@ -46,20 +47,25 @@ def process_decoder(backend: str = "auto") -> VideoDecoder:
     return _process_decoders[backend]
 
 
-def resize_clip(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float32 [3, T, height, width] in [-1, 1] (bicubic, antialiased)."""
-    x = frames.permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+def resize_clip_pixels(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [3, T, height, width] (bicubic, antialiased, rounded to 8 bits)."""
+    x = frames.permute(0, 3, 1, 2)  # [T, 3, H, W]
     if x.shape[-2:] != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-        x = x.clamp_(0.0, 255.0)  # bicubic overshoots at edges
-    return x.div_(127.5).sub_(1.0).permute(1, 0, 2, 3).contiguous()
+        x = F.interpolate(x.float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp_(0.0, 255.0).round_().to(torch.uint8)  # bicubic overshoots at edges
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def resize_clip(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float32 [3, T, height, width] in [-1, 1] (``resize_clip_pixels``)."""
+    return unit_table()[resize_clip_pixels(frames, height, width).long()]
 
 
 def video_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamConfig,
                  decoder: VideoDecoder | None = None) -> dict[str, Any]:
     """An MDS video sample (``VIDEO_COLUMNS``) -> a training sample:
 
-      {"features": float32 [T/4 * h/16 * w/16, 3072] in [-1, 1], "coords": int64 [n, 4] (t, x, y, 0),
+      {"values": uint8 [T/4 * h/16 * w/16, 3072], "coords": int64 [n, 4] (t, x, y, 0),
        "grid": (T/4, h/16, w/16, 1), "frames": 4, "modality": "video", "name": str,
        "decoder": the backend that decoded it, "caption": str (only when the video has one)}
 
@@ -76,7 +82,7 @@ def video_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamCo
     except Exception as e:  # noqa: BLE001 - name the sample whatever failed
         raise ValueError(f"video {name!r}: {type(e).__name__}: {e}") from e
     h, w = training_size(frames.shape[1], frames.shape[2], target)
-    features, coords, grid = patchify(resize_clip(frames, h, w))
+    values, coords, grid = patchify_values(resize_clip_pixels(frames, h, w))
     assert grid[0] * PATCH_T == len(indices)  # clips are whole tiles: no zero-padded frames
-    return {"features": features, "coords": coords, "grid": grid, "frames": PATCH_T, "modality": VIDEO,
+    return {"values": values, "coords": coords, "grid": grid, "frames": PATCH_T, "modality": VIDEO,
             "name": name, "decoder": dec.last_backend, **caption_of(raw)}

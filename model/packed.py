@@ -2,6 +2,10 @@
 
 A sample is a set of (feature, 4D coordinate) pairs. ``N`` below is the total number of tokens of
 all samples; sample ``i`` owns rows ``cu_seqlens[i]:cu_seqlens[i + 1]``.
+
+A training batch is packed on the host in its transport form (``data_pipeline.packing``): uint8
+values [N, 768 or 3072] (each token's real frames, ``patches.patchify_values``) and int16 coords,
+in pinned memory on a GPU machine; ``to(device)`` builds the float [N, 3072] tokens there.
 """
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import PATCH_DIM
+from .config import PATCH_DIM, PATCH_T
+from .patches import features_from_values
 
 IMAGE, VIDEO, ASSET3D = "image", "video", "3d"
 # Attention runs over chunks of 4 latent frames (16 video frames), as the release does
@@ -37,9 +42,11 @@ class AttentionLayout:
 
 @dataclass
 class PackedBatch:
-    features: torch.Tensor  # [N, 3072] float, patch values in (t, h, w, c) order, in [-1, 1]
+    # [N, 3072] float, patch values in (t, h, w, c) order, in [-1, 1]; or, in transport form on the
+    # host, uint8 [N, 768 or 3072]: the tokens' real values (module docstring).
+    features: torch.Tensor
     # [N, 4] int64 patch-grid coordinates (t, x, y, z): x is the patch row (height axis), y the
-    # patch column (width axis), i.e. the released RoPE's (t, h, w, z) order.
+    # patch column (width axis), i.e. the released RoPE's (t, h, w, z) order. int16 in transport form.
     coords: torch.Tensor
     cu_seqlens: torch.Tensor  # [B + 1] int32, cumulative token counts, cu_seqlens[0] == 0
     grids: list[tuple[int, int, int, int]]  # per sample (T, H, W, Z) patch-grid shape
@@ -52,8 +59,10 @@ class PackedBatch:
 
     def __post_init__(self):
         n, b = self.features.shape[0], len(self.grids)
-        if self.features.ndim != 2 or self.features.shape[1] != PATCH_DIM:
-            raise ValueError(f"features must be [N, {PATCH_DIM}], got {tuple(self.features.shape)}")
+        widths = (PATCH_DIM // PATCH_T, PATCH_DIM) if self.features.dtype == torch.uint8 else (PATCH_DIM,)
+        if self.features.ndim != 2 or self.features.shape[1] not in widths:
+            raise ValueError(f"features must be [N, {PATCH_DIM}] (or uint8 values [N, {PATCH_DIM // PATCH_T} or "
+                             f"{PATCH_DIM}]), got {self.features.dtype} {tuple(self.features.shape)}")
         if self.coords.shape != (n, 4):
             raise ValueError(f"coords must be [{n}, 4], got {tuple(self.coords.shape)}")
         # The lengths on the host, read once here (batches are built on the CPU) and carried by
@@ -67,7 +76,7 @@ class PackedBatch:
         if not self.frames:
             self.frames = [1 if m == IMAGE else 4 for m in self.modalities]
         if not self.chunks:  # read on the host once, like the lengths (carried by ``to`` and ``select``)
-            self.chunks = _chunks(self.coords.cpu(), self._lengths, self.names)
+            self.chunks = _chunks(self.coords.cpu().long(), self._lengths, self.names)
 
     @property
     def num_samples(self) -> int:
@@ -113,11 +122,19 @@ class PackedBatch:
                                chunk_ids.to(device, non_blocking=True))
 
     def to(self, device, dtype: torch.dtype | None = None) -> "PackedBatch":
-        """The same batch on ``device``; no validation again, so no device -> host sync."""
+        """The same batch on ``device``; no validation again, so no device -> host sync. A batch in
+        transport form gets its float [N, 3072] features (``dtype``, default float32) and int64
+        coords built on ``device``; copies from pinned memory are asynchronous (non_blocking)."""
+        def move(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device, non_blocking=x.is_pinned())
+
         out = copy.copy(self)
-        out.features = self.features.to(device=device, dtype=dtype or self.features.dtype)
-        out.coords = self.coords.to(device)
-        out.cu_seqlens = self.cu_seqlens.to(device)
+        if self.features.dtype == torch.uint8:
+            out.features = features_from_values(move(self.features), dtype or torch.float32)
+        else:
+            out.features = self.features.to(device=device, dtype=dtype or self.features.dtype)
+        out.coords = move(self.coords).long()
+        out.cu_seqlens = move(self.cu_seqlens)
         return out
 
     def select(self, samples: list[int]) -> tuple["PackedBatch", torch.Tensor]:

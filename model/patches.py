@@ -10,6 +10,10 @@ inference ``pad_to_patches`` pads bottom/right by edge replication and the decod
 cropped back, so any image size round-trips. An image is one frame, zero-padded in time to 4 frames
 (``frames=1`` marks the padding so losses and decoding drop it). A video's frame count must be a
 multiple of 4; the video pipeline cuts clips to one.
+
+Training samples travel from the loader to the device as uint8 *values* (``patchify_values``): per
+token only its real frames, 768 values for an image (or a 3D voxel's patch), 3072 for video.
+``features_from_values`` builds the float [N, 3072] tensor from them where they arrive (the device).
 """
 from __future__ import annotations
 
@@ -39,6 +43,57 @@ def patchify(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, in
     x = x.reshape(c, t, PATCH_T, h, PATCH_HW, w, PATCH_HW).permute(1, 3, 5, 2, 4, 6, 0)
     features = x.reshape(t * h * w, PATCH_DIM)
     return features, grid_coords(t, h, w, device=x.device), (t, h, w, 1)
+
+
+def patchify_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
+    """uint8 pixels [3, T, H, W] (or an image [3, H, W]) -> values uint8 [n, 768 * min(T, 4)], coords
+    [n, 4], grid (t, h, w, 1): ``patchify``'s tokens without their zero padding in time.
+
+    T must be 1 (an image: each token's t = 0 slice, the first 768 of its 3072 values) or a multiple
+    of 4 (video: all 3072). ``features_from_values`` restores ``patchify``'s float tokens.
+    """
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    if x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 pixels, got {x.dtype}")
+    c, t_len, hgt, wid = x.shape
+    if c != CHANNELS or hgt % PATCH_HW or wid % PATCH_HW or not (t_len == 1 or t_len % PATCH_T == 0):
+        raise ValueError(f"expected [{CHANNELS}, T, H, W] with T = 1 or a multiple of {PATCH_T} and H, W multiples "
+                         f"of {PATCH_HW}, got {tuple(x.shape)}")
+    pt = min(t_len, PATCH_T)
+    t, h, w = t_len // pt, hgt // PATCH_HW, wid // PATCH_HW
+    # [c, t, pt, h, ph, w, pw] -> [t, h, w, pt, ph, pw, c]: the token's first pt frames in (t, h, w, c) order
+    v = x.reshape(c, t, pt, h, PATCH_HW, w, PATCH_HW).permute(1, 3, 5, 2, 4, 6, 0)
+    return v.reshape(t * h * w, pt * PATCH_HW * PATCH_HW * c), grid_coords(t, h, w), (t, h, w, 1)
+
+
+_UNIT = {}  # device -> float32 [256]: uint8 level -> its value in [-1, 1]
+
+
+def unit_table(device=None) -> torch.Tensor:
+    """float32 [256]: pixel level v -> v / 127.5 - 1, computed once on the host (the same float ops as
+    ``data_pipeline.images.to_tensor``) and copied, so every device maps levels to identical bits."""
+    key = str(torch.device(device or "cpu"))
+    if key not in _UNIT:
+        host = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0)
+        _UNIT[key] = host.to(device) if key != "cpu" else host
+    return _UNIT[key]
+
+
+def features_from_values(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 values [N, V] (V = 768: an image or 3D token's t = 0 slice; 3072: video) -> features
+    [N, 3072] in [-1, 1], built on the values' device; the frames a token does not have are zeros."""
+    n, v = values.shape
+    if values.dtype != torch.uint8 or v not in (PATCH_DIM // PATCH_T, PATCH_DIM):
+        raise ValueError(f"values must be uint8 [N, {PATCH_DIM // PATCH_T} or {PATCH_DIM}], got {values.dtype} "
+                         f"{tuple(values.shape)}")
+    # A table lookup, not arithmetic: exact and identical on every device (int32 indices: half of int64's memory).
+    looked_up = unit_table(values.device).to(dtype).index_select(0, values.reshape(-1).int()).view(n, v)
+    if v == PATCH_DIM:
+        return looked_up
+    out = torch.zeros(n, PATCH_DIM, dtype=dtype, device=values.device)
+    out[:, :v] = looked_up
+    return out
 
 
 def unpatchify(features: torch.Tensor, grid: tuple[int, int, int, int], frames: int | None = None) -> torch.Tensor:

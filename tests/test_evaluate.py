@@ -546,6 +546,7 @@ def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, str
     from streaming import MDSWriter
 
     from atoken.data_pipeline.assets import ASSET_COLUMNS, asset_sample, prepare_asset
+    from atoken.model.patches import features_from_values
     from atoken.data_pipeline.config import StreamConfig
     from atoken.model.splatting import render
 
@@ -579,7 +580,8 @@ def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, str
     raw = {**prepare_asset(airplane, views=3, resolution=32, spp=4), "name": "airplane.ply"}
     sample = asset_sample(raw, np.random.default_rng(0), StreamConfig(modality="3d"))
     tok = Tokenizer.from_pretrained(model_dir, device="cpu")
-    gaussians = tok.decode_asset(tok.encode_asset(sample["features"], sample["coords"]), sample["coords"])
+    features = features_from_values(sample["values"])
+    gaussians = tok.decode_asset(tok.encode_asset(features, sample["coords"]), sample["coords"])
     assert p["voxels"] == len(raw["voxels"]) and p["gaussians"] == gaussians.num_gaussians
     with torch.no_grad():
         renders = (render(gaussians, sample["cameras"]["viewmats"], sample["cameras"]["Ks"], 32, 32)[0]

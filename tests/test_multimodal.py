@@ -15,6 +15,7 @@ from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.gaussians import gaussian_decoder_preset
 from atoken.model.losses import LossConfig
 from atoken.model.objective import Objective
+from atoken.model.patches import features_from_values
 
 from siglip2_local import write_tiny_siglip2  # noqa: I001 - tests/ is on sys.path under pytest
 
@@ -56,7 +57,8 @@ def samples():
                      np.random.default_rng(0), vs)
     raw = {**prepare_asset(AIRPLANE, views=4, resolution=32, spp=4), "name": "airplane.ply"}
     a = asset_sample(raw, np.random.default_rng(0), StreamConfig(name="a", modality="3d", views=2))
-    parts = [(v["features"], v["coords"], v["grid"], "video", 4), (a["features"], a["coords"], a["grid"], "3d", 1)]
+    parts = [(features_from_values(v["values"]), v["coords"], v["grid"], "video", 4),
+             (features_from_values(a["values"]), a["coords"], a["grid"], "3d", 1)]
     extras = [{"caption": "a video of bikes in the street"},
               {"caption": "a coloured toy airplane", "views": a["views"], "cameras": a["cameras"]}]
     return parts, extras

@@ -349,23 +349,31 @@ def test_bad_video_and_empty_mesh_among_good_ones(s3_env, tmp_path, caplog):
 def test_outage_mid_read(s3_server, s3_env, s3_data, tmp_path, caplog):
     """The server stops while a cold-cache reader runs and comes back: the reader waits (retrying) and
     continues with exactly the samples of an undisturbed run."""
-    cfg = data_config({"a": s3_data["a"]}, tmp_path / "ref", mix=(1,))
+    # The loader reads ahead (packed batches queued, one on its way to the device): a dataset large
+    # enough that most of it is still unread when the server stops. No worker processes: the retries
+    # are then logged in this process, where caplog sees them.
+    from atoken.tools.make_image_shards import main as shards_main
+
+    url = f"s3://{BUCKET}/images/outage"
+    assert shards_main([str(write_folder(crops(120, seed=9), tmp_path / "photos")), url, "--size-limit", "20kb",
+                        "--no-progress"]) == 0
+    cfg = data_config({"a": url}, tmp_path / "ref", mix=(1,), num_workers=0)
     undisturbed = MixedLoader(cfg)
-    ref = take(undisturbed, 4)
+    ref = take(undisturbed, 12)
     undisturbed.close()
     cold = copy.deepcopy(cfg)
     cold.streams["img_a"].local = str(tmp_path / "cold")
     reader = MixedLoader(cold)
     got = take(reader, 1)
     downloaded = len(list((tmp_path / "cold").glob("*.mds")))
-    assert 0 < downloaded < StreamingDataset(remote=s3_data["a"], local=str(tmp_path / "probe"),
+    assert 0 < downloaded < StreamingDataset(remote=url, local=str(tmp_path / "probe"),
                                              batch_size=1).num_shards  # more shards still to download
     s3_server.stop()
     restarter = threading.Thread(target=lambda: (time.sleep(2.0), s3_server.start()))
     restarter.start()
     try:
         with caplog.at_level(logging.WARNING, logger="atoken.data_pipeline.storage"):
-            got += take(reader, 3)
+            got += take(reader, 11)
     finally:
         restarter.join()
     assert "retrying in" in caplog.text  # the outage was hit

@@ -235,7 +235,7 @@ def test_deterministic_demo_runs_reproduce_and_resume_bit_for_bit(shards, tmp_pa
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     def records(run: Path) -> list[dict]:
-        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # wall-clock
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "data_wait")}  # wall-clock
                 for line in open(run / "metrics.jsonl")]
 
     a, b = records(run_a), records(run_b)

@@ -16,7 +16,7 @@ from atoken.data_pipeline.config import StreamConfig
 from atoken.data_pipeline.images import sample_resolution, training_size
 from atoken.data_pipeline.video import VIDEO_COLUMNS, resize_clip, video_sample
 from atoken.data_pipeline.video_decode import decode_all, encode_video, inspect_video, make_video_decoder, probe_codec
-from atoken.model.patches import grid_coords, unpatchify
+from atoken.model.patches import features_from_values, grid_coords, unpatchify
 from atoken.tools.make_video_shards import main as shards_main
 from atoken.tools.make_video_shards import write_video_shards
 
@@ -241,20 +241,21 @@ def test_video_sample_tokens_land_at_their_coordinates(bikes):
     clip = resize_clip(dec.decode(bikes, idx), h, w)  # [3, T, h, w]
     t, gh, gw, gz = s["grid"]
     assert (t * 4, gh * 16, gw * 16, gz) == (len(idx), h, w, 1) and max(h, w) <= 256
-    assert s["features"].dtype == torch.float32 and s["features"].shape == (t * gh * gw, 3072)
-    assert s["features"].min() >= -1 and s["features"].max() <= 1
+    assert s["values"].dtype == torch.uint8 and s["values"].shape == (t * gh * gw, 3072)  # travel as uint8
+    features = features_from_values(s["values"])  # what the device builds
+    assert features.dtype == torch.float32 and features.min() >= -1 and features.max() <= 1
     assert torch.equal(s["coords"], grid_coords(t, gh, gw))
-    assert torch.equal(unpatchify(s["features"], s["grid"]), clip)
+    assert torch.equal(unpatchify(features, s["grid"]), clip)
     # One token by hand: (t, x, y) = (1, 2, 3) holds frames 4..7, rows 32..47, columns 48..63.
     k = int(((s["coords"][:, :3] == torch.tensor([1, 2, 3])).all(1)).nonzero())
     patch = clip[:, 4:8, 32:48, 48:64].permute(1, 2, 3, 0).reshape(-1)  # (t, h, w, c) order
-    assert torch.equal(s["features"][k], patch)
+    assert torch.equal(features[k], patch)
     assert (s["frames"], s["modality"], s["name"], s["caption"], s["decoder"]) == (4, "video", "bikes.mp4", "bikes", "pyav")
     # Deterministic for a seed; another seed gives another clip.
     again = video_sample(raw, np.random.default_rng(3), cfg, decoder=dec)
-    assert torch.equal(again["features"], s["features"])
-    other = video_sample(raw, np.random.default_rng(4), cfg, decoder=dec)["features"]
-    assert other.shape != s["features"].shape or not torch.equal(other, s["features"])
+    assert torch.equal(again["values"], s["values"])
+    other = video_sample(raw, np.random.default_rng(4), cfg, decoder=dec)["values"]
+    assert other.shape != s["values"].shape or not torch.equal(other, s["values"])
 
 
 def test_video_sample_same_clip_from_dali_and_pyav(bikes_vp9):
@@ -265,7 +266,8 @@ def test_video_sample_same_clip_from_dali_and_pyav(bikes_vp9):
     b = video_sample(raw, np.random.default_rng(0), cfg, decoder=make_video_decoder("pyav"))
     assert a["grid"] == b["grid"] and a["grid"][0] == 2 and "caption" not in a
     assert (a["decoder"], b["decoder"]) == ("dali-cpu", "pyav")
-    assert (a["features"] - b["features"]).abs().mean() < 0.02  # 2.5 / 127.5: colour rounding only
+    diff = features_from_values(a["values"]) - features_from_values(b["values"])
+    assert diff.abs().mean() < 0.02  # 2.5 / 127.5: colour rounding only
 
 
 def test_video_sample_bad_input_raises_naming_the_sample(bikes):

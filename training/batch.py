@@ -60,6 +60,8 @@ class StreamBatch:
     samples: float  # per optimizer step over all ranks (estimate)
     tokens: int  # token budget per optimizer step over all ranks (at full packing)
     paper: int  # the paper's samples per step (0: not stated)
+    budget: int = 0  # tokens per packed micro-batch (the stream's token_budget)
+    dp: int = 1  # data-parallel ranks the step is spread over
 
     @property
     def ratio(self) -> float | None:
@@ -72,25 +74,32 @@ def step_batches(streams: dict[str, StreamConfig], rounds: int, dp: int) -> list
     for name, s in streams.items():
         micro = s.micro_batches * rounds
         out.append(StreamBatch(name, micro, dp * micro * s.token_budget / mean_tokens(s), dp * micro * s.token_budget,
-                               s.global_batch))
+                               s.global_batch, s.token_budget, dp))
     return out
 
 
-def describe(batches: list[StreamBatch], dp: int, rounds: int, reference_gpus: int) -> str:
-    """The start-up table: per stream and in all, samples and tokens per step and the ratio to the paper."""
+def describe(batches: list[StreamBatch], dp: int, rounds: int, reference_gpus: int, loading: str = "") -> str:
+    """The start-up table: per stream and in all, the micro-batch's token budget, and per optimizer
+    step the samples and tokens per rank and over all ranks, with the ratio to the paper's batch;
+    ``loading``: a line on how the data reaches the device."""
     def ratio(x: float | None) -> str:
         return f"{x:.3g}" if x is not None else "-"
 
-    row = "  {:<12} {:>10} {:>13} {:>13} {:>7} {:>9}".format
+    row = "  {:<12} {:>10} {:>12} {:>12} {:>12} {:>13} {:>13} {:>7} {:>7}".format
     lines = [f"global batch at {dp} data-parallel ranks, {rounds} round(s) of the mix per step (the paper's "
              f"numbers: at {reference_gpus} GPUs):",
-             row("stream", "micro/rank", "samples/step", "tokens/step", "paper", "ratio")]
+             row("stream", "micro/rank", "tokens/micro", "samples/rank", "tokens/rank", "samples/step", "tokens/step",
+                 "paper", "ratio")]
     for b in batches:
-        lines.append(row(b.name, b.micro_batches, f"{b.samples:.0f}", b.tokens, b.paper or "-", ratio(b.ratio)))
+        lines.append(row(b.name, b.micro_batches, b.budget, f"{b.samples / dp:.1f}", b.tokens // dp, f"{b.samples:.0f}",
+                         b.tokens, b.paper or "-", ratio(b.ratio)))
     stated = [b for b in batches if b.paper]
     total = sum(b.samples for b in stated) / sum(b.paper for b in stated) if stated else None
-    lines.append(row("all", sum(b.micro_batches for b in batches), f"{sum(b.samples for b in batches):.0f}",
-                     sum(b.tokens for b in batches), sum(b.paper for b in batches) or "-", ratio(total)))
-    lines.append("  (samples: token budget / mean sample tokens, i.e. full packing; pack_fill in the logs is the "
-                 "measured fill)")
+    samples, tokens = sum(b.samples for b in batches), sum(b.tokens for b in batches)
+    lines.append(row("all", sum(b.micro_batches for b in batches), "-", f"{samples / dp:.1f}", tokens // dp,
+                     f"{samples:.0f}", tokens, sum(b.paper for b in batches) or "-", ratio(total)))
+    lines.append("  (per optimizer step; samples: token budget / mean sample tokens, i.e. full packing; pack_fill "
+                 "in the logs is the measured fill; tokens/micro: data.streams.<name>.token_budget)")
+    if loading:
+        lines.append(f"  {loading}")
     return "\n".join(lines)

@@ -75,7 +75,7 @@ class RunLogger:
                                     dir=str(run_dir), mode=cfg.log.wandb_mode, config=cfg.to_dict())
         self.bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.name, dynamic_ncols=True,
                         disable=None)  # None: no bar when stderr is not a terminal
-        self._t, self._tokens = time.perf_counter(), 0
+        self._t, self._tokens, self._waited = time.perf_counter(), 0, 0.0
         self._t0, self._step0 = self._t, start_step
 
     def event(self, kind: str, **fields) -> None:
@@ -83,17 +83,19 @@ class RunLogger:
             with open(self.run_dir / "events.jsonl", "a") as f:
                 f.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
 
-    def step(self, step: int, tokens: int, metrics: dict | None) -> None:
-        """Called after every optimizer step; ``metrics`` only on logging steps."""
+    def step(self, step: int, tokens: int, metrics: dict | None, waited: float = 0.0) -> None:
+        """Called after every optimizer step; ``metrics`` only on logging steps. ``waited``: seconds
+        the step waited for data (logged as ``data_wait``, the fraction of wall time since the last log)."""
         if not self.enabled:
             return
         self.bar.update(1)
         self._tokens += tokens
+        self._waited += waited
         if metrics is None:
             return
-        dt = time.perf_counter() - self._t
-        metrics = {"step": step, **metrics, "tokens_per_s": self._tokens / max(dt, 1e-9)}
-        self._t, self._tokens = time.perf_counter(), 0
+        dt = max(time.perf_counter() - self._t, 1e-9)
+        metrics = {"step": step, **metrics, "tokens_per_s": self._tokens / dt, "data_wait": self._waited / dt}
+        self._t, self._tokens, self._waited = time.perf_counter(), 0, 0.0
         self.metrics.write(json.dumps(metrics) + "\n")
         self.metrics.flush()
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")

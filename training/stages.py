@@ -31,6 +31,20 @@ REFERENCE_GPUS = 256  # the Slurm scripts' default: 32 nodes x 8 GPUs
 # percentages leave it out ("plus image understanding"), so it adds one micro-batch per round.
 # The understanding streams need the frozen SigLIP2 text tower and teacher, image reconstruction the
 # teacher too (the CLIP/feature term), from local paths: --set loss.text_tower=DIR --set loss.teacher=DIR.
+#
+# Tokens per micro-batch (``token_budget``, "tokens/micro" in the start-up table) is the one value per
+# stream that sets how much a GPU runs at once; set it with --set data.streams.<name>.token_budget=N.
+# Here it is sized from the paper's batch as above (stage 1: image_rec 6400, image_und 12800). The
+# budget that fills an H100 is PENDING MEASUREMENT by benchmarks/gpu_trainer.sh, which sweeps it
+# (tokens/s and peak memory against the budget) into benchmarks/results/gpu_trainer_<device>.json.
+# The only measured figure so far is the step benchmark's, not the trainer's: so400m, compiled,
+# 16384 tokens per micro-batch ran at 0.267 s, 33.3% MFU, 45.6 GiB peak on one H100
+# (benchmarks/train_step.py, benchmarks/NOTES.md). With grad_accum=0 a larger budget makes the step
+# hold more samples than the paper's; the start-up table prints per stream and in all what it holds.
+#
+# Data loading (DataConfig defaults): num_workers=-1 gives each stream (CPUs per task - 1) // streams
+# decode processes, the CPUs per task being Slurm's (12 in cluster/stage*.slurm: 5 per stream in
+# stage 1, 2 in stage 2, 1 in stages 3-4); prefetch=2 packed micro-batches wait per stream.
 
 def _sized(stream: StreamConfig, global_batch: int) -> StreamConfig:
     """``stream`` stating ``global_batch``, its token budget sized for it (comment above)."""

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 from atoken.model.errors import cli
@@ -71,17 +72,18 @@ def micro_step(engine, objective, batch, extras, tasks: tuple[str, ...], noise, 
     return losses
 
 
-def train_step(engine, objective, loader, noise, device, amp) -> tuple[dict, int, list[str]]:
+def train_step(engine, objective, loader, noise, amp) -> tuple[dict, int, list[str], float]:
     """One optimizer step: the task mix's micro-batches in its round-robin order (``loader.order``,
     ``cfg.micro_batches_per_step`` of them), each through the heads and losses of its stream's task.
-    Returns detached mean losses, tokens and sample names."""
-    totals, tokens, names = {}, 0, []
+    Returns detached mean losses, tokens, sample names and the seconds spent waiting for data."""
+    totals, tokens, names, waited = {}, 0, [], 0.0
     n = loader.micro_batches_per_step
     for _ in range(n):
-        micro = next(loader)
+        t0 = time.perf_counter()
+        micro = next(loader)  # already on the device (the next one's copy queued behind it)
+        waited += time.perf_counter() - t0
         batch, tasks = micro.batch, (micro.stream.task,)
         tokens, names = tokens + batch.num_tokens, names + batch.names
-        batch = batch.to(device)
         losses = micro_step(engine, objective, batch, micro.extras, tasks, noise, amp)
         for k, v in losses.items():
             if v.requires_grad:  # NOTE: a term of a task not run is a constant zero: not logged at all
@@ -90,7 +92,7 @@ def train_step(engine, objective, loader, noise, device, amp) -> tuple[dict, int
         term = "rec" if micro.stream.task == "rec" else "sem"
         key = f"{micro.stream.name}/{term}"
         totals[key] = totals.get(key, 0.0) + losses[term].detach().float() / loader.order.count(micro.stream.name)
-    return totals, tokens, names
+    return totals, tokens, names, waited
 
 
 def data_metrics(loader) -> dict:
@@ -101,6 +103,13 @@ def data_metrics(loader) -> dict:
     for name, st in stats.items():
         out[f"data/{name}/samples_bad"], out[f"data/{name}/fill"] = st["samples_bad"], st["fill"]
     return out
+
+
+def memory_metrics(device) -> dict:
+    """Peak GPU memory allocated so far (CUDA only)."""
+    import torch
+
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
 
 
 def evaluate(model, ema, images: dict, device, amp) -> tuple[dict, list]:
@@ -124,6 +133,7 @@ def main(argv=None) -> None:
     import torch
 
     from atoken.data_pipeline import MixedLoader
+    from atoken.data_pipeline.config import cpus_per_task
     from atoken.model import AToken
     from atoken.model.attention import log_attention_backend
     from atoken.model.objective import Objective
@@ -150,8 +160,10 @@ def main(argv=None) -> None:
     dims = init_parallel(cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.seed)
     # grad_accum=0 (auto): rounds of the mix per step follow from the data-parallel size (batch.py).
     cfg = cfg.with_rounds(dims.dp)
+    loading = (f"data: {cfg.data.workers_per_stream} decode worker(s) per stream ({cpus_per_task()} CPUs for this "
+               f"rank), {cfg.data.prefetch} micro-batch(es) packed ahead per stream, copied to {device} one ahead")
     log.info("%s", describe(step_batches(cfg.data.streams, cfg.grad_accum, dims.dp), dims.dp, cfg.grad_accum,
-                            cfg.reference_gpus))
+                            cfg.reference_gpus, loading))
     torch.manual_seed(cfg.seed)  # the same weights on every rank
     model = AToken(cfg.model)  # plain, built once, on the CPU
     # A run's own checkpoint (``resume_from``) wins; otherwise a later stage starts from the stage
@@ -171,8 +183,10 @@ def main(argv=None) -> None:
     # global RNG (DataLoader iterators do) cannot shift it, so a resumed run samples the same noise.
     noise = torch.Generator(device).manual_seed(cfg.seed + 1 + dims.dp_rank)
     # The streams were checked by preflight (clear errors, not deep in a worker). The ranks of a TP
-    # group share a data-parallel rank, so they read the same samples.
-    loader = MixedLoader(cfg.data, cfg.grad_accum, rank=dims.dp_rank, world=dims.dp, group=dims.dp_group)
+    # group share a data-parallel rank, so they read the same samples. Decoding and packing run
+    # ahead in worker processes and a thread per stream; micro-batches reach the device one ahead.
+    loader = MixedLoader(cfg.data, cfg.grad_accum, rank=dims.dp_rank, world=dims.dp, group=dims.dp_group,
+                         device=device)
     amp = precision(cfg, device)
     # The attention kernel, logged once at start (compiled blocks log nothing while traced).
     probe = torch.empty(1, cfg.model.encoder.head_dim, device=device,
@@ -197,31 +211,34 @@ def main(argv=None) -> None:
     if start == 0:
         run_eval(0)
     for step in range(start + 1, cfg.steps + 1):
-        losses, tokens, names = train_step(engine, objective, loader, noise, device, amp)
+        losses, tokens, names, waited = train_step(engine, objective, loader, noise, amp)
         ema.update(model, step)
         last = step == cfg.steps
         metrics = None
         if step % cfg.log.every == 0 or last:
             metrics = {"loss": losses.pop("total").item(), **{k: v.item() for k, v in losses.items()},
                        "lr": max(engine.get_lr()), "tokens": tokens, "samples_bad": loader.samples_bad,
-                       **data_metrics(loader),
+                       **data_metrics(loader), **memory_metrics(device),
                        "data": hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]}
-        logger.step(step, tokens, metrics)
+        logger.step(step, tokens, metrics, waited)
         if step % cfg.log.eval_every == 0 or last:
             run_eval(step)
         stop = signals.poll()  # collective: every rank stops after the same step
         if step % cfg.checkpoint.every == 0 or last or stop:
+            t0 = time.perf_counter()
             client = {"step": step, "data": loader.state_dict(), "config": cfg.to_dict()}
             checkpoint.save(engine, ema, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep)
-            logger.event("checkpoint", step=step)
+            logger.event("checkpoint", step=step, seconds=time.perf_counter() - t0)
         if stop and not last:
             logger.event(signals.describe(stop), step=step)  # "requeue" or "stop", after its checkpoint
             logger.close()
+            loader.close()
             code = signals.exit_code(stop)
             distributed.shutdown()  # a barrier: the requeue file exists before any rank exits
             raise SystemExit(code)
     logger.event("end", step=cfg.steps)
     logger.close()
+    loader.close()
     distributed.shutdown()
 
 

@@ -82,6 +82,7 @@ def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: tor
 def evaluate_assets(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out: Path, limit: int | None,
                      settings: AssetSettings, grid_k: int, grid_cell: int, progress: bool) -> dict:
     """The report's ``assets`` section; writes ``grid_3d.png``."""
+    from atoken.model.patches import features_from_values
     from atoken.model.splatting import get_render_backend
 
     kind, total, items = source
@@ -91,7 +92,7 @@ def evaluate_assets(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
     def one(item: Item) -> dict:
         s = item.data
         coords = s["coords"]
-        gaussians = tok.decode_asset(tok.encode_asset(s["features"], coords), coords)
+        gaussians = tok.decode_asset(tok.encode_asset(features_from_values(s["values"]), coords), coords)
         rec, renders = asset_record(gaussians, s["views"], s["cameras"]["viewmats"], s["cameras"]["Ks"], lpips, backend)
         extremes.add(item.name, rec["psnr"], s["views"][0], renders[0])
         return {"name": item.name, "voxels": item.meta["voxels"], **rec}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The trainer on a GPU against its step benchmark (issue 14): benchmarks/gpu_trainer.py does the work.
+#
+#   benchmarks/gpu_trainer.sh wheels           # here, once (pip and the registry): the carried files in .whl/
+#   benchmarks/gpu_trainer.sh [PHASE] [ARGS]   # on the GPU machine, with carry [".whl"]: install, then run
+#   benchmarks/gpu_trainer.sh cpu [ARGS]       # every phase at toy size on CPU (no install): the logic
+#
+# PHASE: shards, reference, train, resume, convert, report, or all (the default); ARGS go to
+# gpu_trainer.py (--budget, --budgets, --steps, --checkpoint-every, --work, --set KEY=VALUE ...).
+# A GPU call lasts at most 10 minutes: run the phases in separate calls with the same --work while
+# the machine stays up, then `report`, which writes benchmarks/results/gpu_trainer_<device>.json.
+#
+# Carried (.whl/, under 64 MiB with the repo): DeepSpeed as a pure wheel built here
+# (DS_BUILD_OPS=0: no compiled ops; the trainer passes a torch optimizer), megatron-core's cp312
+# wheel, mosaicml-streaming and what it and DeepSpeed import that the GPU image lacks (its package
+# list: /work/.library/device/KINDS.md), and stlpips-pytorch's AlexNet file, the perceptual trunk
+# (the package itself also holds a 59 MB VGG file). atoken installs from this checkout with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHL=.whl
+SITE=/tmp/atoken-site
+PY=${PYTHON:-python3}
+
+# Versions: ours where the GPU image has none (the same pins as this project's CPU machines), and
+# megatron-core's newest cp312 wheel (ENVIRONMENT.md).
+DEEPSPEED=deepspeed==0.19.8
+WHEELS=(megatron-core==0.19.2 mosaicml-streaming==0.13.0 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5
+        annotated-types==0.8.0 typing-inspection==0.4.5 brotli==1.2.1 catalogue==2.0.10 cramjam==2.14.0
+        python-snappy==0.7.3 zstd==1.5.6.1)  # zstd: the newest cp312 manylinux wheel
+
+case "${1:-all}" in
+  wheels)
+    rm -rf "$WHL" && mkdir -p "$WHL"
+    DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WHL" "$DEEPSPEED"
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform manylinux1_x86_64 -d "$WHL" "${WHEELS[@]}"
+    cp "$("$PY" -c 'from atoken.model.perceptual import stlpips_file; print(stlpips_file("alex"))')" "$WHL/"
+    du -sh "$WHL" && ls "$WHL"
+    ;;
+  cpu)
+    shift
+    exec "$PY" benchmarks/gpu_trainer.py all --mode cpu "$@"
+    ;;
+  *)
+    phase=${1:-all}
+    shift || true
+    if [ ! -f "$SITE/.installed" ]; then  # once per machine: it stays up between calls
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl
+      touch "$SITE/.installed"
+    fi
+    # atoken itself every call (the checkout may have changed), without dependencies.
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" .
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    "$PY" -c "import atoken.training.train, deepspeed, streaming; print('installed: deepspeed', deepspeed.__version__)"
+    exec "$PY" benchmarks/gpu_trainer.py "$phase" --mode gpu --trunk-weights "$WHL/alex_shift_tolerant.pth" "$@"
+    ;;
+esac
