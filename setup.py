@@ -46,7 +46,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout",
-            # Real data and offline weights used by the tests and the demo (ENVIRONMENT.md).
+            # Real data and offline weights used by the tests and the demo (docs/environment.md).
             "scikit-image",
             "scikit-learn",
             "stlpips-pytorch",

@@ -22,7 +22,7 @@ SITE=/tmp/atoken-site
 PY=${PYTHON:-python3}
 
 # Versions: ours where the GPU image has none (the same pins as this project's CPU machines), and
-# megatron-core's newest cp312 wheel (ENVIRONMENT.md).
+# megatron-core's newest cp312 wheel (docs/environment.md).
 DEEPSPEED=deepspeed==0.19.8
 WHEELS=(megatron-core==0.19.2 mosaicml-streaming==0.13.0 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5
         annotated-types==0.8.0 typing-inspection==0.4.5 brotli==1.2.1 catalogue==2.0.10 cramjam==2.14.0

@@ -5,7 +5,7 @@ Geometry (shared with the Gaussian renderer): an asset is normalised into the cu
 centred, its longest side 1. Voxel (i, j, k) of the 64^3 grid has world centre
 ((i, j, k) + 0.5) / 64 - 0.5 and token coordinates (t, x, y, z) = (0, i, j, k).
 
-Input transform (DESIGN.md, "3D in"): each occupied voxel takes the 16x16 RGB patch of the nearest
+Input transform (docs/design.md, "3D in"): each occupied voxel takes the 16x16 RGB patch of the nearest
 view it projects into (nearest camera centre to the voxel centre; the patch centred on the projected
 voxel centre, moved inside the image where it would cross the border). Its 768 values, in (h, w, c)
 order and in [-1, 1], are zero-padded to 3072: the t = 0 slice of a 4x16x16 token, exactly like an
@@ -27,8 +27,8 @@ import trimesh
 from PIL import Image
 from trimesh.visual.material import PBRMaterial
 
-from ..model.config import PATCH_DIM, PATCH_HW
-from ..model.packed import ASSET3D
+from atoken.model.config import PATCH_DIM, PATCH_HW
+from atoken.model.packed import ASSET3D
 from .config import StreamConfig
 from .render import MeshPart, render_views, sphere_cameras
 from .samples import caption_of

@@ -1,4 +1,4 @@
-"""Which frames of a video make a training clip (DESIGN.md, stage 2: video).
+"""Which frames of a video make a training clip (docs/design.md, stage 2: video).
 
 Reconstruction (task "rec"): a tile of ``clip_frames`` frames (a multiple of 4, uniform over the
 multiples of 4 in the range), a stride range picked uniformly from ``frame_strides`` then a stride
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.config import PATCH_T
+from atoken.model.config import PATCH_T
 
 
 def _need_frames(num_frames: int) -> None:

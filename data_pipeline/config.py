@@ -1,7 +1,7 @@
 """Configuration of the data streams: one ``StreamConfig`` per modality/task, held by ``DataConfig``.
 
 A stage's task mix is its streams' ``micro_batches``: e.g. stage 2's 22.2 / 11.1 / 66.6 % (image rec /
-video und / video rec, DESIGN.md) is 2 / 1 / 6 packed micro-batches per round of the mix
+video und / video rec, docs/design.md) is 2 / 1 / 6 packed micro-batches per round of the mix
 (``mixing.py``). Streams are keyed by name; ``StreamConfig.name`` repeats the key (filled in from it).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..model.config import PATCH_HW, PATCH_T
+from atoken.model.config import PATCH_HW, PATCH_T
 
 MODALITIES = ("image", "video", "3d")  # model.packed's IMAGE, VIDEO, ASSET3D
 TASKS = ("rec", "und")

@@ -27,7 +27,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..model.config import PATCH_HW
+from atoken.model.config import PATCH_HW
 
 # The MDS schema of image shards, the one place it is defined (writer and reader share it).
 # ``image`` holds the file's original encoded bytes; width/height are after EXIF orientation.
@@ -106,7 +106,7 @@ def to_pixels(img: Image.Image) -> torch.Tensor:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [3, H, W] float32 in [-1, 1] (v / 127.5 - 1, ``model.patches.unit_table``)."""
-    from ..model.patches import unit_table
+    from atoken.model.patches import unit_table
 
     return unit_table()[to_pixels(img).long()]
 
@@ -144,6 +144,6 @@ def resize_pixels(img: Image.Image, target: int) -> torch.Tensor:
 
 def resize_for_training(img: Image.Image, target: int) -> torch.Tensor:
     """RGB PIL image -> [3, h, w] float in [-1, 1], h and w multiples of 16 (policy above)."""
-    from ..model.patches import unit_table
+    from atoken.model.patches import unit_table
 
     return unit_table()[resize_pixels(img, target).long()]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..model.errors import UserError
+from atoken.model.errors import UserError
 from .config import DataConfig, StreamConfig
 from .dataset import PositionedSamples, StreamDataset, epoch_order, is_bad
 from .packing import GreedyPacker, MicroBatch, check_budget

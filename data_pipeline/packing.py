@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..model.config import PATCH_HW, PATCH_T
-from ..model.packed import PackedBatch
+from atoken.model.config import PATCH_HW, PATCH_T
+from atoken.model.packed import PackedBatch
 from .config import StreamConfig
 
 # Sample keys the packed token stream holds; any other key but "idx" travels in ``extras``.

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..model.packed import IMAGE
-from ..model.patches import patchify_values
+from atoken.model.packed import IMAGE
+from atoken.model.patches import patchify_values
 from .config import StreamConfig
 from .images import open_rgb, resize_pixels, sample_resolution
 

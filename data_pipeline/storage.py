@@ -24,7 +24,7 @@ from typing import Callable, TypeVar
 
 from streaming import Stream
 
-from ..model.errors import UserError
+from atoken.model.errors import UserError
 from .config import DataConfig, RetryConfig, StreamConfig
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.config import PATCH_T
-from ..model.packed import VIDEO
-from ..model.patches import patchify_values, unit_table
+from atoken.model.config import PATCH_T
+from atoken.model.packed import VIDEO
+from atoken.model.patches import patchify_values, unit_table
 from .clips import clip_frame_indices
 from .config import StreamConfig
 from .images import sample_resolution, training_size

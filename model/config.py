@@ -1,6 +1,6 @@
 """Model configuration: one dataclass per part, and the named presets.
 
-The widths follow DESIGN.md: ``so400m`` is SigLIP2-So400m's shape (the paper's model), ``base`` the
+The widths follow docs/design.md: ``so400m`` is SigLIP2-So400m's shape (the paper's model), ``base`` the
 paper's ablation, ``tiny`` trains in minutes on 2 CPU cores.
 """
 from __future__ import annotations

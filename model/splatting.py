@@ -309,7 +309,7 @@ def render(gaussians: Gaussians, viewmats: torch.Tensor, Ks: torch.Tensor, width
 def gaussian_view_loss(gaussians: Gaussians, views: torch.Tensor, cameras: dict,
                        background: torch.Tensor | Sequence[float] | None = None,
                        backend: str | None = None) -> torch.Tensor:
-    """The 3D reconstruction loss (DESIGN.md: L1 only): mean |render - view| over the V target views.
+    """The 3D reconstruction loss (docs/design.md: L1 only): mean |render - view| over the V target views.
 
     gaussians: one sample's Gaussians; views [V, 3, H, W] in [0, 1]; cameras {"viewmats" [V, 4, 4],
     "Ks" [V, 3, 3]}; background: the colour the views were rendered over (default black).

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..data_pipeline.images import IMAGE_EXTENSIONS, IMAGE_WRITER_COLUMNS, open_rgb
+from atoken.data_pipeline.images import IMAGE_EXTENSIONS, IMAGE_WRITER_COLUMNS, open_rgb
 from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, sidecar_caption, write_shards
 
 

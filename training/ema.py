@@ -1,4 +1,4 @@
-"""Exponential moving average of the model's weights (DESIGN.md: 0.9999)."""
+"""Exponential moving average of the model's weights (docs/design.md: 0.9999)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,7 +1,7 @@
 """What megatron-core needs to run without CUDA (CPU + gloo): the one place for it.
 
 megatron-core calls a few ``torch.cuda`` functions unconditionally on paths we use
-(ENVIRONMENT.md, "megatron-core on CPU"):
+(docs/environment.md, "megatron-core on CPU"):
 
 ====================================  ==============================================================
 call                                  where (megatron-core 0.16)

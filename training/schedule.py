@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warm-up to the peak, then cosine to ``min_lr`` (DESIGN.md)."""
+"""Learning-rate schedule: linear warm-up to the peak, then cosine to ``min_lr`` (docs/design.md)."""
 from __future__ import annotations
 
 import math

@@ -14,20 +14,20 @@ from .config import CheckpointConfig, LogConfig, OptimConfig, RunConfig
 REFERENCE_GPUS = 256  # the Slurm scripts' default: 32 nodes x 8 GPUs
 
 
-# DESIGN.md's curriculum. Each stage's streams and their micro-batches per round are its task mix;
+# docs/design.md's curriculum. Each stage's streams and their micro-batches per round are its task mix;
 # resolutions are the stage's ranges. Each stream states the paper's global batch (samples per
 # optimizer step at the Slurm scripts' 256 GPUs), and its token budget is sized to hold that batch at
 # 256 GPUs with one round of the mix per step (at least its largest sample; training/batch.py);
 # ``grad_accum=0`` (auto) accumulates rounds to the same step on fewer GPUs. The trainer prints what
 # a step holds against these numbers at start.
 #
-# Global batches (DESIGN.md): image understanding 8192; image reconstruction 1024-4096, video
+# Global batches (docs/design.md): image understanding 8192; image reconstruction 1024-4096, video
 # 512-1024, 3D 256-512, given as ranges. Our reading: the upper end of a range where the stage's
 # resolutions are lowest (image rec 4096 / 2048 / 1024 in stages 1 / 2 / 3-4; video 1024 in stage
 # 2, 512 from stage 3 on, as its resolution doubles), 3D at 256.
 #
 # Image understanding (distillation from the frozen SigLIP2 teacher) runs in every stage, at the
-# stage-1 range 64-512 px (the teacher is a naflex model trained around 256 px); DESIGN.md's mix
+# stage-1 range 64-512 px (the teacher is a naflex model trained around 256 px); docs/design.md's mix
 # percentages leave it out ("plus image understanding"), so it adds one micro-batch per round.
 # The understanding streams need the frozen SigLIP2 text tower and teacher, image reconstruction the
 # teacher too (the CLIP/feature term), from local paths: --set loss.text_tower=DIR --set loss.teacher=DIR.
@@ -59,7 +59,7 @@ def _image(task: str, max_res: int, global_batch: int, micro_batches: int = 1) -
 
 
 def _video(task: str, max_res: int, micro_batches: int, global_batch: int) -> StreamConfig:
-    # Reconstruction tiles of 16-32 frames; understanding at 1 fps, up to 64 frames (DESIGN.md).
+    # Reconstruction tiles of 16-32 frames; understanding at 1 fps, up to 64 frames (docs/design.md).
     return _sized(StreamConfig(modality="video", task=task, min_res=64, max_res=max_res, micro_batches=micro_batches),
                   global_batch)
 
