@@ -4,6 +4,8 @@
 #   benchmarks/gpu_trainer.sh wheels           # here, once (pip and the registry): the carried files in .whl/
 #   benchmarks/gpu_trainer.sh [PHASE] [ARGS]   # on the GPU machine, with carry [".whl"]: install, then run
 #   benchmarks/gpu_trainer.sh cpu [ARGS]       # every phase at toy size on CPU (no install): the logic
+#   benchmarks/gpu_trainer.sh kernels [PART]   # on the GPU machine (issue 18): the attention backends and
+#                                              # the fused QK-norm + RoPE kernel, tested then timed
 #
 # PHASE: shards, reference, train, resume, convert, report, or all (the default); ARGS go to
 # gpu_trainer.py (--budget, --budgets, --steps, --checkpoint-every, --work, --set KEY=VALUE ...).
@@ -26,7 +28,17 @@ PY=${PYTHON:-python3}
 DEEPSPEED=deepspeed==0.19.8
 WHEELS=(megatron-core==0.19.2 mosaicml-streaming==0.13.0 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5
         annotated-types==0.8.0 typing-inspection==0.4.5 brotli==1.2.1 catalogue==2.0.10 cramjam==2.14.0
-        python-snappy==0.7.3 zstd==1.5.6.1)  # zstd: the newest cp312 manylinux wheel
+        python-snappy==0.7.3 zstd==1.5.6.1  # zstd: the newest cp312 manylinux wheel
+        nvidia-cudnn-frontend==1.32.0)  # cuDNN's ragged SDPA (model.attention=cudnn), on the image's cuDNN
+
+install() {  # once per machine (it stays up between calls), then atoken itself every call
+  if [ ! -f "$SITE/.installed" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl
+    touch "$SITE/.installed"
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" .
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+}
 
 case "${1:-all}" in
   wheels)
@@ -43,16 +55,30 @@ case "${1:-all}" in
     shift
     exec "$PY" benchmarks/gpu_trainer.py all --mode cpu "$@"
     ;;
+  kernels)  # PART: check, step, budget or all (one 10-minute call may not hold all: so400m compiles)
+    install
+    part=${2:-all}
+    step() { "$PY" benchmarks/train_step.py --models so400m --compile --no-padded --tokens "$1" --tag "$2" \
+               --out "benchmarks/results/train_step_${2}.json" "${@:3}"; }
+    if [ "$part" = check ] || [ "$part" = all ]; then
+      # Values and gradients first (packed mixed lengths, head_dim 72; the kernel against the eager path).
+      "$PY" -m pytest -q -m gpu tests/test_model.py tests/test_fused_qk_rope.py
+      "$PY" benchmarks/attention.py
+    fi
+    if [ "$part" = step ] || [ "$part" = all ]; then  # each change against the baseline, in this call
+      step 16384 k16_torch_varlen --attention torch_varlen
+      step 16384 k16_cudnn --attention cudnn
+      step 16384 k16_cudnn_fused --attention cudnn --fused-qk-rope
+    fi
+    if [ "$part" = budget ] || [ "$part" = all ]; then
+      step 32768 k32_cudnn_fused --attention cudnn --fused-qk-rope --activation-checkpointing
+      step 65536 k64_cudnn_fused --attention cudnn --fused-qk-rope --activation-checkpointing
+    fi
+    ;;
   *)
     phase=${1:-all}
     shift || true
-    if [ ! -f "$SITE/.installed" ]; then  # once per machine: it stays up between calls
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl
-      touch "$SITE/.installed"
-    fi
-    # atoken itself every call (the checkout may have changed), without dependencies.
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" .
-    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    install
     "$PY" -c "import atoken.training.train, deepspeed, streaming; print('installed: deepspeed', deepspeed.__version__)"
     exec "$PY" benchmarks/gpu_trainer.py "$phase" --mode gpu --trunk-weights "$WHL/alex_shift_tolerant.pth" "$@"
     ;;

@@ -296,9 +296,9 @@ def bench_packed_vs_padded(model, batch: PackedBatch, args, device) -> dict:
         tp += timeit(packed)
         tq += timeit(padded)
     mp, mq = statistics.median(tp), statistics.median(tq)
-    probe = torch.empty(1, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    probe = torch.empty(1, cfg.head_dim, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     return {"scope": "encoder Transformer blocks (attention + MLP, RoPE), forward + backward",
-            "packed_attention_backend": get_attention_backend(probe)[0],
+            "packed_attention_backend": get_attention_backend(probe, model.cfg.attention)[0],
             "padded_attention": "F.scaled_dot_product_attention, bool key-padding mask [B, 1, 1, Lmax]",
             "compiled": bool(args.compile),
             "samples": b, "tokens": n, "max_len": lmax, "padded_tokens": b * lmax,
@@ -365,6 +365,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (training.parallelize.compile_blocks), as parallel.compile=true "
                         "does in training; the padded comparison compiles its function too")
+    p.add_argument("--attention", default="auto", help="model.attention: auto, cudnn, flash_attn, torch_varlen or sdpa")
+    p.add_argument("--fused-qk-rope", action="store_true", help="model.fused_qk_rope: the Triton QK-norm + RoPE kernel")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="parallel.activation_checkpointing (for token budgets whose activations do not fit)")
     p.add_argument("--profile", metavar="DIR", help="profile one step per model: top kernels in the JSON, "
                                                     "the table and a Chrome trace in DIR")
     p.add_argument("--tag", default="", help="label stored in the JSON and in output names (e.g. eager, compiled)")
@@ -400,6 +404,7 @@ def main(argv=None) -> None:
     results = []
     for name in args.models.split(","):
         cfg = preset(name)
+        cfg.attention, cfg.fused_qk_rope = args.attention, args.fused_qk_rope
         if args.depth:
             cfg.encoder.depth = cfg.decoder.depth = args.depth
         torch.manual_seed(args.seed)
@@ -408,6 +413,7 @@ def main(argv=None) -> None:
         run = RunConfig(model=cfg, steps=10**6, seed=args.seed)
         run.optim.warmup_steps = 0  # every timed step moves the weights
         run.parallel.compile = args.compile
+        run.parallel.activation_checkpointing = args.activation_checkpointing
         engine = parallelize(model, dims, run, device)
         flops = train_flops(cfg, batch.seqlens)
         t0 = time.perf_counter()
@@ -446,8 +452,11 @@ def main(argv=None) -> None:
         "versions": versions(),
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "compiled_blocks": bool(args.compile), "tag": args.tag,
+        # so400m's head_dim (72): the cuDNN backend's eligibility depends on it.
         "attention_backend": get_attention_backend(
-            torch.empty(1, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32))[0],
+            torch.empty(1, 72, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32),
+            args.attention)[0],
+        "fused_qk_rope": args.fused_qk_rope, "activation_checkpointing": args.activation_checkpointing,
         "peak_flops": peak, "peak_flops_source": peak_src,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "image_sizes": [f"{h}x{w}" for h, w in sizes], "seqlens": batch.seqlens,
