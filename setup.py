@@ -3,7 +3,7 @@
 The repository's top-level folders install as subpackages of one import name:
 ``model/`` -> ``atoken.model``, ``training/`` -> ``atoken.training``, and so on.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ["model", "training", "data_pipeline", "tools"]
 
@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="Distributed pretraining for AToken, a unified visual tokenizer (arXiv 2509.14476)",
     python_requires=">=3.11",
-    packages=[f"atoken.{p}" for p in SUBPACKAGES] + ["atoken.tools.eval"],
+    # Nested packages (training/checkpoint, tools/eval, ...) found, so a new one cannot be left out.
+    packages=[f"atoken.{p}{sub}" for p in SUBPACKAGES for sub in ["", *(f".{s}" for s in find_packages(p))]],
     package_dir={f"atoken.{p}": p for p in SUBPACKAGES},
     # torch stays a range: GPU machines come with their own build. The CPU machines pin
     # torch==2.14.1 + torchvision==0.29.1 in the Makefile (installed first, alone).

@@ -48,11 +48,12 @@ SKIMAGE_PHOTOS = ["astronaut.png", "brick.png", "camera.png", "chelsea.png", "co
 MODES = {
     "gpu": {"model": "so400m", "budget": 16384, "budgets": "8192,16384,24576", "steps": 150, "every": 50,
             "warmup": 10, "reference": ["--compile", "--steps", "10", "--warmup", "3", "--lpips"],
-            "train": ["parallel.compile=true", "precision=bf16"], "min_res": 64, "max_res": 512},
+            "train": ["parallel.compile=true", "precision=bf16"], "min_res": 64, "max_res": 512,
+            "attention": "torch_varlen"},
     "cpu": {"model": "tiny", "budget": 256, "budgets": "128,256", "steps": 6, "every": 3, "warmup": 1,
             "reference": ["--depth", "1", "--steps", "2", "--warmup", "1", "--device", "cpu", "--lpips"],
             "train": ["model.encoder.depth=1", "model.decoder.depth=1", "precision=fp32", "optim.warmup_steps=2"],
-            "min_res": 32, "max_res": 128},
+            "min_res": 32, "max_res": 128, "attention": "auto"},
 }
 
 
@@ -109,7 +110,7 @@ def reference(args) -> None:
         out = args.work / f"reference_{budget}.json"
         run([sys.executable, str(HERE / "train_step.py"), "--models", m["model"], "--tokens", str(budget),
              "--no-padded", "--min-res", str(m["min_res"]), "--max-res", str(m["max_res"]), *m["reference"],
-             "--trunk-weights", args.trunk_weights,
+             "--trunk-weights", args.trunk_weights, "--attention", args.attention,
              "--out", str(out)], args.work / f"reference_{budget}.log")
         r = json.loads(out.read_text())
         row = r["results"][0]
@@ -124,8 +125,9 @@ def trainer_command(args, run_dir: Path) -> list[str]:
     sets = [f"model={m['model']}", "model.understanding=false", "data.streams.image_und=null",
             f"data.streams.image_rec.remote={args.work / 'shards'}", f"data.streams.image_rec.token_budget={args.budget}",
             f"data.streams.image_rec.min_res={m['min_res']}", f"data.streams.image_rec.max_res={m['max_res']}",
-            f"loss.trunk_weights={args.trunk_weights}", "loss.clip_weight=0", "grad_accum=1",
-            f"steps={args.steps}", f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep=2", "log.every=1",
+            f"loss.trunk_weights={args.trunk_weights}", f"model.attention={args.attention}", "loss.clip_weight=0",
+            "grad_accum=1",
+            f"steps={args.steps}", f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep=1", "log.every=1",
             "log.wandb_mode=disabled", f"run_dir={run_dir}", *m["train"], *args.set]
     return [sys.executable, "-m", "atoken.training.train", "--config", "stage1", *[a for s in sets for a in ("--set", s)]]
 
@@ -249,12 +251,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="steps left out of the trainer's speed (gpu 10, cpu 1)")
     p.add_argument("--trunk-weights", default=os.environ.get("ATOKEN_TRUNK_WEIGHTS"),
                    help="the perceptual trunk file (default $ATOKEN_TRUNK_WEIGHTS, else stlpips-pytorch's alex)")
+    p.add_argument("--attention", help="model.attention of both the reference and the trainer (gpu torch_varlen, "
+                                       "the backend the step benchmark was measured with, cpu auto); "
+                                       "gpu_trainer.sh kernels compares the others")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more trainer overrides")
     p.add_argument("--out", help="JSON path (default benchmarks/results/gpu_trainer_<device>.json)")
     args = p.parse_args(argv)
     m = MODES[args.mode]
     for key, default in (("budget", "budget"), ("budgets", "budgets"), ("steps", "steps"),
-                         ("checkpoint_every", "every"), ("warmup", "warmup")):
+                         ("checkpoint_every", "every"), ("warmup", "warmup"), ("attention", "attention")):
         if getattr(args, key) is None:
             setattr(args, key, m[default])
     if args.trunk_weights is None:

@@ -7,7 +7,7 @@
 #   benchmarks/gpu_trainer.sh kernels [PART]   # on the GPU machine (issue 18): the attention backends and
 #                                              # the fused QK-norm + RoPE kernel, tested then timed
 #
-# PHASE: shards, reference, train, resume, convert, report, or all (the default); ARGS go to
+# PHASE: install, shards, reference, train, resume, convert, report, or all (the default); ARGS go to
 # gpu_trainer.py (--budget, --budgets, --steps, --checkpoint-every, --work, --set KEY=VALUE ...).
 # A GPU call lasts at most 10 minutes: run the phases in separate calls with the same --work while
 # the machine stays up, then `report`, which writes benchmarks/results/gpu_trainer_<device>.json.
@@ -31,12 +31,14 @@ WHEELS=(megatron-core==0.19.2 mosaicml-streaming==0.13.0 hjson==3.1.0 pydantic==
         python-snappy==0.7.3 zstd==1.5.6.1  # zstd: the newest cp312 manylinux wheel
         nvidia-cudnn-frontend==1.32.0)  # cuDNN's ragged SDPA (model.attention=cudnn), on the image's cuDNN
 
-install() {  # once per machine (it stays up between calls), then atoken itself every call
+install() {  # the wheels once per machine (it stays up between calls), atoken once per call
   if [ ! -f "$SITE/.installed" ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl
     touch "$SITE/.installed"
   fi
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" .
+  if [ -z "${ATOKEN_INSTALLED:-}" ]; then  # gpu_session.sh installs once, then sets it for its parts
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" .
+  fi
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 }
 
@@ -51,6 +53,10 @@ case "${1:-all}" in
     cp "$("$PY" -c 'from atoken.model.perceptual import stlpips_file; print(stlpips_file("alex"))')" "$WHL/"
     du -sh "$WHL" && ls "$WHL"
     ;;
+  install)
+    install
+    "$PY" -c "import atoken.training.train, deepspeed, streaming, megatron.core; print('installed: deepspeed', deepspeed.__version__)"
+    ;;
   cpu)
     shift
     exec "$PY" benchmarks/gpu_trainer.py all --mode cpu "$@"
@@ -59,7 +65,8 @@ case "${1:-all}" in
     install
     part=${2:-all}
     step() { "$PY" benchmarks/train_step.py --models so400m --compile --no-padded --tokens "$1" --tag "$2" \
-               --out "benchmarks/results/train_step_${2}.json" "${@:3}"; }
+               --out "benchmarks/results/train_step_${2}.json" \
+               --trunk-weights "$WHL/alex_shift_tolerant.pth" "${@:3}"; }
     if [ "$part" = check ] || [ "$part" = all ]; then
       # Values and gradients first (packed mixed lengths, head_dim 72; the kernel against the eager path).
       "$PY" -m pytest -q -m gpu tests/test_model.py tests/test_fused_qk_rope.py
@@ -79,7 +86,6 @@ case "${1:-all}" in
     phase=${1:-all}
     shift || true
     install
-    "$PY" -c "import atoken.training.train, deepspeed, streaming; print('installed: deepspeed', deepspeed.__version__)"
     exec "$PY" benchmarks/gpu_trainer.py "$phase" --mode gpu --trunk-weights "$WHL/alex_shift_tolerant.pth" "$@"
     ;;
 esac

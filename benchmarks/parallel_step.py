@@ -213,7 +213,8 @@ from atoken.model.objective import Objective  # noqa: E402
 from atoken.training import distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
 from atoken.training.parallelize import init_parallel, parallelize  # noqa: E402
-from atoken.training.train import micro_step, precision  # noqa: E402
+from atoken.training.engine import precision
+from atoken.training.train import micro_step  # noqa: E402
 from common import (cpu_info, cpu_model, device_slug, git_state, image_sizes, packed_batch,  # noqa: E402
                     proc_status_bytes, sync, write_report)
 

@@ -62,7 +62,8 @@ from atoken.training import distributed
 from atoken.training.checkpoint.deepspeed_internals import torch_optimizer
 from atoken.training.config import RunConfig
 from atoken.training.parallelize import init_parallel, parallelize
-from atoken.training.train import micro_step, precision
+from atoken.training.engine import precision
+from atoken.training.train import micro_step
 from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync, write_report
 
 # ------------------------------------------------------------------ FLOPs

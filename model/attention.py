@@ -5,15 +5,15 @@ attends (bidirectionally) to the tokens of its own sample only.
 
 The backend is part of the model config (``ModelConfig.attention``, like transformers'
 ``attn_implementation``): ``"auto"`` or one of
+  ``flash_attn``   flash-attn's ``flash_attn_varlen_func`` (package installed, CUDA, fp16/bf16)
+  ``torch_varlen`` PyTorch's fused ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16)
   ``cudnn``        cuDNN's SDPA on ragged (THD) tensors, through ``nvidia-cudnn-frontend``'s torch op
                    ``cudnn.sdpa_torch`` (CUDA sm80+, fp16/bf16, head_dim a multiple of 8, <= 128).
                    It takes head_dim 72 as it is; FlashAttention pads it to 96.
-  ``flash_attn``   flash-attn's ``flash_attn_varlen_func`` (package installed, CUDA, fp16/bf16)
-  ``torch_varlen`` PyTorch's fused ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16)
   ``sdpa``         a loop over samples with ``F.scaled_dot_product_attention`` (any device/dtype)
-``auto`` takes the first that can run, in the order of ``AUTO_ORDER``: cuDNN first on Hopper and
-later (sm90+), where it is expected fastest for our short ragged samples (to be measured:
-benchmarks/attention.py), after the others elsewhere.
+``auto`` takes the first that can run, in that order. cuDNN comes after the FlashAttention kernels:
+on an H100, so400m's heads (16 x 72) and a 16k-token mixed-resolution batch, its forward + backward
+took 2.46 ms against torch_varlen's 1.39 ms (benchmarks/results/attention_nvidia_h100_80gb_hbm3.json).
 """
 from __future__ import annotations
 
@@ -97,8 +97,7 @@ def get_attention_backend(q: torch.Tensor, backend: str = "auto") -> tuple[str, 
         if reason:
             raise ValueError(f"attention backend {backend!r} (model.attention) cannot run: {reason}")
         return backend, "set in model.attention"
-    hopper = q.is_cuda and _sm(q.device.index or 0) >= 90
-    order = BACKENDS[:-1] if hopper else BACKENDS[1:-1] + BACKENDS[:1]
+    order = BACKENDS[:-1]  # sdpa is the fallback
     for name in order:
         if _unavailable_reason(name, q) is None:
             return name, f"auto: {q.device.type} {q.dtype}"

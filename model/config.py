@@ -12,7 +12,7 @@ from dataclasses import dataclass
 PATCH_T, PATCH_HW, CHANNELS = 4, 16, 3
 PATCH_DIM = CHANNELS * PATCH_T * PATCH_HW * PATCH_HW  # 3072
 # model/attention.py's BACKENDS, named here without importing torch (the config stays light).
-ATTENTION_BACKENDS = ("cudnn", "flash_attn", "torch_varlen", "sdpa")
+ATTENTION_BACKENDS = ("flash_attn", "torch_varlen", "cudnn", "sdpa")  # "auto" tries them in this order
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The DeepSpeed engine: AdamW over named parameter groups, the LR schedule, ZeRO and clipping."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -46,6 +47,12 @@ def make_optimizer(groups, lr: float, betas: tuple[float, float], weight_decay: 
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=cuda)
 
 
+def precision(cfg, device: torch.device):
+    """bf16 autocast on CUDA (or when asked for), fp32 otherwise (``preflight`` checked the name)."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 def build_engine(model: nn.Module, cfg, mpu=None):
     """Wrap ``model`` in a DeepSpeed engine with ZeRO stage ``cfg.parallel.zero_stage``.
 
@@ -70,6 +77,11 @@ def build_engine(model: nn.Module, cfg, mpu=None):
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
     }
+    device = next(model.parameters()).device
+    if device.type == "cuda" and isinstance(precision(cfg, device), torch.autocast):
+        # engine.forward turns an outer CUDA autocast off unless its own is on. No lower-precision
+        # modules: the default list (Linear, Conv) would also reduce their gradients in bf16.
+        ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config,
                                            mpu=mpu)
     return engine

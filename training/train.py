@@ -7,7 +7,6 @@ torchrun, or under srun.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import logging
 import time
@@ -50,14 +49,6 @@ def parse_args(argv=None) -> RunConfig:
         print(cfg.to_yaml(), end="")
         raise SystemExit(0)
     return cfg
-
-
-def precision(cfg: RunConfig, device):
-    """bf16 autocast on CUDA (or when asked for), fp32 otherwise (``preflight`` checked the name)."""
-    import torch
-
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def micro_step(engine, objective, batch, extras, tasks: tuple[str, ...], noise, amp) -> dict:
@@ -141,6 +132,7 @@ def main(argv=None) -> None:
     from . import checkpoint, distributed, handoff
     from .batch import describe, step_batches
     from .ema import EMA
+    from .engine import precision
     from .holdout import load_images
     from .parallelize import init_parallel, parallelize
     from .logger import RunLogger
