@@ -7,7 +7,7 @@ The batch has the sequence lengths of ``train_step.py``'s packed images (``commo
 Each variant computes the same block-diagonal attention over q, k, v [N, heads, head_dim]:
 
   cudnn         cuDNN's ragged (THD) SDPA through ``nvidia-cudnn-frontend``'s ``cudnn.sdpa_torch``, when
-                installed (``model.attention``'s first choice on Hopper)
+                installed (after torch_varlen in ``model.attention``'s auto order)
   torch_varlen  ``torch.nn.attention.varlen.varlen_attn``
   flash_attn    flash-attn's ``flash_attn_varlen_func``, when installed
   flex          ``flex_attention`` (compiled) with a document block mask built from the sample ids

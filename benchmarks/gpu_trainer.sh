@@ -74,12 +74,12 @@ case "${1:-all}" in
     fi
     if [ "$part" = step ] || [ "$part" = all ]; then  # each change against the baseline, in this call
       step 16384 k16_torch_varlen --attention torch_varlen
-      step 16384 k16_cudnn --attention cudnn
-      step 16384 k16_cudnn_fused --attention cudnn --fused-qk-rope
+      step 16384 k16_torch_varlen_fused --attention torch_varlen --fused-qk-rope
+      step 16384 k16_cudnn --attention cudnn  # 1.8x slower than torch_varlen alone (benchmarks/NOTES.md)
     fi
     if [ "$part" = budget ] || [ "$part" = all ]; then
-      step 32768 k32_cudnn_fused --attention cudnn --fused-qk-rope --activation-checkpointing
-      step 65536 k64_cudnn_fused --attention cudnn --fused-qk-rope --activation-checkpointing
+      step 32768 k32_torch_varlen_ac --attention torch_varlen --activation-checkpointing
+      step 65536 k64_torch_varlen_ac --attention torch_varlen --activation-checkpointing
     fi
     ;;
   *)

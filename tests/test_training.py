@@ -241,3 +241,16 @@ def test_deterministic_demo_runs_reproduce_and_resume_bit_for_bit(shards, tmp_pa
     a, b = records(run_a), records(run_b)
     assert [r["step"] for r in b] == list(range(1, DEMO_STEPS + 1))  # each step once, after the resume too
     assert a == b
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_run_on_cuda(shards, tmp_path):
+    """The trainer on CUDA in bf16 with a kernel that takes only fp16/bf16 (torch_varlen): the forward
+    must run under autocast inside the DeepSpeed engine, whose forward turns an outer CUDA autocast off
+    unless its own ``torch_autocast`` is on (training/engine.py). It failed on the first H100 run."""
+    records = train(tmp_path / "run", shards, "precision=bf16", "model.attention=torch_varlen")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == STEPS and all(np.isfinite(losses))
+

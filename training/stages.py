@@ -34,12 +34,11 @@ REFERENCE_GPUS = 256  # the Slurm scripts' default: 32 nodes x 8 GPUs
 #
 # Tokens per micro-batch (``token_budget``, "tokens/micro" in the start-up table) is the one value per
 # stream that sets how much a GPU runs at once; set it with --set data.streams.<name>.token_budget=N.
-# Here it is sized from the paper's batch as above (stage 1: image_rec 6400, image_und 12800). The
-# budget that fills an H100 is PENDING MEASUREMENT by benchmarks/gpu_trainer.sh, which sweeps it
-# (tokens/s and peak memory against the budget) into benchmarks/results/gpu_trainer_<device>.json.
-# The only measured figure so far is the step benchmark's, not the trainer's: so400m, compiled,
-# 16384 tokens per micro-batch ran at 0.267 s, 33.3% MFU, 45.6 GiB peak on one H100
-# (benchmarks/train_step.py, benchmarks/NOTES.md). With grad_accum=0 a larger budget makes the step
+# Here it is sized from the paper's batch as above (stage 1: image_rec 6400, image_und 12800). On one
+# H100, atoken-train at stage 1 (so400m, compiled, bf16, image reconstruction only) ran 16384 tokens
+# per micro-batch at 40.2k tokens/s with a 55.3 GiB peak (benchmarks/results/gpu_trainer_nvidia_h100_80gb_hbm3.json):
+# 16384 fits an H100 with room to spare. Larger budgets are not measured yet (gpu_trainer.sh sweeps
+# them; benchmarks/NOTES.md). With grad_accum=0 a larger budget makes the step
 # hold more samples than the paper's; the start-up table prints per stream and in all what it holds.
 #
 # Data loading (DataConfig defaults): num_workers=-1 gives each stream (CPUs per task - 1) // streams
