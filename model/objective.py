@@ -95,8 +95,6 @@ class Objective(nn.Module):
                                                      backend=model.cfg.gaussian.render_backend))
                 terms["l1_3d"] = torch.stack(losses).mean()
             terms["kl"] = out.posterior.kl().float().mean()
-            terms["rec"] = (cfg.l1_weight * (terms["l1"] + terms["l1_3d"]) + cfg.lpips_weight * terms["lpips"]
-                            + cfg.gram_weight * terms["gram"] + cfg.clip_weight * terms["clip"])
         if "und" in tasks:
             emb = out.embedding  # [B, width], L2-normalised
             images = [i for i, m in enumerate(batch.modalities) if m == IMAGE]
@@ -118,15 +116,24 @@ class Objective(nn.Module):
                 txt = tower.embed([_caption(extras, i, batch.names) for i in others])
                 terms["sigmoid"] = sigmoid_loss(emb[others], txt.to(emb.device), out.logit_scale, out.logit_bias,
                                                 group=self.group)
-            terms["sem"] = terms["distill"] + terms["sigmoid"]
-        terms["total"] = cfg.rec_weight * terms["rec"] + cfg.sem_weight * terms["sem"] + cfg.kl_weight * terms["kl"]
-        return terms
+        return weigh(cfg, terms)
 
     @staticmethod
     def _need(module, key: str, what: str):
         if module is None:
             raise ValueError(f"{what} needs the frozen SigLIP2 network: set {key} to a local checkpoint directory")
         return module
+
+
+def weigh(cfg: LossConfig, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one place the terms are weighted and summed (the formula above): ``terms`` (the scalar
+    unweighted ones, "l1" ... "sigmoid", those of a task not run 0) with "rec", "sem" and "total" set."""
+    t = terms
+    rec = (cfg.l1_weight * (t["l1"] + t["l1_3d"]) + cfg.lpips_weight * t["lpips"] + cfg.gram_weight * t["gram"]
+           + cfg.clip_weight * t["clip"])
+    sem = t["distill"] + t["sigmoid"]
+    total = cfg.rec_weight * rec + cfg.sem_weight * sem + cfg.kl_weight * t["kl"]
+    return {**t, "rec": rec, "sem": sem, "total": total}
 
 
 def _caption(extras: list[dict[str, Any]], i: int, names: list[str]) -> str:

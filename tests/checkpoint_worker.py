@@ -5,7 +5,8 @@
 Each phase is one launch (imports and engine set-up cost more than the checks) and writes
 ``ROOT/PHASE.json`` from rank 0. The runs train a tiny AToken (depth 1) through the real engine,
 EMA and checkpoint code on FIXED synthetic packed batches: micro-batch ``i`` of step ``s`` is the
-same wherever it runs (DP rank ``i``, or the ``i``-th accumulation step at DP=1).
+same wherever it runs (DP rank ``i``, or the ``i``-th accumulation step at DP=1), and so is its
+posterior noise. The step is the trainer's own (``training.train.micro_step``) with its ``Objective``.
 
 - ``save`` (2 ranks): DP=2 runs at ZeRO 1/2/3 and TP=2 runs at ZeRO 1/3, K steps + K steps, saving
   after each K; then a save killed halfway (rank 1 SIGKILLs itself after DeepSpeed wrote its files).
@@ -22,6 +23,7 @@ import signal
 import sys
 import time
 import types
+from contextlib import nullcontext
 from pathlib import Path
 
 START = time.time()
@@ -34,18 +36,23 @@ sys.modules.setdefault(_muon.__name__, _muon)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from atoken.model import AToken, PackedBatch, patchify, preset  # noqa: E402
+from atoken.model.losses import LossConfig  # noqa: E402
+from atoken.model.objective import Objective  # noqa: E402
 from atoken.training import checkpoint, distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
 from atoken.training.ema import EMA  # noqa: E402
 from atoken.training.parallelize import full_state_dict, init_parallel, parallelize  # noqa: E402
+from atoken.training.train import micro_step  # noqa: E402
 
 SEED = 7
 K = 2  # steps before and after the save
 STEPS = 2 * K
 JITTER = 1e-4  # input noise from each DP rank's checkpointed generator: exposes a wrong RNG restore
+# The trainer's objective as L1 + 1e-3 KL: the perceptual net runs (at 32 px, cheap), weighted 0.
+LOSS = LossConfig(rec_weight=1.0, kl_weight=1e-3, lpips_weight=0.0, gram_weight=0.0, clip_weight=0.0,
+                  perceptual_size=32)
 
 
 def model_config():
@@ -70,8 +77,14 @@ def micro_batch(step: int, index: int) -> PackedBatch:
     return PackedBatch.cat(parts, names=[f"{step}.{index}.{i}" for i in range(len(parts))])
 
 
+def posterior_noise(step: int, index: int) -> torch.Generator:
+    """Micro-batch (step, index)'s posterior noise, the same at every layout (the trainer draws it
+    from each DP rank's own stream, which an elastic resume cannot match)."""
+    return torch.Generator().manual_seed(10**6 + 1000 * step + index)
+
+
 class Run:
-    """A model, its DeepSpeed engine, EMA and jitter generator at one layout."""
+    """A model, its DeepSpeed engine, EMA, objective and jitter generator at one layout."""
 
     def __init__(self, tp: int, zero: int, grad_accum: int = 1):
         self.dims = init_parallel(tp=tp, seed=SEED)
@@ -80,6 +93,7 @@ class Run:
         self.cfg = run_config(zero, grad_accum)
         self.engine = parallelize(self.model, self.dims, self.cfg, torch.device("cpu"))
         self.ema = EMA(self.model, 0.9)
+        self.objective = Objective(LOSS)
         self.noise = torch.Generator().manual_seed(SEED + 1 + self.dims.dp_rank)
         self.grad_accum = grad_accum
 
@@ -89,15 +103,13 @@ class Run:
         for step in range(first, last + 1):
             total = torch.zeros(())
             for a in range(self.grad_accum):
-                batch = micro_batch(step, self.dims.dp_rank * self.grad_accum + a)
+                index = self.dims.dp_rank * self.grad_accum + a
+                batch = micro_batch(step, index)
                 noise = torch.randn(batch.features.shape, generator=self.noise)
                 batch = dataclasses.replace(batch, features=batch.features + jitter * noise)
-                out = self.engine(batch, sample=False)
-                recon, posterior = out.recon, out.posterior
-                loss = F.mse_loss(recon, batch.features) + 1e-3 * posterior.kl().mean()
-                self.engine.backward(loss)
-                self.engine.step()
-                total += loss.detach() / self.grad_accum
+                terms = micro_step(self.engine, self.objective, batch, [{}] * batch.num_samples, ("rec",),
+                                   posterior_noise(step, index), nullcontext())
+                total += terms["total"].detach() / self.grad_accum
             self.ema.update(self.model, step)
             if self.dims.dp > 1:
                 dist.all_reduce(total, group=self.dims.dp_group)

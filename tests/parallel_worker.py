@@ -30,9 +30,10 @@ NOTE: two deliberate departures from the production weights, both to keep the co
 The semantic cases (``SEM_CASES``) check the global-batch semantic losses: the understanding head
 on 3 images on DP rank 0 and 2 on DP rank 1, with their text and teacher embeddings (stand-ins for
 the frozen towers' outputs; the texts are leaves that take gradients, so the all-gather's backward
-is checked too), scored by ``sigmoid_loss`` + ``distill_loss`` over the data-parallel group. The
-reference is one process over the union of both ranks' samples (at TP=2, DP=1: the one batch, so a
-gather over the wrong group, which would see the TP ranks' copies as more negatives, fails):
+is checked too), scored by ``sigmoid_loss`` and ``distill_loss`` over the data-parallel group and
+summed by the objective's ``weigh``. The reference is one process over the union of both ranks'
+samples (at TP=2, DP=1: the one batch, so a gather over the wrong group, which would see the TP
+ranks' copies as more negatives, fails):
 
 - ``loss_err``: the DP mean of each rank's terms against the union's;
 - ``grad_err``: the DP mean of the parameters' gradients (what DeepSpeed's averaging gives) and
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.losses import LossConfig
-from atoken.model.objective import Objective
+from atoken.model.objective import Objective, weigh
 from atoken.model.understanding import distill_loss, sigmoid_loss
 from atoken.training import distributed, megatron_cpu
 from atoken.training.config import RunConfig
@@ -287,10 +288,13 @@ def sem_data() -> dict:
 
 
 def sem_loss(out, txt: torch.Tensor, tea: torch.Tensor, group) -> dict:
-    emb = out.embedding
+    """Both semantic terms on the same images. NOTE: not ``Objective`` itself: it embeds the captions
+    with a frozen text tower (no gradient to check) and scores images by distillation alone."""
+    emb, zero = out.embedding, torch.zeros(())
     s = sigmoid_loss(emb, txt, out.logit_scale, out.logit_bias, group=group)
     d = distill_loss(emb, tea, txt, DISTILL_SCALE, DISTILL_T, group=group)
-    return {"sigmoid": s, "distill": d, "total": s + d}
+    terms = dict.fromkeys(("l1", "lpips", "gram", "clip", "l1_3d", "kl"), zero)
+    return weigh(LossConfig(), {**terms, "sigmoid": s, "distill": d})
 
 
 def sem_reference(cfg, data) -> dict:
