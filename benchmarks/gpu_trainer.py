@@ -126,7 +126,7 @@ def trainer_command(args, run_dir: Path) -> list[str]:
             f"data.streams.image_rec.remote={args.work / 'shards'}", f"data.streams.image_rec.token_budget={args.budget}",
             f"data.streams.image_rec.min_res={m['min_res']}", f"data.streams.image_rec.max_res={m['max_res']}",
             f"loss.trunk_weights={args.trunk_weights}", f"model.attention={args.attention}", "loss.clip_weight=0",
-            "grad_accum=1",
+            "mix_rounds=1",
             f"steps={args.steps}", f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep=1", "log.every=1",
             "log.wandb_mode=disabled", f"run_dir={run_dir}", *m["train"], *args.set]
     return [sys.executable, "-m", "atoken.training.train", "--config", "stage1", *[a for s in sets for a in ("--set", s)]]

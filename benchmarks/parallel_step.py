@@ -11,7 +11,7 @@ Each layout runs in the same process group, one after another: megatron's parall
 AdamW, clipping, ZeRO stage), and a fixed packed micro-batch
 of mixed-resolution images per data-parallel rank (``--tokens`` tokens exactly; the TP ranks of a
 group share it). A step is the trainer's own ``training.train.micro_step`` (what ``train_step`` runs once per
-micro-batch) with ``grad_accum=1``: forward, the trainer's ``Objective`` (by default with LPIPS
+micro-batch) with ``mix_rounds=1``: forward, the trainer's ``Objective`` (by default with LPIPS
 and Gram weighted 0, so 0.2 * L1 + 1e-8 * KL, though the perceptual net still runs; ``--lpips``
 gives them the paper's weights), backward, the optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed, each between barriers; with
 ``--rounds R`` the whole list of layouts runs R times and the timed steps are pooled.

@@ -7,7 +7,7 @@ video_rec 6 that is::
 
     video_rec, image_rec, video_rec, video_rec, video_und, video_rec, image_rec, video_rec, video_rec
 
-An optimizer step is ``grad_accum`` rounds. Every rank follows the same order, so all data-parallel
+An optimizer step is ``mix_rounds`` rounds. Every rank follows the same order, so all data-parallel
 ranks run the same task in the same micro-batch (and so build the same graph).
 
 To the device, one micro-batch ahead: when the trainer takes micro-batch k, the copy of k + 1 (its
@@ -54,16 +54,16 @@ class MixedLoader:
     (the tensor-parallel ranks of a group pass the same rank and read the same samples).
     """
 
-    def __init__(self, data: DataConfig, grad_accum: int = 1, rank: int = 0, world: int = 1, group=None,
+    def __init__(self, data: DataConfig, mix_rounds: int = 1, rank: int = 0, world: int = 1, group=None,
                  device: torch.device | str = "cpu"):
         data.check()
-        if grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if mix_rounds < 1:
+            raise ValueError(f"mix_rounds must be >= 1, got {mix_rounds}")
         self.data, self.rank, self.world, self.group = data, rank, world, group
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.loaders = {name: StreamLoader(s, data, rank, world, pin_memory=cuda) for name, s in data.streams.items()}
-        self.order = mix_order(data.streams) * grad_accum
+        self.order = mix_order(data.streams) * mix_rounds
         self.slot = 0  # index into order of the next micro-batch handed out
         self._states = {name: loader.state_dict() for name, loader in self.loaders.items()}  # as handed out
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None

@@ -14,12 +14,11 @@ an undecodable sample (the dataset turns that into a counted bad-sample marker).
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Callable
 
 import numpy as np
 
-from atoken.model.packed import IMAGE
+from atoken.model.packed import ASSET3D, IMAGE, VIDEO
 from atoken.model.patches import patchify_values
 from .config import StreamConfig
 from .images import open_rgb, resize_pixels, sample_resolution
@@ -41,20 +40,28 @@ def image_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamCo
             "name": str(raw["name"]), **caption_of(raw)}
 
 
-SAMPLE_DECODERS: dict[str, Decoder] = {"image": image_sample}
+def _video() -> Decoder:
+    from .video import video_sample
 
-# Modalities whose decode function lives in a module of its own, imported on first use (they pull
-# in video / 3D dependencies an image-only run does not need).
-_LAZY = {"video": ("video", "video_sample"), "3d": ("assets", "asset_sample")}
+    return video_sample
+
+
+def _asset() -> Decoder:
+    from .assets import asset_sample
+
+    return asset_sample
+
+
+# Every modality's decode function, each behind a small function that imports it: video.py and
+# assets.py pull in av and trimesh (over a second, measured), which an image-only run does
+# not need, and they import ``caption_of`` from this module. ``decoder_for`` calls it once, when
+# the stream's dataset is built, so a missing dependency fails then rather than on every sample.
+SAMPLE_DECODERS: dict[str, Callable[[], Decoder]] = {IMAGE: lambda: image_sample, VIDEO: _video, ASSET3D: _asset}
 
 
 def decoder_for(modality: str) -> Decoder:
     """The decode function registered for ``modality``; a clear error if there is none."""
-    if modality not in SAMPLE_DECODERS and modality in _LAZY:
-        module, fn = _LAZY[modality]
-        if importlib.util.find_spec(f"{__package__}.{module}") is not None:
-            SAMPLE_DECODERS[modality] = getattr(importlib.import_module(f".{module}", __package__), fn)
     if modality not in SAMPLE_DECODERS:
         raise ValueError(f"no decode function registered for modality {modality!r} (registered: "
                          f"{sorted(SAMPLE_DECODERS)}; data_pipeline/samples.py)")
-    return SAMPLE_DECODERS[modality]
+    return SAMPLE_DECODERS[modality]()

@@ -61,8 +61,8 @@ def model_config():
     return cfg
 
 
-def run_config(zero: int, grad_accum: int) -> RunConfig:
-    cfg = RunConfig(model=model_config(), steps=STEPS, precision="fp32", grad_accum=grad_accum)
+def run_config(zero: int, mix_rounds: int) -> RunConfig:
+    cfg = RunConfig(model=model_config(), steps=STEPS, precision="fp32", mix_rounds=mix_rounds)
     cfg.parallel.zero_stage = zero
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.ema_decay = 1e-3, 1, 0.9
     return cfg
@@ -86,30 +86,30 @@ def posterior_noise(step: int, index: int) -> torch.Generator:
 class Run:
     """A model, its DeepSpeed engine, EMA, objective and jitter generator at one layout."""
 
-    def __init__(self, tp: int, zero: int, grad_accum: int = 1):
+    def __init__(self, tp: int, zero: int, mix_rounds: int = 1):
         self.dims = init_parallel(tp=tp, seed=SEED)
         torch.manual_seed(SEED)
         self.model = AToken(model_config())
-        self.cfg = run_config(zero, grad_accum)
+        self.cfg = run_config(zero, mix_rounds)
         self.engine = parallelize(self.model, self.dims, self.cfg, torch.device("cpu"))
         self.ema = EMA(self.model, 0.9)
         self.objective = Objective(LOSS)
         self.noise = torch.Generator().manual_seed(SEED + 1 + self.dims.dp_rank)
-        self.grad_accum = grad_accum
+        self.micro_batches = self.cfg.micro_batches_per_step  # one stream, one micro-batch a round
 
     def steps(self, first: int, last: int, jitter: float) -> dict[int, float]:
         """Train steps first..last; per step the loss averaged over the step's micro-batches."""
         losses = {}
         for step in range(first, last + 1):
             total = torch.zeros(())
-            for a in range(self.grad_accum):
-                index = self.dims.dp_rank * self.grad_accum + a
+            for a in range(self.micro_batches):
+                index = self.dims.dp_rank * self.micro_batches + a
                 batch = micro_batch(step, index)
                 noise = torch.randn(batch.features.shape, generator=self.noise)
                 batch = dataclasses.replace(batch, features=batch.features + jitter * noise)
                 terms = micro_step(self.engine, self.objective, batch, [{}] * batch.num_samples, ("rec",),
                                    posterior_noise(step, index), nullcontext())
-                total += terms["total"].detach() / self.grad_accum
+                total += terms["total"].detach() / self.micro_batches
             self.ema.update(self.model, step)
             if self.dims.dp > 1:
                 dist.all_reduce(total, group=self.dims.dp_group)
@@ -171,9 +171,9 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def straight(root: Path, name: str, tp: int, zero: int, grad_accum: int, jitter: float) -> dict:
+def straight(root: Path, name: str, tp: int, zero: int, mix_rounds: int, jitter: float) -> dict:
     """STEPS steps in one go, saving after K and after STEPS."""
-    run = Run(tp, zero, grad_accum)
+    run = Run(tp, zero, mix_rounds)
     ckpt = root / name / "checkpoints"
     losses = run.steps(1, K, jitter)
     run.save(ckpt, K)
@@ -184,10 +184,10 @@ def straight(root: Path, name: str, tp: int, zero: int, grad_accum: int, jitter:
     return {"losses": losses, "groups_at_k": groups}
 
 
-def resumed(root: Path, source: str, tp: int, zero: int, grad_accum: int, jitter: float, save_as: str | None = None
+def resumed(root: Path, source: str, tp: int, zero: int, mix_rounds: int, jitter: float, save_as: str | None = None
             ) -> dict:
     """Load ``source``'s step-K checkpoint at this layout and train steps K+1..STEPS."""
-    run = Run(tp, zero, grad_accum)
+    run = Run(tp, zero, mix_rounds)
     path = root / source / "checkpoints" / checkpoint.tag_for(K)
     state = run.load(path)
     out = {"step": state["step"], "groups": run.groups(), "ema_ok": run.ema_matches(path),

@@ -70,7 +70,7 @@ from atoken.training.train import micro_step
 SEED, NOISE_SEED = 1234, 99
 ADAM_EPS = 1e-2
 KL_WEIGHT = 1e-2
-# name: (tp, sequence_parallel, zero stage, grad_accum, activation checkpointing); DP = 2 // tp.
+# name: (tp, sequence_parallel, zero stage, mix_rounds, activation checkpointing); DP = 2 // tp.
 CASES = {
     "tp2_zero1": (2, False, 1, 1, False),
     "tp2_sp_zero1": (2, True, 1, 1, False),
@@ -197,11 +197,11 @@ def gather_tp(dims, t: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig, objective) -> dict:
-    tp, sp, zero, accum, ckpt = case
+    tp, sp, zero, rounds, ckpt = case
     t0 = time.perf_counter()
     dims = init_parallel(tp=tp, sequence_parallel=sp, seed=SEED)
     # Each DP rank its own micro-batch, the TP ranks of a group the same; with accumulation, all.
-    micro = list(range(len(data))) if accum > 1 else [dims.dp_rank]
+    micro = list(range(len(data))) if rounds > 1 else [dims.dp_rank]
     key = "both" if dims.dp * len(micro) > 1 else "one"
     torch.manual_seed(SEED)
     sharded = shard_model(AToken(cfg), dims)  # parallelize's first step alone, before any engine
@@ -210,7 +210,7 @@ def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig,
     del sharded
     torch.manual_seed(SEED)
     model = AToken(cfg)
-    run.parallel.zero_stage, run.parallel.activation_checkpointing, run.grad_accum = zero, ckpt, accum
+    run.parallel.zero_stage, run.parallel.activation_checkpointing, run.mix_rounds = zero, ckpt, rounds
     engine = parallelize(model, dims, run, torch.device("cpu"))
     captured = {}
     for name, p in model.named_parameters():  # registered after shard_model's hooks: sees reduced grads
@@ -228,8 +228,8 @@ def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig,
         res["loss_err"] = max([res["loss_err"]] + [abs(out[k].item() - v) / abs(v)
                                                    for k, v in ref["losses"][b].items()])
         res["losses"].append(out["total"].item())
-        # DeepSpeed divides the loss by grad_accum before backward.
-        err, at = worst({n: rel(gather_tp(dims, captured[n], params[n]), ref["grads"][b][n] / accum) for n in params})
+        # DeepSpeed divides the loss by its accumulation steps (one micro-batch a round: rounds).
+        err, at = worst({n: rel(gather_tp(dims, captured[n], params[n]), ref["grads"][b][n] / rounds) for n in params})
         if err >= res["grad_err"]:
             res["grad_err"], res["grad_err_at"] = err, at
     res["norm"], res["ref_norm"] = float(engine.get_global_grad_norm()), ref["steps"][key]["norm"]
@@ -326,7 +326,7 @@ def run_semantic_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: R
     group = dims.dp_group if dims.dp > 1 else None  # as train.py gives the objective
     torch.manual_seed(SEED)
     model = AToken(cfg)
-    run.parallel.zero_stage, run.parallel.activation_checkpointing, run.grad_accum = zero, False, 1
+    run.parallel.zero_stage, run.parallel.activation_checkpointing, run.mix_rounds = zero, False, 1
     engine = parallelize(model, dims, run, torch.device("cpu"))
     captured = {}
     for name, p in model.named_parameters():

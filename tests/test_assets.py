@@ -21,7 +21,6 @@ from atoken.data_pipeline.assets import (ASSET_COLUMNS, VOXEL_GRID, asset_sample
                                          trimesh_part, voxel_tokens, voxelize)
 from atoken.data_pipeline.config import StreamConfig
 from atoken.data_pipeline.render import MeshPart, intrinsics, look_at, render_views, sphere_cameras
-from atoken.data_pipeline.samples import decoder_for
 from atoken.tools.make_3d_shards import main as shards_main
 
 MESHES = Path(pymeshlab.__file__).parent / "tests" / "sample_meshes"
@@ -235,7 +234,6 @@ def test_writer_round_trip_and_rejections(tmp_path, capsys):
     assert [r["caption"] for r in rows] == ["a toy airplane with rainbow colours", ""]
 
     stream = StreamConfig(name="3d", modality="3d", views=2)
-    assert decoder_for("3d") is asset_sample
     bunny = rows[1]
     sample = asset_sample(bunny, np.random.default_rng(5), stream)
     stored = decode_views(bunny["views"], 4)

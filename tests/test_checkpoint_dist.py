@@ -91,7 +91,7 @@ def test_zero_resume_is_exact(runs, zero):
 @pytest.mark.parametrize("case, source", [("dp2_z1_to_dp1", "dp2_z1"), ("dp2_z2_to_dp1", "dp2_z2"),
                                           ("dp2_z3_to_dp1", "dp2_z3"), ("dp2_z3_to_dp1_z1", "dp2_z3")])
 def test_elastic_dp2_to_dp1(runs, case, source):
-    """Saved at DP=2, resumed at DP=1 with grad_accum=2 over the same two micro-batches (and, last,
+    """Saved at DP=2, resumed at DP=1 with mix_rounds=2 over the same two micro-batches (and, last,
     at another ZeRO stage): weights, EMA and optimizer hyperparameters as saved, then the losses
     the DP=2 run went on to produce, up to summation order and the RNG streams (not carried over)."""
     straight, resumed = runs["save"][source], runs["one"][case]

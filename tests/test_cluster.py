@@ -32,8 +32,8 @@ SHRINK = ["model=tiny", "model.encoder.depth=1", "model.decoder.depth=1",
           "precision=fp32", "parallel.zero_stage=1", "log.every=1", "log.eval_every=100000", "checkpoint.every=100000",
           f"steps={STEPS}",
           # Image reconstruction only (no SigLIP2 weights ship: no image understanding, no CLIP term),
-          # one round of the mix per step (the stages' grad_accum=0 accumulates to 256 GPUs' batch).
-          "data.streams.image_und=null", "loss.clip_weight=0", "grad_accum=1"]
+          # one round of the mix per step (the stages' mix_rounds=0 accumulates to 256 GPUs' batch).
+          "data.streams.image_und=null", "loss.clip_weight=0", "mix_rounds=1"]
 
 
 def records(path: Path) -> list[dict]:

@@ -13,7 +13,8 @@ from streaming import MDSWriter, StreamingDataset
 
 from atoken.data_pipeline import (IMAGE_COLUMNS, IMAGE_WRITER_COLUMNS, DataConfig, MixedLoader, StreamConfig,
                                   StreamDataset, StreamLoader, open_rgb, resize_for_training, sample_resolution,
-                                  training_size)
+                                  decoder_for, image_sample, training_size)
+from atoken.data_pipeline.config import MODALITIES
 from atoken.model.errors import UserError
 from atoken.model.patches import grid_coords, unpatchify
 from atoken.tools.make_image_shards import main as shards_main
@@ -138,6 +139,15 @@ def test_rejection_and_cli(photos, tmp_path, capsys):
     (tmp_path / "bad_only").mkdir()
     (tmp_path / "bad_only" / "x.png").write_bytes(b"")
     assert shards_main([str(tmp_path / "bad_only"), str(tmp_path / "o5"), "--no-progress"]) == 1
+
+
+def test_every_modality_has_its_decode_function():
+    """One per modality a stream accepts (video and 3D imported on demand); another is refused by name."""
+    from atoken.data_pipeline.assets import asset_sample
+    from atoken.data_pipeline.video import video_sample
+    assert [decoder_for(m) for m in MODALITIES] == [image_sample, video_sample, asset_sample]
+    with pytest.raises(ValueError, match="no decode function registered for modality 'audio'"):
+        decoder_for("audio")
 
 
 # ---------------------------------------------------------------- resolution policy

@@ -28,8 +28,8 @@ def test_stages_state_the_papers_global_batch_with_image_understanding(stage):
     streams = cfg.data.streams
     assert streams["image_und"].task == "und" and streams["image_und"].global_batch == 8192
     assert all(s.global_batch > 0 for s in streams.values()), "every stream states the paper's batch"
-    assert cfg.grad_accum == 0 and cfg.reference_gpus == 256 and cfg.model.understanding
-    at_scale = {b.name: b for b in step_batches(streams, cfg.with_rounds(256).grad_accum, 256)}
+    assert cfg.mix_rounds == 0 and cfg.reference_gpus == 256 and cfg.model.understanding
+    at_scale = {b.name: b for b in step_batches(streams, cfg.with_rounds(256).mix_rounds, 256)}
     # Image streams are sized to the paper's batch (within the budget's rounding), unless their
     # largest sample needs more tokens than the batch does.
     for name in ("image_rec", "image_und"):
@@ -39,13 +39,13 @@ def test_stages_state_the_papers_global_batch_with_image_understanding(stage):
 
 def test_accumulation_follows_the_world_size():
     cfg = CONFIGS["stage1"]()
-    assert [cfg.with_rounds(dp).grad_accum for dp in (1, 8, 256, 512)] == [256, 32, 1, 1]
+    assert [cfg.with_rounds(dp).mix_rounds for dp in (1, 8, 256, 512)] == [256, 32, 1, 1]
     # The step's samples stay the paper's on 8 ranks as on 256.
     small = {b.name: b.samples for b in step_batches(cfg.data.streams, 32, 8)}
     full = {b.name: b.samples for b in step_batches(cfg.data.streams, 1, 256)}
     assert small == pytest.approx(full)
-    cfg.grad_accum = 3
-    assert cfg.with_rounds(8).grad_accum == 3  # an explicit value is kept
-    cfg.grad_accum = 0
+    cfg.mix_rounds = 3
+    assert cfg.with_rounds(8).mix_rounds == 3  # an explicit value is kept
+    cfg.mix_rounds = 0
     with pytest.raises(ValueError, match="resolved at start"):
         cfg.micro_batches_per_step  # noqa: B018

@@ -65,7 +65,7 @@ def test_stage1_tiny_trains_reconstruction_and_understanding_then_zero_shot(tmp_
             *[f"data.streams.image_und.{k}={v}" for k, v in {**image, "token_budget": 36,
                                                                "local": str(tmp_path / "cache_und")}.items()],
             f"loss.text_tower={siglip}", f"loss.teacher={siglip}", "loss.perceptual_size=32",
-            "loss.lpips_weight=1.0", "loss.gram_weight=10.0", "data.shuffle=false", "grad_accum=1",
+            "loss.lpips_weight=1.0", "loss.gram_weight=10.0", "data.shuffle=false", "mix_rounds=1",
             "optim.lr=2e-3", "optim.warmup_steps=1", "optim.encoder_lr_mult=1.0", "optim.ema_decay=0.9",
             "precision=fp32", "log.every=1", "log.eval_every=100000", "checkpoint.every=100000", f"steps={STEPS}",
             f"run_dir={run}"]

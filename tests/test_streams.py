@@ -143,13 +143,18 @@ def test_config_yaml_round_trip_and_overrides(tmp_path):
                         "frame_strides: [[1, 2], [4, 8]]}")
     apply_override(cfg, "data.streams.image_rec.micro_batches=2")
     apply_override(cfg, "data.retry.attempts=3")
-    apply_override(cfg, "grad_accum=2")
+    apply_override(cfg, "mix_rounds=2")
     assert cfg.data.streams["image_rec"].remote == "s3://b/img"
     video = cfg.data.streams["video_rec"]
     assert video.name == "video_rec" and video.frame_strides == ((1, 2), (4, 8))
     assert cfg.micro_batches_per_step == 2 * (2 + 6)
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
     assert load_yaml(str(tmp_path / "c.yaml")) == cfg  # typed again: StreamConfig entries, tuples
+    (tmp_path / "old.yaml").write_text("grad_accum: 2\n")  # renamed: the error lists the new name
+    with pytest.raises(ValueError, match=r"unknown RunConfig keys \['grad_accum'\]; known: .*'mix_rounds'"):
+        load_yaml(str(tmp_path / "old.yaml"))
+    with pytest.raises(ValueError, match=r"RunConfig has no field 'grad_accum'; known: .*'mix_rounds'"):
+        apply_override(cfg, "grad_accum=2")
     with pytest.raises(ValueError, match="ambiguous"):
         apply_override(cfg, "data.max_res=256")
     with pytest.raises(ValueError, match="modality must be one of"):
@@ -208,7 +213,7 @@ def test_mix_counts_and_single_rank_resume(s3_env, s3_data, tmp_path):
     cfg = data_config(s3_data, tmp_path / "c0")
     order = ["img_c", "img_a", "img_c", "img_c", "img_b", "img_c", "img_a", "img_c", "img_c"]
     assert mix_order(cfg.streams) == order  # documented in mixing.py
-    straight = MixedLoader(cfg, grad_accum=2)
+    straight = MixedLoader(cfg, mix_rounds=2)
     assert straight.order == order * 2 and straight.micro_batches_per_step == 18
     steps, cut = 3, 1
     ref = take(straight, steps)
@@ -221,14 +226,14 @@ def test_mix_counts_and_single_rank_resume(s3_env, s3_data, tmp_path):
         assert len(seen) >= n and sorted(seen[:n]) == sorted(f"s{'abc'.index(name[-1])}_{i:03d}.png" for i in range(n))
     straight.close()
 
-    first = MixedLoader(dataclasses.replace(cfg, streams=_recached(cfg, tmp_path / "c1")), grad_accum=2)
+    first = MixedLoader(dataclasses.replace(cfg, streams=_recached(cfg, tmp_path / "c1")), mix_rounds=2)
     part = take(first, cut)
     state = first.state_dict()
     assert state["slot"] == 0 and {len(r) for r in state["streams"].values()} == {1}
     assert state["streams"]["img_c"][0]["epoch"] >= 1  # mid-epoch, after a rollover
     first.close()
     del first
-    resumed = MixedLoader(dataclasses.replace(cfg, streams=_recached(cfg, tmp_path / "c2")), grad_accum=2)
+    resumed = MixedLoader(dataclasses.replace(cfg, streams=_recached(cfg, tmp_path / "c2")), mix_rounds=2)
     resumed.load_state_dict(state)
     got = part + take(resumed, steps - cut)
     resumed.close()

@@ -2,8 +2,8 @@
 
 A stream states the paper's global batch (``StreamConfig.global_batch``: samples per optimizer step
 over all ranks at ``RunConfig.reference_gpus``, the Slurm scripts' 256 GPUs). A step holds, per
-data-parallel rank, ``grad_accum`` rounds of the mix, each with the stream's ``micro_batches``
-packed micro-batches of ``token_budget`` tokens. With ``grad_accum = 0`` ("auto") the rounds follow
+data-parallel rank, ``mix_rounds`` rounds of the mix, each with the stream's ``micro_batches``
+packed micro-batches of ``token_budget`` tokens. With ``mix_rounds = 0`` ("auto") the rounds follow
 from the data-parallel size: ``max(1, round(reference_gpus / dp))``, so a smaller job accumulates
 to the paper's step instead of shrinking it.
 
@@ -47,10 +47,10 @@ def budget_for(stream: StreamConfig, global_batch: int, gpus: int) -> int:
     return max(need, worst_case_tokens(stream) or 0)
 
 
-def rounds_per_step(grad_accum: int, reference_gpus: int, dp: int) -> int:
-    """Rounds of the mix per optimizer step: ``grad_accum``, or with 0 (auto) what keeps the
+def rounds_per_step(mix_rounds: int, reference_gpus: int, dp: int) -> int:
+    """Rounds of the mix per optimizer step: ``mix_rounds``, or with 0 (auto) what keeps the
     reference scale's step (module docstring)."""
-    return grad_accum if grad_accum > 0 else max(1, round(reference_gpus / dp))
+    return mix_rounds if mix_rounds > 0 else max(1, round(reference_gpus / dp))
 
 
 @dataclass

@@ -77,10 +77,11 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     steps: int = 200_000
-    # Rounds of the task mix per optimizer step: a step accumulates grad_accum * (sum of the streams'
-    # micro_batches) packed micro-batches (``micro_batches_per_step``; data_pipeline/mixing.py).
+    # How many times the round-robin task mix (data_pipeline/mixing.py) repeats per optimizer step: a
+    # step accumulates mix_rounds * (sum of the streams' micro_batches) packed micro-batches
+    # (``micro_batches_per_step``).
     # 0: "auto", round(reference_gpus / data-parallel size) (training/batch.py), resolved at start.
-    grad_accum: int = 1
+    mix_rounds: int = 1
     # The scale the streams' ``global_batch`` (the paper's samples per step) is stated at: the Slurm
     # scripts' default of 32 nodes x 8 GPUs.
     reference_gpus: int = 256
@@ -92,16 +93,16 @@ class RunConfig:
     @property
     def micro_batches_per_step(self) -> int:
         """Packed micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps); needs
-        ``grad_accum`` resolved (``with_rounds``)."""
-        if self.grad_accum < 1:
-            raise ValueError("grad_accum=0 (auto) is resolved at start: use RunConfig.with_rounds(dp)")
-        return self.grad_accum * self.data.micro_batches_per_round
+        ``mix_rounds`` resolved (``with_rounds``)."""
+        if self.mix_rounds < 1:
+            raise ValueError("mix_rounds=0 (auto) is resolved at start: use RunConfig.with_rounds(dp)")
+        return self.mix_rounds * self.data.micro_batches_per_round
 
     def with_rounds(self, dp: int) -> "RunConfig":
-        """This config with ``grad_accum`` resolved for ``dp`` data-parallel ranks (training/batch.py)."""
+        """This config with ``mix_rounds`` resolved for ``dp`` data-parallel ranks (training/batch.py)."""
         from .batch import rounds_per_step
 
-        return dataclasses.replace(self, grad_accum=rounds_per_step(self.grad_accum, self.reference_gpus, dp))
+        return dataclasses.replace(self, mix_rounds=rounds_per_step(self.mix_rounds, self.reference_gpus, dp))
 
     def check(self) -> None:
         """Raise ValueError for combinations that cannot run, before anything is built."""
@@ -117,8 +118,8 @@ class RunConfig:
         if image_rec and self.loss.clip_weight and not self.loss.teacher:
             raise ValueError(f"streams {image_rec}: the CLIP/feature term of image reconstruction needs the SigLIP2 "
                              "teacher: set loss.teacher to a local directory (or loss.clip_weight=0)")
-        if self.grad_accum < 0 or self.reference_gpus < 1:
-            raise ValueError(f"grad_accum must be >= 0 (0: auto) and reference_gpus >= 1, got {self.grad_accum}, "
+        if self.mix_rounds < 0 or self.reference_gpus < 1:
+            raise ValueError(f"mix_rounds must be >= 0 (0: auto) and reference_gpus >= 1, got {self.mix_rounds}, "
                              f"{self.reference_gpus}")
         if any(s.modality == "3d" and s.task == "rec" for s in self.data.streams.values()) and not self.model.gaussian:
             raise ValueError("3D reconstruction streams need the Gaussian decoder: set model.gaussian (e.g. =base)")
@@ -213,7 +214,8 @@ def apply_override(cfg: RunConfig, item: str) -> None:
             raise ValueError(f"override {item!r}: give {leaf!r} a mapping of {entry_type.__name__} fields or null")
         return
     if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
-        raise ValueError(f"override {item!r}: {type(obj).__name__} has no field {leaf!r}")
+        known = f"; known: {sorted(f.name for f in dataclasses.fields(obj))}" if dataclasses.is_dataclass(obj) else ""
+        raise ValueError(f"override {item!r}: {type(obj).__name__} has no field {leaf!r}{known}")
     t = typing.get_type_hints(type(obj))[leaf]
     if t is ModelConfig and isinstance(value, str):
         value = preset(value)

@@ -68,7 +68,7 @@ def build_engine(model: nn.Module, cfg, mpu=None):
         # One micro-batch is one packed token stream of many samples; DeepSpeed's "batch size" only
         # counts them.
         "train_micro_batch_size_per_gpu": 1,
-        # Every micro-batch of the step's task mix (grad_accum rounds of it) is one accumulation step.
+        # Every micro-batch of the step's task mix (mix_rounds rounds of it) is one accumulation step.
         "gradient_accumulation_steps": cfg.micro_batches_per_step,
         "gradient_clipping": o.grad_clip,
         # Buckets of 5e7 elements (200 MB in fp32) instead of DeepSpeed's 5e8: the default buffer

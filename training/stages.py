@@ -18,7 +18,7 @@ REFERENCE_GPUS = 256  # the Slurm scripts' default: 32 nodes x 8 GPUs
 # resolutions are the stage's ranges. Each stream states the paper's global batch (samples per
 # optimizer step at the Slurm scripts' 256 GPUs), and its token budget is sized to hold that batch at
 # 256 GPUs with one round of the mix per step (at least its largest sample; training/batch.py);
-# ``grad_accum=0`` (auto) accumulates rounds to the same step on fewer GPUs. The trainer prints what
+# ``mix_rounds=0`` (auto) accumulates rounds to the same step on fewer GPUs. The trainer prints what
 # a step holds against these numbers at start.
 #
 # Global batches (docs/design.md): image understanding 8192; image reconstruction 1024-4096, video
@@ -38,7 +38,7 @@ REFERENCE_GPUS = 256  # the Slurm scripts' default: 32 nodes x 8 GPUs
 # H100, atoken-train at stage 1 (so400m, compiled, bf16, image reconstruction only) ran 16384 tokens
 # per micro-batch at 40.2k tokens/s with a 55.3 GiB peak (benchmarks/results/gpu_trainer_nvidia_h100_80gb_hbm3.json):
 # 16384 fits an H100 with room to spare. Larger budgets are not measured yet (gpu_trainer.sh sweeps
-# them; benchmarks/NOTES.md). With grad_accum=0 a larger budget makes the step
+# them; benchmarks/NOTES.md). With mix_rounds=0 a larger budget makes the step
 # hold more samples than the paper's; the start-up table prints per stream and in all what it holds.
 #
 # Data loading (DataConfig defaults): num_workers=-1 gives each stream (CPUs per task - 1) // streams
@@ -78,7 +78,7 @@ def stage1() -> RunConfig:
     return RunConfig(
         name="stage1", run_dir="runs/stage1", stage=1, model=dataclasses.replace(preset("so400m"), understanding=True),
         data=DataConfig(streams={"image_rec": _image("rec", 512, 4096), "image_und": _image("und", 512, IMAGE_UND)}),
-        steps=200_000, grad_accum=0, reference_gpus=REFERENCE_GPUS,
+        steps=200_000, mix_rounds=0, reference_gpus=REFERENCE_GPUS,
     )
 
 

@@ -150,11 +150,11 @@ def main(argv=None) -> None:
         log.info("resolved config:\n%s", cfg.to_yaml())
 
     dims = init_parallel(cfg.parallel.tp, cfg.parallel.sequence_parallel, cfg.seed)
-    # grad_accum=0 (auto): rounds of the mix per step follow from the data-parallel size (batch.py).
+    # mix_rounds=0 (auto): rounds of the mix per step follow from the data-parallel size (batch.py).
     cfg = cfg.with_rounds(dims.dp)
     loading = (f"data: {cfg.data.workers_per_stream} decode worker(s) per stream ({cpus_per_task()} CPUs for this "
                f"rank), {cfg.data.prefetch} micro-batch(es) packed ahead per stream, copied to {device} one ahead")
-    log.info("%s", describe(step_batches(cfg.data.streams, cfg.grad_accum, dims.dp), dims.dp, cfg.grad_accum,
+    log.info("%s", describe(step_batches(cfg.data.streams, cfg.mix_rounds, dims.dp), dims.dp, cfg.mix_rounds,
                             cfg.reference_gpus, loading))
     torch.manual_seed(cfg.seed)  # the same weights on every rank
     model = AToken(cfg.model)  # plain, built once, on the CPU
@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     # The streams were checked by preflight (clear errors, not deep in a worker). The ranks of a TP
     # group share a data-parallel rank, so they read the same samples. Decoding and packing run
     # ahead in worker processes and a thread per stream; micro-batches reach the device one ahead.
-    loader = MixedLoader(cfg.data, cfg.grad_accum, rank=dims.dp_rank, world=dims.dp, group=dims.dp_group,
+    loader = MixedLoader(cfg.data, cfg.mix_rounds, rank=dims.dp_rank, world=dims.dp, group=dims.dp_group,
                          device=device)
     amp = precision(cfg, device)
     # The attention kernel, logged once at start (compiled blocks log nothing while traced).

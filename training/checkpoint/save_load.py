@@ -92,7 +92,7 @@ def load(engine, ema, generators: dict[str, torch.Generator], path: Path) -> dic
                     "this run's seeds, and the client state is TP rank 0 / DP rank 0's", dist.get_rank(), path)
         client = client_state(path, 0)
     if "ds_config" in ds_state and ds_state["ds_config"].get("train_batch_size") != engine.train_batch_size():
-        log.warning("global batch changed from %s to %s micro-batches (DP x grad_accum)",
+        log.warning("global batch changed from %s to %s micro-batches (DP x micro-batches per step)",
                     ds_state["ds_config"].get("train_batch_size"), engine.train_batch_size())
     log.info("resumed from %s at step %d", path, client["step"])
     return client
