@@ -92,7 +92,9 @@ def image_pairs(batch: PackedBatch, recon: torch.Tensor, size: int) -> tuple[tor
 
     def resized(tokens: torch.Tensor, i: int) -> torch.Tensor:
         img = unpatchify(tokens[slice(*spans[i])], batch.grids[i], batch.frames[i])[:, 0]  # [3, H, W]
-        return F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        # fp32: CPU has no bf16 antialiased resize (bf16 autocast on CPU failed here)
+        return F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                             align_corners=False)
 
     with torch.no_grad():
         orig = torch.cat([resized(batch.features, i) for i in idx])

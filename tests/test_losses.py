@@ -208,6 +208,22 @@ def test_reconstruction_loss_forward_backward():
     assert zero["total"].abs() < 1e-6
 
 
+def test_reconstruction_loss_under_cpu_bf16_autocast():
+    """precision=bf16 on CPU: the reconstruction arrives in bf16, which CPU's antialiased resize
+    does not take; the terms still come out, with a gradient, close to fp32's."""
+    loss = ReconstructionLoss(LossConfig(clip_weight=0.0))
+    batch = _batch()
+    torch.manual_seed(1)
+    recon = (batch.features + 0.1 * torch.randn_like(batch.features)).requires_grad_(True)
+    fp32 = loss(batch, recon)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = loss(batch, recon.bfloat16())
+    for k in ("l1", "lpips", "gram"):
+        torch.testing.assert_close(bf16[k].float(), fp32[k].float(), rtol=5e-2, atol=1e-3)
+    bf16["lpips"].backward()
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
+
+
 def test_reconstruction_loss_l1_only_without_images():
     objective = Objective(LossConfig())  # no images: the CLIP term (weight 1) needs no teacher
     f, c, grid = patchify(torch.rand(3, 4, 32, 32) * 2 - 1)
