@@ -4,8 +4,9 @@
 #   device run, carry [".whl"]:  bash benchmarks/gpu_session.sh [PART ...]
 #
 # PART: install shards reference train convert report step check resume report budget (the default, in
-# that order: what the first session, 2026-11-26, left unmeasured comes first after the trainer). Each part runs under its own limit and inside the call's deadline (SESSION_S, default
-# 540 s), so a part that fails or runs long leaves the rest; one without the time it needs is skipped
+# that order: what the first session, 2026-11-26, left unmeasured comes first after the trainer).
+# Each part runs under its own limit and inside the call's deadline (SESSION_S, default 540 s), so a
+# part that fails or runs long leaves the rest; one without the time it needs is skipped
 # and says so. After each part the logs, the phases' JSONs and benchmarks/results/ are packed into
 # $OUT/session.tgz, with a line per part in $OUT/summary.txt (the device tool brings $OUT back, also
 # from a call cut off at its limit).
