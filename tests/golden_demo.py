@@ -15,6 +15,7 @@ step 20), so the early steps carry the sharp check and the late ones a loose one
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -46,14 +47,16 @@ VARIANTS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "
 
 
 def machine() -> dict:
-    """What decides the rounding of a CPU run: the processor, torch's kernel choice, threads."""
-    cpu = {}
+    """What decides the rounding of a CPU run: the processor (by its CPUID, cache and instruction set:
+    a virtual machine may name only "AMD EPYC"), torch's kernel choice (MKL blocks by cache size), threads."""
+    info = {}
     if Path("/proc/cpuinfo").exists():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("vendor_id", "model name") and key.strip() not in cpu:
-                cpu[key.strip()] = value.strip()
-    return {"arch": platform.machine(), "vendor": cpu.get("vendor_id", ""), "cpu": cpu.get("model name", ""),
+            info.setdefault(key.strip(), value.strip())  # the first processor's
+    return {"arch": platform.machine(), "vendor": info.get("vendor_id", ""), "cpu": info.get("model name", ""),
+            "family/model/stepping": "/".join(info.get(k, "") for k in ("cpu family", "model", "stepping")),
+            "cache": info.get("cache size", ""), "flags": hashlib.sha1(info.get("flags", "").encode()).hexdigest()[:12],
             "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "threads": THREADS}
 
 
