@@ -18,7 +18,10 @@ from atoken.model.config import PATCH_DIM
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 from common import image_sizes, packed_batch  # noqa: E402
+from attention import measured_ms_line  # noqa: E402
 from train_step import train_flops  # noqa: E402
+
+from atoken.model import attention as attn_mod  # noqa: E402
 
 
 @pytest.mark.slow
@@ -75,3 +78,9 @@ def test_clip_term_script_on_cpu(tmp_path):
     (r,) = rep["teachers"]
     assert r["teacher"] == "tiny" and r["clip_s"] == pytest.approx(r["with_clip_s"] - rep["rest_s"])
     assert sum(h * w for h, w in rep["settings"]["sizes"]) == 64 * 256  # the micro-batch's 64 tokens of 16x16
+
+
+def test_auto_attention_ranking_is_the_committed_measurement():
+    """model/attention.py's MEASURED_MS (auto's order) is the committed GPU run's, not a guess."""
+    rep = json.loads((BENCH.parent / attn_mod.MEASURED_ON).read_text())
+    assert measured_ms_line(rep["results"]) == f"MEASURED_MS = {attn_mod.MEASURED_MS}"
