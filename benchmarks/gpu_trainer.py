@@ -67,8 +67,10 @@ MODES = {
             "train": ["parallel.compile=true", "precision=bf16"], "min_res": 64, "max_res": 512,
             "attention": "measured", "pair_steps": 4, "pair_budget": 4096},
     "cpu": {"model": "tiny", "budget": 256, "budgets": "128,256", "steps": 6, "every": 3, "warmup": 1,
-            "reference": ["--depth", "1", "--steps", "2", "--warmup", "1", "--device", "cpu", "--lpips"],
-            "train": ["model.encoder.depth=1", "model.decoder.depth=1", "precision=fp32", "optim.warmup_steps=2"],
+            "reference": ["--depth", "1", "--steps", "2", "--warmup", "1", "--device", "cpu", "--lpips",
+                          "--perceptual-size", "64"],
+            "train": ["model.encoder.depth=1", "model.decoder.depth=1", "precision=fp32", "optim.warmup_steps=2",
+                      "loss.perceptual_size=64"],
             "min_res": 32, "max_res": 128, "attention": "auto", "pair_steps": 3, "pair_budget": 128},
 }
 

@@ -371,6 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lpips", action="store_true", help="the paper's LPIPS + Gram weights in the objective")
     p.add_argument("--trunk-weights", help="with --lpips: the perceptual trunk file (loss.trunk_weights; default: "
                                            "torch hub cache, then stlpips-pytorch)")
+    p.add_argument("--perceptual-size", type=int,
+                   help="loss.perceptual_size: the side the perceptual terms see (default 224; smaller for CPU tests)")
     p.add_argument("--peak-tflops", type=float,
                    help="device peak, TFLOP/s (default: 989 on CUDA = H100 bf16 dense; CPU: measured fp32 matmul)")
     p.add_argument("--no-padded", action="store_true", help="skip the packed vs padded comparison")
@@ -411,6 +413,8 @@ def main(argv=None) -> None:
     # The trainer's objective. The CLIP term needs a teacher and has its own benchmark (clip_term.py).
     loss_cfg = (LossConfig(clip_weight=0.0, trunk_weights=args.trunk_weights) if args.lpips else
                 LossConfig(lpips_weight=0.0, gram_weight=0.0, clip_weight=0.0))
+    if args.perceptual_size:
+        loss_cfg.perceptual_size = args.perceptual_size
     objective = Objective(loss_cfg).to(device)
 
     results = []

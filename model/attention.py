@@ -92,12 +92,13 @@ def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor
              max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse, *_ = _fa4()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
                                           max_seqlen_k=max_seqlen, return_lse=True)
-    return out, lse
+    return out.contiguous(), lse.contiguous()  # no-ops: FA4 allocates them so; the fake kernel says so
 
 
 @_fa4_fwd.register_fake
 def _(q, k, v, cu, max_seqlen):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    # Contiguous whatever q's strides (q/k/v are strided views of the fused qkv projection).
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("atoken::fa4_bwd", mutates_args=())
@@ -107,12 +108,12 @@ def _fa4_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     dq, dk, dv = _fa4()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
                                         deterministic=deterministic)[:3]
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_fa4_bwd.register_fake
 def _(q, k, v, out, dout, lse, cu, max_seqlen, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fa4_setup(ctx, inputs, output):
