@@ -49,9 +49,10 @@ install() {  # the wheels once per machine (it stays up between calls), atoken o
       libs=("$STASH/$(basename "$b" .part_b)")
       echo "FA4: the library wheel joined from its two chunks"
     else
-      echo "FA4: not installed (the first chunk, $STASH/fa4libs.part_a, or .fa4libs/b is missing): model.attention=fa4 unavailable"
+      echo "FA4: not installed ($STASH/fa4libs.part_a or .fa4libs/b/*.part_b missing): model.attention=fa4 unavailable"
     fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl "${libs[@]}"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$WHL"/*.whl "${libs[@]}"
     touch "$SITE/.installed"
   fi
   if [ -z "${ATOKEN_INSTALLED:-}" ]; then  # gpu_session.sh installs once, then sets it for its parts
