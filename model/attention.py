@@ -140,8 +140,10 @@ def _sm(index: int) -> int:
     return 10 * major + minor
 
 
-def _unavailable_reason(name: str, x: torch.Tensor | None) -> str | None:
-    """Why backend ``name`` cannot run on tensors like ``x`` (None: it can; x None: package check only)."""
+@torch.compiler.assume_constant_result
+def _package_missing(name: str) -> str:
+    """Why backend ``name``'s package cannot be used ("" if it can). Run eagerly and taken as a constant
+    under torch.compile: tracing the imports would break the compiled block's graph."""
     if name == "fa4" and _fa4() is None:
         return "flash-attn-4 (flash_attn.cute) with nvidia-cutlass-dsl is not installed"
     if name == "cudnn" and _cudnn_sdpa() is None:
@@ -150,6 +152,14 @@ def _unavailable_reason(name: str, x: torch.Tensor | None) -> str | None:
         return "flash_attn is not installed"
     if name == "torch_varlen" and torch_varlen_attn is None:
         return "torch.nn.attention.varlen.varlen_attn is missing in this torch"
+    return ""
+
+
+def _unavailable_reason(name: str, x: torch.Tensor | None) -> str | None:
+    """Why backend ``name`` cannot run on tensors like ``x`` (None: it can; x None: package check only)."""
+    missing = _package_missing(name)
+    if missing:
+        return missing
     if name == "sdpa" or x is None:
         return None
     if not (x.is_cuda and x.dtype in _HALF):

@@ -154,6 +154,14 @@ def test_backend_choice_logged_once(caplog):
     assert len(msgs) == 1 and msgs[0].startswith("attention backend: sdpa (")
 
 
+def test_backend_checks_trace_as_constants_under_compile():
+    """The package checks import (cudnn, flash_attn.cute) eagerly: a compiled block that asks which
+    backend runs keeps one graph instead of failing to trace the imports."""
+    reasons = torch.compile(lambda: [attn_mod._unavailable_reason(n, None) for n in attn_mod.BACKENDS],
+                            fullgraph=True, backend="eager")()
+    assert reasons == [attn_mod._unavailable_reason(n, None) for n in attn_mod.BACKENDS] and reasons[-1] is None
+
+
 def test_auto_order_is_the_measured_ranking():
     """auto tries the measured backends fastest first, then the unmeasured, never sdpa before them."""
     order = attn_mod.auto_order()
