@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for issue 23's figures, most important first; every part writes its JSON as it ends.
 #
-#   here, once:        benchmarks/gpu_trainer.sh wheels     (.whl/ ~32 MB, .fa4libs/a 60 MiB, .fa4libs/b ~28 MB)
+#   here, once:        benchmarks/gpu_trainer.sh wheels     (.whl/ 33 MB, .fa4libs/a 61 MiB, .fa4libs/b 28 MB)
 #   device call 1:     carry [".fa4libs/a"],         bash benchmarks/gpu_session.sh stash           (seconds)
 #   device call 2, at once (the machine stays warm 30 s after a call):
 #                      carry [".whl", ".fa4libs/b"], SESSION_S=540 bash benchmarks/gpu_session.sh   (timeout_s 600)
@@ -66,7 +66,7 @@ part() {  # NAME LIMIT_S CMD...: run CMD under LIMIT_S (less if the deadline is 
 for p in "${@:-install shards attention reference train report determinism report drift report}"; do
   for name in $p; do
     case $name in
-      stash)       "${GT[@]}" stash ;;
+      stash)       "${GT[@]}" stash 2>&1 | tee -a "$OUT/summary.txt" ;;
       install)     [ -n "${CPU:-}" ] || { part install 120 "${GT[@]}" install && export ATOKEN_INSTALLED=1; } ;;
       shards)      part shards 60 "${GT[@]}" shards "${RUN[@]}" ;;
       attention)   part attention 150 "${GT[@]}" attention "${RUN[@]}" ;;

@@ -30,12 +30,14 @@ DEEPSPEED=deepspeed==0.19.8
 WHEELS=(megatron-core==0.19.2 mosaicml-streaming==0.13.0 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5
         annotated-types==0.8.0 typing-inspection==0.4.5 brotli==1.2.1 catalogue==2.0.10 cramjam==2.14.0
         python-snappy==0.7.3 zstd==1.5.6.1  # zstd: the newest cp312 manylinux wheel
-        nvidia-cudnn-frontend==1.32.0  # cuDNN's ragged SDPA (model.attention=cudnn), on the image's cuDNN
         # flash-attn-4: model/attention.py calls its _flash_attn_fwd/_bwd, so the version is pinned;
         # einops, protobuf, cuda-bindings and typing-extensions are on the image.
         flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1
         nvidia-cutlass-dsl-libs-base==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
         quack-kernels==0.6.5)
+# cuDNN's ragged SDPA (model.attention=cudnn, on the image's cuDNN; 1.8x slower than torch_varlen, NOTES.md):
+# 12 MB that FA4's two calls have no room for, so only with WITH_CUDNN=1 (for `kernels step`'s cudnn row).
+[ -n "${WITH_CUDNN:-}" ] && WHEELS+=(nvidia-cudnn-frontend==1.32.0)
 FA4_LIBS=nvidia-cutlass-dsl-libs-cu13==4.8.1
 STASH=/tmp/atoken-stash  # survives between calls while the machine stays warm (30 s after a call)
 
@@ -75,8 +77,9 @@ case "${1:-all}" in
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 -d .fa4libs "$FA4_LIBS"
     libs=$(ls .fa4libs/*.whl)
-    head -c 60M "$libs" >.fa4libs/a/fa4libs.part_a
-    tail -c +$((60 * 1024 * 1024 + 1)) "$libs" >".fa4libs/b/$(basename "$libs").part_b"
+    # 61 MiB + this checkout (1.4 MB) in call 1; the rest (~28 MB) + .whl (~33 MB) in call 2: each < 64 MiB.
+    head -c 61M "$libs" >.fa4libs/a/fa4libs.part_a
+    tail -c +$((61 * 1024 * 1024 + 1)) "$libs" >".fa4libs/b/$(basename "$libs").part_b"
     rm "$libs"
     du -sh "$WHL" .fa4libs/a .fa4libs/b && ls "$WHL" .fa4libs/*
     ;;
