@@ -103,7 +103,9 @@ def attention_backend(args) -> str:
     return json.loads(done.read_text())["fastest"] if done.exists() else "auto"
 
 
-VOLATILE = {"tokens_per_s", "data_wait"}  # wall-clock fields of metrics.jsonl (tests/test_golden.py's set)
+# Fields of metrics.jsonl that are not numerics: wall-clock (tests/test_golden.py's set) and, on CUDA, the
+# allocator's peak (two runs side by side may differ in workspaces without differing in any value).
+VOLATILE = {"tokens_per_s", "data_wait", "peak_memory_gib"}
 
 
 # ---------------------------------------------------------------- phases
