@@ -90,11 +90,12 @@ def test_auto_attention_ranking_is_the_committed_measurement():
 @pytest.mark.slow
 def test_gpu_session_script_on_cpu(tmp_path):
     """benchmarks/gpu_session.sh end to end in its CPU mode (tiny, 128 tokens, 4 steps): every part runs,
-    and the report holds issue 23's fields, each from its own part."""
+    and the report holds issue 23's fields, each from its own part. ``drift`` is left out (it is
+    ``determinism``'s code without the flag; ~1 min): its fields stay null, as for any part not run."""
     work, out = tmp_path / "work", tmp_path / "out"
     env = {**os.environ, "CPU": "1", "PYTHON": sys.executable, "WORK": str(work), "OUT": str(out),
            "SESSION_S": "3000", "OMP_NUM_THREADS": "1"}
-    parts = ["shards", "attention", "reference", "train", "determinism", "drift", "report"]  # one report, at the end
+    parts = ["shards", "attention", "reference", "train", "determinism", "report"]  # one report, at the end
     proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), *parts], capture_output=True, text=True,
                           timeout=3000, env=env)
     summary = (out / "summary.txt").read_text()
@@ -111,8 +112,8 @@ def test_gpu_session_script_on_cpu(tmp_path):
     assert all(split["fractions"][p] > 0 for p in ("optimizer", "ema", "deepspeed", "matmul", "elementwise"))
     assert rep["attention_backend"] == "sdpa" == rep["attention"]["fastest"]  # CPU: auto's only choice
     assert rep["checkpoint_stall_s"] > 0
-    det, drift = rep["determinism"], rep["drift"]
+    det = rep["determinism"]
     assert rep["deterministic_identical"] is True and det["steps"] == [1, 2, 3] and "loss" in det["compared_fields"]
-    assert "deterministic=true" in det["command"] and "deterministic=true" not in drift["command"]
-    assert rep["default_mode_max_rel_loss_diff"] == drift["max_rel_loss_diff"] >= 0
+    assert "deterministic=true" in det["command"] and det["first_different_step"] is None
+    assert rep["drift"] is None and rep["default_mode_max_rel_loss_diff"] is None
     assert tarfile.open(out / "session.tgz").getnames()  # the packed logs and JSONs
