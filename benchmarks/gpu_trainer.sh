@@ -5,6 +5,8 @@
 #                                              # and FA4's big library wheel in two chunks, .fa4libs/{a,b}
 #   benchmarks/gpu_trainer.sh [PHASE] [ARGS]   # on the GPU machine, with carry [".whl"]: install, then run
 #   benchmarks/gpu_trainer.sh cpu [ARGS]       # every phase at toy size on CPU (no install): the logic
+#   benchmarks/gpu_trainer.sh cpu-phase PHASE --mode cpu [ARGS]   # one of them (gpu_session.sh CPU=1)
+#   benchmarks/gpu_trainer.sh stash            # on the GPU machine, call 1 of 2: keep FA4's first chunk
 #   benchmarks/gpu_trainer.sh kernels [PART]   # on the GPU machine (issue 18): the attention backends and
 #                                              # the fused QK-norm + RoPE kernel, tested then timed
 #
