@@ -6,6 +6,8 @@
 The batch has the sequence lengths of ``train_step.py``'s packed images (``common.image_sizes``).
 Each variant computes the same block-diagonal attention over q, k, v [N, heads, head_dim]:
 
+  fa4           flash-attn-4 (``flash_attn.cute``, CuTe DSL, JIT-compiled on first call; sm90+) through
+                ``model.attention``'s custom ops, when installed
   cudnn         cuDNN's ragged (THD) SDPA through ``nvidia-cudnn-frontend``'s ``cudnn.sdpa_torch``, when
                 installed (after torch_varlen in ``model.attention``'s auto order)
   torch_varlen  ``torch.nn.attention.varlen.varlen_attn``
@@ -17,7 +19,8 @@ Each variant computes the same block-diagonal attention over q, k, v [N, heads, 
 
 FLOPs: 4 * sum_i L_i^2 * heads * head_dim forward, 2.5x that backward (as flash-attn counts).
 Outputs are checked against ``sdpa_loop`` (max abs difference). Writes
-``results/attention_<device>.json``.
+``results/attention_<device>.json`` and prints the ``MEASURED_MS`` line of ``model/attention.py`` (auto's
+ranking: the model's backends that ran, fwd + bwd ms); paste it there when the run is the reference one.
 """
 from __future__ import annotations
 
@@ -87,6 +90,8 @@ def main(argv=None) -> None:
 
     variants = {}
     variants["sdpa_loop"] = lambda q_, k_, v_: sdpa_loop_attention(q_, k_, v_, cu)
+    if attn._fa4() is not None:  # the first call JIT-compiles (seconds): warm-up, not timed
+        variants["fa4"] = lambda q_, k_, v_: attn.varlen_attention(q_, k_, v_, cu, lmax, backend="fa4")
     if attn._cudnn_sdpa() is not None:
         variants["cudnn"] = lambda q_, k_, v_: attn.varlen_attention(q_, k_, v_, cu, lmax, backend="cudnn")
     if attn.torch_varlen_attn is not None:
@@ -147,6 +152,14 @@ def main(argv=None) -> None:
               "results": results}
     out = write_report(report, args.out, f"attention_{device_slug(report['device'])}.json")
     print(f"wrote {out}")
+    print(f"model/attention.py: {measured_ms_line(results)}")
+
+
+def measured_ms_line(results: dict) -> str:
+    """auto's ranking from one run: ``MEASURED_MS = {...}`` over the model's backends that ran."""
+    ms = {name: round(r["fwd_bwd_s"] * 1e3, 3) for name, r in sorted(results.items(), key=lambda x: x[1].get(
+        "fwd_bwd_s", 1e9)) if name in attn.BACKENDS and "fwd_bwd_s" in r}
+    return f"MEASURED_MS = {ms}"
 
 
 if __name__ == "__main__":

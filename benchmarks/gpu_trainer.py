@@ -7,8 +7,14 @@ Phases (``all`` runs them in this order; each writes ``<work>/<phase>.json``, so
 run them in separate calls while the machine stays up, then ``report``):
   shards     real photos bundled with scikit-image (and scikit-learn when installed) as MDS shards;
              ``chelsea.png`` held out for the reconstruction check.
+  attention  ``benchmarks/attention.py``: every installed varlen kernel (fa4, torch_varlen, cudnn, ...)
+             timed on one batch, fwd + bwd; the fastest of ``model.attention``'s backends is the one
+             the later phases use when ``--attention`` is ``measured`` (the GPU default). On CPU: the
+             backend ``auto`` picks, untimed.
   reference  ``benchmarks/train_step.py`` (the step benchmark, compiled on GPU) at every
-             ``--budgets`` value: tokens/s, MFU and peak memory against the micro-batch token budget.
+             ``--budgets`` value: tokens/s, MFU and peak memory against the micro-batch token budget;
+             at ``--budget`` one more step under torch.profiler, split into parts (``step_split.py``:
+             perceptual loss, optimizer, DeepSpeed, EMA, attention, matmuls, elementwise).
   train      ``atoken-train`` stage 1 on the shards, ``--steps`` optimizer steps of one micro-batch
              of ``--budget`` tokens, checkpoint every ``--checkpoint-every``. The settings match the
              reference step: image reconstruction only, L1 + KL (LPIPS, Gram and CLIP terms off),
@@ -21,20 +27,30 @@ run them in separate calls while the machine stays up, then ``report``):
              after the checkpoint against the straight run's: max relative difference.
   convert    ``atoken-convert`` of the straight run, then the held-out photo reconstructed on the
              device (PSNR).
+  determinism  two short runs of the same stage-1 command with ``deterministic=true``, side by side
+             (``--pair-steps`` steps of ``--pair-budget`` tokens, blocks not compiled, their
+             checkpoints deleted once compared); their metrics.jsonl records
+             compared field by field, wall-clock fields left out: identical or the first difference.
+  drift      the same pair in the default (non-deterministic) mode: the per-step loss differences of
+             two straight runs, the baseline that resume's differences are judged by.
   report     ``benchmarks/results/gpu_trainer_<device>.json`` (``--out`` changes it) with the fields
-             issue 14 names. ``trainer_mfu`` is the reference's FLOPs per token (same model, same
-             resolution policy) times the trainer's tokens/s over the peak FLOP/s.
+             issues 14 and 23 name. ``trainer_mfu`` is the reference's FLOPs per token (same model, same
+             resolution policy) times the trainer's tokens/s over the peak FLOP/s. A phase that did not
+             run leaves its fields null.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,11 +65,13 @@ MODES = {
     "gpu": {"model": "so400m", "budget": 16384, "budgets": "8192,16384,24576", "steps": 150, "every": 50,
             "warmup": 10, "reference": ["--compile", "--steps", "10", "--warmup", "3", "--lpips"],
             "train": ["parallel.compile=true", "precision=bf16"], "min_res": 64, "max_res": 512,
-            "attention": "torch_varlen"},
+            "attention": "measured", "pair_steps": 4, "pair_budget": 4096},
     "cpu": {"model": "tiny", "budget": 256, "budgets": "128,256", "steps": 6, "every": 3, "warmup": 1,
-            "reference": ["--depth", "1", "--steps", "2", "--warmup", "1", "--device", "cpu", "--lpips"],
-            "train": ["model.encoder.depth=1", "model.decoder.depth=1", "precision=fp32", "optim.warmup_steps=2"],
-            "min_res": 32, "max_res": 128, "attention": "auto"},
+            "reference": ["--depth", "1", "--steps", "2", "--warmup", "1", "--device", "cpu", "--lpips",
+                          "--perceptual-size", "64"],
+            "train": ["model.encoder.depth=1", "model.decoder.depth=1", "precision=fp32", "optim.warmup_steps=2",
+                      "loss.perceptual_size=64"],
+            "min_res": 32, "max_res": 128, "attention": "auto", "pair_steps": 3, "pair_budget": 128},
 }
 
 
@@ -74,6 +92,20 @@ def write(args, phase: str, result: dict) -> None:
 
 def read(args, phase: str) -> dict:
     return json.loads((args.work / f"{phase}.json").read_text())
+
+
+def attention_backend(args) -> str:
+    """``model.attention`` for the reference and the trainer: ``measured`` takes the attention phase's
+    fastest backend (``auto`` before that phase has run); any other value is used as it is."""
+    if args.attention != "measured":
+        return args.attention
+    done = args.work / "attention.json"
+    return json.loads(done.read_text())["fastest"] if done.exists() else "auto"
+
+
+# Fields of metrics.jsonl that are not numerics: wall-clock (tests/test_golden.py's set) and, on CUDA, the
+# allocator's peak (two runs side by side may differ in workspaces without differing in any value).
+VOLATILE = {"tokens_per_s", "data_wait", "peak_memory_gib"}
 
 
 # ---------------------------------------------------------------- phases
@@ -103,32 +135,68 @@ def shards(args) -> None:
                            "written": written, "rejected": [str(r) for r in rejected]})
 
 
+def attention(args) -> None:
+    import torch
+
+    from atoken.model import attention as attn
+
+    probe = torch.empty(1, 16, 72, device="cuda" if torch.cuda.is_available() else "cpu",
+                        dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    if not torch.cuda.is_available():  # nothing to time: auto's pick on these tensors
+        write(args, "attention", {"fastest": attn.get_attention_backend(probe, "auto")[0], "timed": False})
+        return
+    # Values and gradients against SDPA first (packed mixed lengths, head_dim 72): a backend that fails
+    # them is not a candidate, however fast.
+    test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-m", "gpu", "-p", "no:cacheprovider",
+                           str(HERE.parent / "tests" / "test_model.py"), "-k", "cuda_backends"],
+                          capture_output=True, text=True, cwd=HERE.parent)
+    (args.work / "attention_test.log").write_text(test.stdout + test.stderr)
+    parity = {name: outcome for outcome, name in re.findall(
+        r"^(PASSED|FAILED|SKIPPED|ERROR) \S*cuda_backends_match_sdpa_bf16\[(\w+)\]", test.stdout, re.M)}
+    out = args.work / "attention_kernels.json"
+    run([sys.executable, str(HERE / "attention.py"), "--out", str(out)], args.work / "attention.log")
+    results = json.loads(out.read_text())["results"]
+    ms = {n: r["fwd_bwd_s"] * 1e3 for n, r in results.items() if n in attn.BACKENDS and "fwd_bwd_s" in r}
+    correct = {n: t for n, t in ms.items() if parity.get(n) == "PASSED"}
+    fastest = min(correct, key=correct.get) if correct else "auto"
+    write(args, "attention", {"fastest": fastest, "timed": True, "fwd_bwd_ms": ms, "parity_test": parity,
+                              "kernels_json": str(out), "errors": {n: r["error"] for n, r in results.items()
+                                                                   if "error" in r}})
+
+
 def reference(args) -> None:
     m = MODES[args.mode]
-    sweep = []
+    sweep, profile = [], None
     for budget in sorted({*map(int, args.budgets.split(",")), args.budget}):
         out = args.work / f"reference_{budget}.json"
         run([sys.executable, str(HERE / "train_step.py"), "--models", m["model"], "--tokens", str(budget),
              "--no-padded", "--min-res", str(m["min_res"]), "--max-res", str(m["max_res"]), *m["reference"],
-             "--trunk-weights", args.trunk_weights, "--attention", args.attention,
+             "--trunk-weights", args.trunk_weights, "--attention", attention_backend(args),
+             *(["--profile", str(args.work / "profile")] if budget == args.budget else []),
              "--out", str(out)], args.work / f"reference_{budget}.log")
         r = json.loads(out.read_text())
         row = r["results"][0]
         sweep.append({"token_budget": budget, "tokens_per_s": row["tokens_per_s"], "mfu": row["mfu"],
                       "step_s": row["step_s"], "memory": row["memory"], "flops_per_step": row["flops"]["total"],
-                      "peak_flops": r["peak_flops"], "command": r["command"]})
-    write(args, "reference", {"sweep": sweep, "command": shlex.join([sys.executable, *sys.argv])})
+                      "peak_flops": r["peak_flops"], "attention_backend": r["attention_backend"],
+                      "command": r["command"]})
+        if "profile" in row:
+            profile = {"token_budget": budget, "labels": row["profile_labels"], **row["profile"]["split"],
+                       "top": row["profile"]["top"][:15]}
+    write(args, "reference", {"sweep": sweep, "profile": profile, "command": shlex.join([sys.executable, *sys.argv])})
 
 
-def trainer_command(args, run_dir: Path) -> list[str]:
+def trainer_command(args, run_dir: Path, budget: int | None = None, steps: int | None = None,
+                    extra: tuple[str, ...] = ()) -> list[str]:
     m = MODES[args.mode]
+    budget, steps = budget or args.budget, steps or args.steps
     sets = [f"model={m['model']}", "model.understanding=false", "data.streams.image_und=null",
-            f"data.streams.image_rec.remote={args.work / 'shards'}", f"data.streams.image_rec.token_budget={args.budget}",
+            f"data.streams.image_rec.remote={args.work / 'shards'}", f"data.streams.image_rec.token_budget={budget}",
             f"data.streams.image_rec.min_res={m['min_res']}", f"data.streams.image_rec.max_res={m['max_res']}",
-            f"loss.trunk_weights={args.trunk_weights}", f"model.attention={args.attention}", "loss.clip_weight=0",
-            "mix_rounds=1",
-            f"steps={args.steps}", f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep=1", "log.every=1",
-            "log.wandb_mode=disabled", f"run_dir={run_dir}", *m["train"], *args.set]
+            f"loss.trunk_weights={args.trunk_weights}", f"model.attention={attention_backend(args)}",
+            "loss.clip_weight=0", "mix_rounds=1",
+            f"steps={steps}", f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep=1", "log.every=1",
+            "log.wandb_mode=disabled", f"run_dir={run_dir}", *m["train"], *args.set, *extra]
     return [sys.executable, "-m", "atoken.training.train", "--config", "stage1", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -144,13 +212,17 @@ def train(args) -> None:
     run(cmd, args.work / "train.log", env={**os.environ, "TMPDIR": str(args.work)})
     wall = time.perf_counter() - t0
     steps, events = records(run_dir)
-    saved = {e["step"]: e["seconds"] for e in events if e["event"] == "checkpoint"}
+    chosen = re.findall(r"attention backend: (\w+)", (args.work / "train.log").read_text())
+    # The loop's stall per save: ``stall_s`` where saves are asynchronous (the write goes on in the
+    # background), else ``seconds`` (the whole synchronous save).
+    saved = {e["step"]: e.get("stall_s", e.get("seconds")) for e in events if e["event"] == "checkpoint"}
     # Steady state: after the compile warm-up; a step whose window held a checkpoint save is left out.
     steady = [r for s, r in sorted(steps.items()) if s > args.warmup and s - 1 not in saved]
     if not steady:
         raise SystemExit(f"no steady steps: {len(steps)} logged, warm-up {args.warmup}")
     write(args, "train", {
         "command": shlex.join(cmd), "wall_s": wall, "steps": len(steps), "steady_steps": len(steady),
+        "attention_backend": chosen[0] if chosen else attention_backend(args),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
         "data_wait_fraction": statistics.mean(r["data_wait"] for r in steady),
         "checkpoint_stall_s": statistics.mean(saved.values()) if saved else None,
@@ -188,6 +260,57 @@ def resume(args) -> None:
                            "losses_resumed": {s: after[s] for s in sorted(after)}})
 
 
+def pair(args, name: str, extra: tuple[str, ...]) -> dict:
+    """Two runs of one short command, side by side (one H100 holds two so400m runs at 4096 tokens), compared."""
+    cmds = [trainer_command(args, args.work / f"run_{name}_{i}", args.pair_budget, args.pair_steps,
+                            ("parallel.compile=false", f"checkpoint.every={args.pair_steps}", *extra))
+            for i in (1, 2)]
+    for i in (1, 2):
+        shutil.rmtree(args.work / f"run_{name}_{i}", ignore_errors=True)
+    errors: list[BaseException] = []
+
+    def go(i: int) -> None:
+        try:
+            run(cmds[i - 1], args.work / f"{name}_{i}.log", env={**os.environ, "TMPDIR": str(args.work)})
+        except BaseException as e:  # noqa: BLE001 - SystemExit with the log's tail: reported below
+            errors.append(e)
+    threads = [threading.Thread(target=go, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(str(errors[0]))
+    a, b = (records(args.work / f"run_{name}_{i}")[0] for i in (1, 2))
+    for i in (1, 2):  # the last step always saves: so400m's 16 GB each, on a 64 GiB disk
+        shutil.rmtree(args.work / f"run_{name}_{i}" / "checkpoints", ignore_errors=True)
+    diffs = {s: {k: (a[s][k], b[s].get(k)) for k in a[s] if k not in VOLATILE and a[s][k] != b[s].get(k)}
+             for s in sorted(a)}
+    rel = {s: abs(a[s]["loss"] - b[s]["loss"]) / max(abs(a[s]["loss"]), 1e-12) for s in sorted(a) if s in b}
+    first = next((s for s, d in diffs.items() if d), None)
+    return {"command": shlex.join(cmds[0]), "steps": sorted(a), "identical": set(a) == set(b) and first is None,
+            "compared_fields": sorted({k for r in a.values() for k in r} - VOLATILE),
+            "first_different_step": first, "first_difference": diffs.get(first),
+            "max_rel_loss_diff": max(rel.values()) if rel else None, "rel_loss_diff": rel}
+
+
+def _pair_phase(args, phase: str, extra: tuple[str, ...]) -> None:
+    try:
+        result = pair(args, phase, extra)
+    except SystemExit as e:  # a run failed (e.g. an op without a deterministic CUDA kernel): recorded
+        write(args, phase, {"identical": None, "error": str(e)[-2000:]})
+        raise
+    write(args, phase, result)
+
+
+def determinism(args) -> None:
+    _pair_phase(args, "determinism", ("deterministic=true",))
+
+
+def drift(args) -> None:
+    _pair_phase(args, "drift", ())
+
+
 def convert(args) -> None:
     import torch
 
@@ -210,7 +333,8 @@ def report(args) -> None:
     import torch
 
     ref, tr = read(args, "reference"), read(args, "train")
-    done = {p: read(args, p) for p in ("resume", "convert") if (args.work / f"{p}.json").exists()}
+    done = {p: read(args, p) for p in ("resume", "convert", "attention", "determinism", "drift")
+            if (args.work / f"{p}.json").exists()}
     at = next(r for r in ref["sweep"] if r["token_budget"] == args.budget)
     flops_per_token = at["flops_per_step"] / args.budget
     info = {"type": "cuda", "name": torch.cuda.get_device_name()} if torch.cuda.is_available() else {"type": "cpu"}
@@ -223,20 +347,26 @@ def report(args) -> None:
         "trainer_tokens_per_s": tr["tokens_per_s"],
         "trainer_vs_reference": tr["tokens_per_s"] / at["tokens_per_s"],
         "trainer_mfu": flops_per_token * tr["tokens_per_s"] / at["peak_flops"],
+        "perceptual_fraction": (ref.get("profile") or {}).get("perceptual_fraction"),
+        "attention_backend": tr.get("attention_backend", at.get("attention_backend")),
+        "deterministic_identical": done.get("determinism", {}).get("identical"),
+        "default_mode_max_rel_loss_diff": done.get("drift", {}).get("max_rel_loss_diff"),
         "data_wait_fraction": tr["data_wait_fraction"], "checkpoint_stall_s": tr["checkpoint_stall_s"],
         "peak_memory_gib": tr["peak_memory_gib"],
         "resume_max_rel_loss_diff": done.get("resume", {}).get("max_rel_loss_diff"),
         "holdout_psnr_db": done.get("convert", {}).get("psnr_db"),
-        "budget_sweep": ref["sweep"], "train": {k: v for k, v in tr.items() if k != "losses"},
-        "resume": done.get("resume"), "convert": done.get("convert"), "versions": {"torch": torch.__version__,
+        "budget_sweep": ref["sweep"], "profile": ref.get("profile"),
+        "train": {k: v for k, v in tr.items() if k != "losses"},
+        "resume": done.get("resume"), "convert": done.get("convert"), "attention": done.get("attention"),
+        "determinism": done.get("determinism"), "drift": done.get("drift"), "versions": {"torch": torch.__version__,
                                                                                  **git_state()},
     }
     out = write_report(result, args.out, f"gpu_trainer_{device_slug(info)}.json")
     print(f"wrote {out}")
 
 
-PHASES = {"shards": shards, "reference": reference, "train": train, "resume": resume, "convert": convert,
-          "report": report}
+PHASES = {"shards": shards, "attention": attention, "reference": reference, "train": train, "resume": resume,
+          "convert": convert, "determinism": determinism, "drift": drift, "report": report}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -251,15 +381,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="steps left out of the trainer's speed (gpu 10, cpu 1)")
     p.add_argument("--trunk-weights", default=os.environ.get("ATOKEN_TRUNK_WEIGHTS"),
                    help="the perceptual trunk file (default $ATOKEN_TRUNK_WEIGHTS, else stlpips-pytorch's alex)")
-    p.add_argument("--attention", help="model.attention of both the reference and the trainer (gpu torch_varlen, "
-                                       "the backend the step benchmark was measured with, cpu auto); "
-                                       "gpu_trainer.sh kernels compares the others")
+    p.add_argument("--attention", help="model.attention of the reference and the trainer: a backend, auto, or "
+                                       "measured (the attention phase's fastest; the gpu default; cpu auto)")
+    p.add_argument("--pair-steps", type=int, help="steps of each determinism / drift run (gpu 4, cpu 3)")
+    p.add_argument("--pair-budget", type=int, help="tokens per micro-batch of those runs (gpu 4096, cpu 128)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more trainer overrides")
     p.add_argument("--out", help="JSON path (default benchmarks/results/gpu_trainer_<device>.json)")
     args = p.parse_args(argv)
     m = MODES[args.mode]
     for key, default in (("budget", "budget"), ("budgets", "budgets"), ("steps", "steps"),
-                         ("checkpoint_every", "every"), ("warmup", "warmup"), ("attention", "attention")):
+                         ("checkpoint_every", "every"), ("warmup", "warmup"), ("attention", "attention"),
+                         ("pair_steps", "pair_steps"), ("pair_budget", "pair_budget")):
         if getattr(args, key) is None:
             setattr(args, key, m[default])
     if args.trunk_weights is None:

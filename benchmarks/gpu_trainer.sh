@@ -2,8 +2,11 @@
 # The trainer on a GPU against its step benchmark (issue 14): benchmarks/gpu_trainer.py does the work.
 #
 #   benchmarks/gpu_trainer.sh wheels           # here, once (pip and the registry): the carried files in .whl/
+#                                              # and FA4's big library wheel in two chunks, .fa4libs/{a,b}
 #   benchmarks/gpu_trainer.sh [PHASE] [ARGS]   # on the GPU machine, with carry [".whl"]: install, then run
 #   benchmarks/gpu_trainer.sh cpu [ARGS]       # every phase at toy size on CPU (no install): the logic
+#   benchmarks/gpu_trainer.sh cpu-phase PHASE --mode cpu [ARGS]   # one of them (gpu_session.sh CPU=1)
+#   benchmarks/gpu_trainer.sh stash            # on the GPU machine, call 1 of 2: keep FA4's first chunk
 #   benchmarks/gpu_trainer.sh kernels [PART]   # on the GPU machine (issue 18): the attention backends and
 #                                              # the fused QK-norm + RoPE kernel, tested then timed
 #
@@ -29,17 +32,38 @@ DEEPSPEED=deepspeed==0.19.8
 WHEELS=(megatron-core==0.19.2 mosaicml-streaming==0.13.0 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5
         annotated-types==0.8.0 typing-inspection==0.4.5 brotli==1.2.1 catalogue==2.0.10 cramjam==2.14.0
         python-snappy==0.7.3 zstd==1.5.6.1  # zstd: the newest cp312 manylinux wheel
-        nvidia-cudnn-frontend==1.32.0)  # cuDNN's ragged SDPA (model.attention=cudnn), on the image's cuDNN
+        # flash-attn-4: model/attention.py calls its _flash_attn_fwd/_bwd, so the version is pinned;
+        # einops, protobuf, cuda-bindings and typing-extensions are on the image.
+        flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1
+        nvidia-cutlass-dsl-libs-base==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
+        quack-kernels==0.6.5)
+# cuDNN's ragged SDPA (model.attention=cudnn, on the image's cuDNN; 1.8x slower than torch_varlen, NOTES.md):
+# 12 MB that FA4's two calls have no room for, so only with WITH_CUDNN=1 (for `kernels step`'s cudnn row).
+[ -n "${WITH_CUDNN:-}" ] && WHEELS+=(nvidia-cudnn-frontend==1.32.0)
+FA4_LIBS=nvidia-cutlass-dsl-libs-cu13==4.8.1
+STASH=/tmp/atoken-stash  # survives between calls while the machine stays warm (30 s after a call)
 
 install() {  # the wheels once per machine (it stays up between calls), atoken once per call
   if [ ! -f "$SITE/.installed" ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl
+    local libs=()
+    if [ -f "$STASH/fa4libs.part_a" ] && compgen -G ".fa4libs/b/*.part_b" >/dev/null; then
+      local b
+      b=$(ls .fa4libs/b/*.part_b)
+      cat "$STASH/fa4libs.part_a" "$b" >"$STASH/$(basename "$b" .part_b)"
+      libs=("$STASH/$(basename "$b" .part_b)")
+      echo "FA4: the library wheel joined from its two chunks"
+    else
+      echo "FA4: not installed ($STASH/fa4libs.part_a or .fa4libs/b/*.part_b missing): model.attention=fa4 unavailable"
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$WHL"/*.whl "${libs[@]}"
     touch "$SITE/.installed"
   fi
   if [ -z "${ATOKEN_INSTALLED:-}" ]; then  # gpu_session.sh installs once, then sets it for its parts
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" .
   fi
-  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  # nvidia-cutlass-dsl puts its packages on sys.path by a .pth file, which --target installs do not run.
+  export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
 }
 
 case "${1:-all}" in
@@ -51,15 +75,31 @@ case "${1:-all}" in
       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform manylinux1_x86_64 -d "$WHL" "${WHEELS[@]}"
     cp "$("$PY" -c 'from atoken.model.perceptual import stlpips_file; print(stlpips_file("alex"))')" "$WHL/"
-    du -sh "$WHL" && ls "$WHL"
+    rm -rf .fa4libs && mkdir -p .fa4libs/a .fa4libs/b
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 -d .fa4libs "$FA4_LIBS"
+    libs=$(ls .fa4libs/*.whl)
+    # 61 MiB + this checkout (1.4 MB) in call 1; the rest (~28 MB) + .whl (~33 MB) in call 2: each < 64 MiB.
+    head -c 61M "$libs" >.fa4libs/a/fa4libs.part_a
+    tail -c +$((61 * 1024 * 1024 + 1)) "$libs" >".fa4libs/b/$(basename "$libs").part_b"
+    rm "$libs"
+    du -sh "$WHL" .fa4libs/a .fa4libs/b && ls "$WHL" .fa4libs/*
+    ;;
+  stash)  # the first of two calls: keep FA4's first chunk on the machine for the next call's install
+    mkdir -p "$STASH" && cp .fa4libs/a/fa4libs.part_a "$STASH/" && ls -l "$STASH"
     ;;
   install)
     install
     "$PY" -c "import atoken.training.train, deepspeed, streaming, megatron.core; print('installed: deepspeed', deepspeed.__version__)"
+    "$PY" -c "from atoken.model.attention import _fa4, _unavailable_reason as r; print('fa4:', r('fa4', None) or 'importable')"
     ;;
   cpu)
     shift
     exec "$PY" benchmarks/gpu_trainer.py all --mode cpu "$@"
+    ;;
+  cpu-phase)  # one phase on CPU, no install (gpu_session.sh with CPU=1)
+    shift
+    exec "$PY" benchmarks/gpu_trainer.py "$@"
     ;;
   kernels)  # PART: check, step, budget or all (one 10-minute call may not hold all: so400m compiles)
     install

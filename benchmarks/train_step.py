@@ -63,8 +63,10 @@ from atoken.training.checkpoint.deepspeed_internals import torch_optimizer
 from atoken.training.config import RunConfig
 from atoken.training.parallelize import init_parallel, parallelize
 from atoken.training.engine import precision
+from atoken.training.ema import EMA
 from atoken.training.train import micro_step
 from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync, write_report
+from step_split import labels, split
 
 # ------------------------------------------------------------------ FLOPs
 
@@ -160,7 +162,8 @@ def count_host_syncs(step, device) -> dict:
 
 
 def profile_step(step, device, out_dir: Path, name: str) -> dict:
-    """One step under torch.profiler: the top kernels by device time, and a Chrome trace."""
+    """One step under torch.profiler: the top kernels by device time, a Chrome trace, and the split of
+    the step's time into parts (``step_split.split``: perceptual loss, optimizer, ...)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -174,7 +177,7 @@ def profile_step(step, device, out_dir: Path, name: str) -> dict:
     prof.export_chrome_trace(str(out_dir / f"trace_{name}.json"))
     total = sum(getattr(e, key) for e in events)
     top = sorted(events, key=lambda e: -getattr(e, key))[:25]
-    return {"sort": key, "total_us": total,
+    return {"sort": key, "total_us": total, "split": split(prof, device.type == "cuda"),
             "top": [{"name": e.key[:120], "us": getattr(e, key), "share": getattr(e, key) / total if total else 0,
                      "calls": e.count} for e in top]}
 
@@ -203,8 +206,16 @@ def bench_train(engine, batch: PackedBatch, objective, run: RunConfig, args, dev
            "final_loss": float(loss.detach()),
            "optimizer": type(torch_optimizer(engine)).__module__ + "." + type(torch_optimizer(engine)).__name__,
            "host_syncs_per_step": count_host_syncs(step, device)}
-    if args.profile:
-        out["profile"] = profile_step(step, device, Path(args.profile), f"{args.tag}_{engine.module.cfg.encoder.width}")
+    if args.profile:  # after the timing: labels the parts, and adds the trainer's EMA update to the step
+        ema = EMA(engine.module, run.optim.ema_decay)
+        out["profile_labels"] = labels(engine, objective, ema)
+
+        def step_with_ema():
+            step()
+            ema.update(engine.module, 1)
+        step_with_ema()  # the hooks' and the EMA's first call, outside the profile
+        out["profile"] = profile_step(step_with_ema, device, Path(args.profile),
+                                      f"{args.tag}_{engine.module.cfg.encoder.width}")
     return out
 
 
@@ -360,6 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lpips", action="store_true", help="the paper's LPIPS + Gram weights in the objective")
     p.add_argument("--trunk-weights", help="with --lpips: the perceptual trunk file (loss.trunk_weights; default: "
                                            "torch hub cache, then stlpips-pytorch)")
+    p.add_argument("--perceptual-size", type=int,
+                   help="loss.perceptual_size: the side the perceptual terms see (default 224; smaller for CPU tests)")
     p.add_argument("--peak-tflops", type=float,
                    help="device peak, TFLOP/s (default: 989 on CUDA = H100 bf16 dense; CPU: measured fp32 matmul)")
     p.add_argument("--no-padded", action="store_true", help="skip the packed vs padded comparison")
@@ -400,6 +413,8 @@ def main(argv=None) -> None:
     # The trainer's objective. The CLIP term needs a teacher and has its own benchmark (clip_term.py).
     loss_cfg = (LossConfig(clip_weight=0.0, trunk_weights=args.trunk_weights) if args.lpips else
                 LossConfig(lpips_weight=0.0, gram_weight=0.0, clip_weight=0.0))
+    if args.perceptual_size:
+        loss_cfg.perceptual_size = args.perceptual_size
     objective = Objective(loss_cfg).to(device)
 
     results = []

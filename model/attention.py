@@ -1,19 +1,21 @@
-"""Attention over packed variable-length sequences: one function, four backends.
+"""Attention over packed variable-length sequences: one function, five backends.
 
 Sample i owns rows ``cu_seqlens[i]:cu_seqlens[i + 1]`` of q/k/v ``[N, heads, head_dim]``; a token
 attends (bidirectionally) to the tokens of its own sample only.
 
 The backend is part of the model config (``ModelConfig.attention``, like transformers'
 ``attn_implementation``): ``"auto"`` or one of
+  ``fa4``          flash-attn-4 (``flash_attn.cute``, the CuTe-DSL FlashAttention, JIT-compiled; CUDA sm90+,
+                   fp16/bf16). It pads head_dim 72 to an 80-wide tile, FA2/FA3 to 96. Called through
+                   the custom ops ``atoken::fa4_fwd`` / ``atoken::fa4_bwd`` so compiled blocks keep one graph.
   ``flash_attn``   flash-attn's ``flash_attn_varlen_func`` (package installed, CUDA, fp16/bf16)
   ``torch_varlen`` PyTorch's fused ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16)
   ``cudnn``        cuDNN's SDPA on ragged (THD) tensors, through ``nvidia-cudnn-frontend``'s torch op
                    ``cudnn.sdpa_torch`` (CUDA sm80+, fp16/bf16, head_dim a multiple of 8, <= 128).
                    It takes head_dim 72 as it is; FlashAttention pads it to 96.
   ``sdpa``         a loop over samples with ``F.scaled_dot_product_attention`` (any device/dtype)
-``auto`` takes the first that can run, in that order. cuDNN comes after the FlashAttention kernels:
-on an H100, so400m's heads (16 x 72) and a 16k-token mixed-resolution batch, its forward + backward
-took 2.46 ms against torch_varlen's 1.39 ms (benchmarks/results/attention_nvidia_h100_80gb_hbm3.json).
+``auto`` takes the first that can run in ``auto_order()``: the backends measured on a GPU, fastest first
+(``MEASURED_MS``, from ``benchmarks/attention.py``), then the unmeasured ones, then sdpa.
 """
 from __future__ import annotations
 
@@ -40,6 +42,22 @@ except Exception:  # older torch
 _HALF = (torch.float16, torch.bfloat16)
 _logged: set[tuple[str, str]] = set()
 
+# auto's ranking is data: forward + backward ms of each backend on one GPU, one packed mixed-resolution
+# batch of 16384 tokens at so400m's heads (16 x 72), bf16, all in the same run of benchmarks/attention.py.
+# Source: benchmarks/results/attention_nvidia_h100_80gb_hbm3.json (H100 80GB HBM3, 2026-11-26);
+# tests/test_benchmarks.py checks these numbers against that file. A backend missing here (fa4,
+# flash_attn: not installed in that run) comes after the measured ones; benchmarks/attention.py prints
+# the line to paste after a new run.
+MEASURED_MS = {"torch_varlen": 1.394, "cudnn": 2.464}
+MEASURED_ON = "benchmarks/results/attention_nvidia_h100_80gb_hbm3.json"
+
+
+def auto_order() -> tuple[str, ...]:
+    """The backends ``auto`` tries, in order: measured fastest first, then unmeasured, sdpa last."""
+    fused = [b for b in BACKENDS if b != "sdpa"]
+    measured = sorted((b for b in fused if b in MEASURED_MS), key=MEASURED_MS.__getitem__)
+    return (*measured, *(b for b in fused if b not in MEASURED_MS))
+
 
 @functools.cache
 def _cudnn_sdpa():
@@ -52,6 +70,69 @@ def _cudnn_sdpa():
         return None
 
 
+@functools.cache
+def _fa4():
+    """flash-attn-4's ``flash_attn.cute.interface`` module, or None. Imported on first use: it loads the
+    CuTe DSL (MLIR, seconds) and needs nvidia-cutlass-dsl; the installed version is the pinned one
+    (benchmarks/gpu_trainer.sh), since its ``_flash_attn_fwd`` / ``_flash_attn_bwd`` are not public."""
+    try:
+        from flash_attn.cute import interface
+
+        interface._flash_attn_fwd, interface._flash_attn_bwd  # noqa: B018 - the entry points the ops call
+        return interface
+    except Exception:  # not installed, no CUDA driver for the DSL, or another version's internals
+        return None
+
+
+# FA4 through two custom ops (forward, backward) with their autograd and fake kernels: dynamo sees
+# one opaque op, as it sees flash-attn 2's, instead of tracing into the CuTe DSL. q/k/v [N, h, D],
+# cu [B + 1] int32, lse [h, N] fp32.
+@torch.library.custom_op("atoken::fa4_fwd", mutates_args=())
+def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+             max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse, *_ = _fa4()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
+                                          max_seqlen_k=max_seqlen, return_lse=True)
+    return out.contiguous(), lse.contiguous()  # no-ops: FA4 allocates them so; the fake kernel says so
+
+
+@_fa4_fwd.register_fake
+def _(q, k, v, cu, max_seqlen):
+    # Contiguous whatever q's strides (q/k/v are strided views of the fused qkv projection).
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("atoken::fa4_bwd", mutates_args=())
+def _fa4_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+             lse: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
+             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _fa4()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                        max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                                        deterministic=deterministic)[:3]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_fa4_bwd.register_fake
+def _(q, k, v, out, dout, lse, cu, max_seqlen, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fa4_setup(ctx, inputs, output):
+    q, k, v, cu, max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+    ctx.max_seqlen = max_seqlen
+    # deterministic=true (training/determinism): FA4's backward then accumulates dq in a fixed order.
+    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
+
+
+def _fa4_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    dq, dk, dv = _fa4_bwd(q, k, v, out, dout, lse, cu, ctx.max_seqlen, ctx.deterministic)
+    return dq, dk, dv, None, None
+
+
+_fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+
+
 @torch.compiler.assume_constant_result
 def _sm(index: int) -> int:
     """Compute capability of CUDA device ``index`` as 10 * major + minor (90: Hopper)."""
@@ -59,18 +140,35 @@ def _sm(index: int) -> int:
     return 10 * major + minor
 
 
-def _unavailable_reason(name: str, x: torch.Tensor | None) -> str | None:
-    """Why backend ``name`` cannot run on tensors like ``x`` (None: it can; x None: package check only)."""
+@torch.compiler.assume_constant_result
+def _package_missing(name: str) -> str:
+    """Why backend ``name``'s package cannot be used ("" if it can). Run eagerly and taken as a constant
+    under torch.compile: tracing the imports would break the compiled block's graph."""
+    if name == "fa4" and _fa4() is None:
+        return "flash-attn-4 (flash_attn.cute) with nvidia-cutlass-dsl is not installed"
     if name == "cudnn" and _cudnn_sdpa() is None:
         return "nvidia-cudnn-frontend >= 1.32 is not installed"
     if name == "flash_attn" and flash_attn_varlen_func is None:
         return "flash_attn is not installed"
     if name == "torch_varlen" and torch_varlen_attn is None:
         return "torch.nn.attention.varlen.varlen_attn is missing in this torch"
+    return ""
+
+
+def _unavailable_reason(name: str, x: torch.Tensor | None) -> str | None:
+    """Why backend ``name`` cannot run on tensors like ``x`` (None: it can; x None: package check only)."""
+    missing = _package_missing(name)
+    if missing:
+        return missing
     if name == "sdpa" or x is None:
         return None
     if not (x.is_cuda and x.dtype in _HALF):
         return f"needs CUDA fp16/bf16 tensors, got {x.device.type} {x.dtype}"
+    if name == "fa4":
+        if _sm(x.device.index or 0) < 90:
+            return "needs sm90 (Hopper) or later"
+        if x.shape[-1] % 8 or x.shape[-1] > 256:
+            return f"head_dim {x.shape[-1]} is not a multiple of 8 up to 256"
     if name == "cudnn":
         if _sm(x.device.index or 0) < 80:
             return "needs sm80 or later"
@@ -97,7 +195,7 @@ def get_attention_backend(q: torch.Tensor, backend: str = "auto") -> tuple[str, 
         if reason:
             raise ValueError(f"attention backend {backend!r} (model.attention) cannot run: {reason}")
         return backend, "set in model.attention"
-    order = BACKENDS[:-1]  # sdpa is the fallback
+    order = auto_order()  # sdpa is the fallback
     for name in order:
         if _unavailable_reason(name, q) is None:
             return name, f"auto: {q.device.type} {q.dtype}"
@@ -143,6 +241,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out, _ = _cudnn_sdpa()(q, k, v, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=bound,
                                max_seqlen_kv=bound, return_lse=True)
         return out
+    if name == "fa4":
+        return _fa4_fwd(q, k, v, cu, max_seqlen)[0]
     if name == "flash_attn":
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
     return torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ from atoken.model.config import PATCH_DIM
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 from common import image_sizes, packed_batch  # noqa: E402
+from attention import measured_ms_line  # noqa: E402
 from train_step import train_flops  # noqa: E402
+
+from atoken.model import attention as attn_mod  # noqa: E402
 
 
 @pytest.mark.slow
@@ -75,3 +79,41 @@ def test_clip_term_script_on_cpu(tmp_path):
     (r,) = rep["teachers"]
     assert r["teacher"] == "tiny" and r["clip_s"] == pytest.approx(r["with_clip_s"] - rep["rest_s"])
     assert sum(h * w for h, w in rep["settings"]["sizes"]) == 64 * 256  # the micro-batch's 64 tokens of 16x16
+
+
+def test_auto_attention_ranking_is_the_committed_measurement():
+    """model/attention.py's MEASURED_MS (auto's order) is the committed GPU run's, not a guess."""
+    rep = json.loads((BENCH.parent / attn_mod.MEASURED_ON).read_text())
+    assert measured_ms_line(rep["results"]) == f"MEASURED_MS = {attn_mod.MEASURED_MS}"
+
+
+@pytest.mark.slow
+def test_gpu_session_script_on_cpu(tmp_path):
+    """benchmarks/gpu_session.sh end to end in its CPU mode (tiny, 128 tokens, 4 steps): every part runs,
+    and the report holds issue 23's fields, each from its own part. ``drift`` is left out (it is
+    ``determinism``'s code without the flag; ~1 min): its fields stay null, as for any part not run."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = {**os.environ, "CPU": "1", "PYTHON": sys.executable, "WORK": str(work), "OUT": str(out),
+           "SESSION_S": "3000", "OMP_NUM_THREADS": "1"}
+    parts = ["shards", "attention", "reference", "train", "determinism", "report"]  # one report, at the end
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), *parts], capture_output=True, text=True,
+                          timeout=3000, env=env)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts[-1] = "report1"
+    assert [line.split(":")[0] for line in summary.splitlines()] == parts and summary.count("rc=0") == len(parts)
+    rep = json.loads((work / "gpu_trainer_cpu.json").read_text())
+    assert 0 < rep["reference_mfu"] and 0 < rep["trainer_mfu"]
+    split = rep["profile"]
+    assert sum(split["fractions"].values()) == pytest.approx(1.0)
+    assert 0 < split["perceptual_net_fraction"] < rep["perceptual_fraction"] == split["fractions"]["perceptual"] < 1
+    assert set(split["labels"]) == {"objective.rec", "objective.rec.perceptual.features", "engine.backward",
+                                    "engine.step", "ema.update"}
+    assert all(split["fractions"][p] > 0 for p in ("optimizer", "ema", "deepspeed", "matmul", "elementwise"))
+    assert rep["attention_backend"] == "sdpa" == rep["attention"]["fastest"]  # CPU: auto's only choice
+    assert rep["checkpoint_stall_s"] > 0
+    det = rep["determinism"]
+    assert rep["deterministic_identical"] is True and det["steps"] == [1, 2, 3] and "loss" in det["compared_fields"]
+    assert "deterministic=true" in det["command"] and det["first_different_step"] is None
+    assert rep["drift"] is None and rep["default_mode_max_rel_loss_diff"] is None
+    assert tarfile.open(out / "session.tgz").getnames()  # the packed logs and JSONs

@@ -127,7 +127,7 @@ def test_unknown_or_unavailable_backend_raises():
     with pytest.raises(ValueError, match="model.attention must be"):
         dataclasses.replace(preset("tiny"), attention="xformers")
     q, k, v, cu = _packed_qkv([3, 4])
-    for name in ("cudnn", "flash_attn", "torch_varlen"):  # never runnable on CPU fp32 tensors
+    for name in ("cudnn", "fa4", "flash_attn", "torch_varlen"):  # never runnable on CPU fp32 tensors
         try:
             check_backend(name)
         except ValueError as e:
@@ -154,9 +154,86 @@ def test_backend_choice_logged_once(caplog):
     assert len(msgs) == 1 and msgs[0].startswith("attention backend: sdpa (")
 
 
+def test_backend_checks_trace_as_constants_under_compile():
+    """The package checks import (cudnn, flash_attn.cute) eagerly: a compiled block that asks which
+    backend runs keeps one graph instead of failing to trace the imports."""
+    reasons = torch.compile(lambda: [attn_mod._unavailable_reason(n, None) for n in attn_mod.BACKENDS],
+                            fullgraph=True, backend="eager")()
+    assert reasons == [attn_mod._unavailable_reason(n, None) for n in attn_mod.BACKENDS] and reasons[-1] is None
+
+
+def test_auto_order_is_the_measured_ranking():
+    """auto tries the measured backends fastest first, then the unmeasured, never sdpa before them."""
+    order = attn_mod.auto_order()
+    measured = [b for b in order if b in attn_mod.MEASURED_MS]
+    assert measured == sorted(attn_mod.MEASURED_MS, key=attn_mod.MEASURED_MS.get)
+    assert order[:len(measured)] == tuple(measured) and "sdpa" not in order
+    assert set(order) | {"sdpa"} == set(attn_mod.BACKENDS)
+
+
+class _ReferenceFA4:
+    """Stands in for ``flash_attn.cute.interface`` on CPU: the dense reference with FA4's call shapes
+    (lse [heads, N] fp32, the backward's (dq, dk, dv)). It tests atoken's ops around the kernel (the
+    autograd wiring, the fake kernels under torch.compile); the kernel itself is tested on a GPU below."""
+    calls: list[str] = []
+
+    @classmethod
+    def _flash_attn_fwd(cls, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse):
+        cls.calls.append("fwd")
+        lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+        ids = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        scores = torch.einsum("nhd,mhd->hnm", q, k) / q.shape[-1] ** 0.5
+        scores = scores.masked_fill(ids[:, None] != ids[None, :], float("-inf"))
+        return dense_reference_attention(q, k, v, cu_seqlens_q), scores.logsumexp(-1).float(), None, None, None
+
+    @classmethod
+    def _flash_attn_bwd(cls, q, k, v, out, dout, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        deterministic):
+        cls.calls.append(f"bwd deterministic={deterministic}")
+        # The attention backward by hand (custom ops run below autograd): P = exp(S - lse),
+        # dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D).
+        scale = q.shape[-1] ** -0.5
+        lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+        ids = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        s = torch.einsum("nhd,mhd->hnm", q, k) * scale
+        p = (s - lse[..., None]).exp().masked_fill(ids[:, None] != ids[None, :], 0.0)  # [h, N, N]
+        dv = torch.einsum("hnm,nhd->mhd", p, dout)
+        dp = torch.einsum("nhd,mhd->hnm", dout, v)
+        ds = p * (dp - (dout * out).sum(-1).T[..., None])
+        return torch.einsum("hnm,mhd->nhd", ds, k) * scale, torch.einsum("hnm,nhd->mhd", ds, q) * scale, dv
+
+
+def test_fa4_ops_autograd_and_compile_on_cpu(monkeypatch):
+    """varlen_attention(backend="fa4") through atoken's custom ops, eager and compiled (one graph):
+    values and gradients equal the sdpa loop's; the determinism flag reaches the backward."""
+    monkeypatch.setattr(attn_mod, "_fa4", lambda: _ReferenceFA4)
+    monkeypatch.setattr(attn_mod, "_unavailable_reason", lambda name, x: None)
+    torch.manual_seed(0)
+    q, k, v, cu = _packed_qkv([5, 1, 9, 3])
+    g = torch.randn(18, 2, 16)
+    ref = sdpa_loop_attention(q, k, v, cu)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    fn = torch.compile(lambda *a: attn_mod.varlen_attention(*a, backend="fa4"), fullgraph=True, backend="eager")
+    for f in (lambda *a: attn_mod.varlen_attention(*a, backend="fa4"), fn):
+        _ReferenceFA4.calls = []
+        out = f(q, k, v, cu, 9)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert _ReferenceFA4.calls == ["fwd", "bwd deterministic=False"]
+    torch.use_deterministic_algorithms(True)
+    try:
+        _ReferenceFA4.calls = []
+        torch.autograd.grad(attn_mod.varlen_attention(q, k, v, cu, 9, backend="fa4"), (q, k, v), g)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert _ReferenceFA4.calls == ["fwd", "bwd deterministic=True"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["cudnn", "flash_attn", "torch_varlen"])
+@pytest.mark.parametrize("name", ["cudnn", "fa4", "flash_attn", "torch_varlen"])
 def test_cuda_backends_match_sdpa_bf16(name):
     """Values and gradients on packed mixed lengths (so400m's head_dim 72), against the loop of SDPA."""
     if attn_mod._unavailable_reason(name, None):
