@@ -124,3 +124,31 @@ def test_zero_weights_do_not_run_the_perceptual_net(alex):
         assert (terms["lpips"] > 0) == bool(lpips_w) and (terms["gram"] > 0) == bool(gram_w)
         assert terms["l1"] > 0
     hook.remove()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prepared_perceptual_net_on_cuda_matches_eager():
+    """``prepare_loss`` (channels_last, compiled trunk) changes the terms and gradients by rounding only,
+    over two image counts (the second compile: batch dimension dynamic)."""
+    from types import SimpleNamespace
+
+    from atoken.training.parallelize import prepare_loss
+
+    cfg = LossConfig(perceptual_size=64, clip_weight=0.0)
+    eager, fast = ReconstructionLoss(cfg).cuda(), ReconstructionLoss(cfg).cuda()
+    prepare_loss(fast, SimpleNamespace(parallel=SimpleNamespace(compile=True)), torch.device("cuda"))
+    assert fast.perceptual.lins[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for seed in (0, 1):
+        host = _batch(seed)
+        if seed:
+            host, _ = host.select([0, 1, 4])
+        batch, noisy = host.to("cuda"), _recon(host).detach()
+        results = []
+        for loss in (eager, fast):
+            recon = noisy.cuda().requires_grad_(True)
+            t = loss(batch, recon)
+            (t["lpips"] + 100 * t["gram"]).backward()
+            results.append((t["lpips"], t["gram"], recon.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
