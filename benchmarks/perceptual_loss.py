@@ -15,7 +15,9 @@ a change of machine load hits every case alike, median of ``--steps`` after ``--
   makes the trunk channels_last and compiles it on CUDA);
 - ``current_eager`` (with ``--compile``): the same loss without ``prepare_loss``;
 - ``baseline``: ``model/losses.py`` of ``--baseline REV`` (git), with this tree's perceptual net;
-- ``zero_weights``: this tree's loss with LPIPS and Gram weighted 0 (the net does not run).
+- ``zero_weights``: this tree's loss with LPIPS and Gram weighted 0 (the net does not run);
+- ``image_pairs_current`` / ``image_pairs_baseline``: the part that batching changed alone, the
+  unpatchify and resize of ``image_pairs`` (forward and backward).
 
 Writes ``benchmarks/results/perceptual_loss_<device>.json`` (``--out`` changes it).
 """
@@ -37,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from atoken.model.losses import LossConfig, ReconstructionLoss
+from atoken.model.losses import LossConfig, ReconstructionLoss, image_pairs
 from atoken.training.parallelize import prepare_loss
 from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, sync, write_report
 
@@ -58,6 +60,11 @@ def losses_module_at(rev: str):
     return module
 
 
+def ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a / b: robust to load that changes between rounds."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", help="git revision whose model/losses.py is timed beside this tree's")
@@ -65,7 +72,8 @@ def main(argv=None) -> None:
     p.add_argument("--min-res", type=int, default=64)
     p.add_argument("--max-res", type=int, default=128)
     p.add_argument("--size", type=int, default=64, help="LPIPS/Gram resolution (default 64, the demo's; stage 1: 224)")
-    p.add_argument("--compile", action="store_true", help="prepare_loss with parallel.compile (CUDA: channels_last, compiled)")
+    p.add_argument("--compile", action="store_true",
+                   help="prepare_loss with parallel.compile (CUDA: channels_last, compiled)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -103,12 +111,25 @@ def main(argv=None) -> None:
             sync(device)
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
+    # The part batching changed alone: unpatchify + resize (image_pairs), forward and backward.
+    pairs_fns = {"current": image_pairs, **({"baseline": old.image_pairs} if args.baseline else {})}
+    for r in range(args.warmup + args.steps):
+        for name, fn in pairs_fns.items():
+            recon.grad = None
+            sync(device)
+            t0 = time.perf_counter()
+            fn(batch, recon, args.size)[1].sum().backward()
+            sync(device)
+            if r >= args.warmup:
+                times.setdefault(f"image_pairs_{name}", []).append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        print(f"{k:>13}: {v * 1e3:8.1f} ms per micro-batch ({len(sizes)} images, {args.tokens} tokens, "
+        print(f"{k:>20}: {v * 1e3:8.1f} ms per micro-batch ({len(sizes)} images, {args.tokens} tokens, "
               f"{args.size} px)", flush=True)
     if "baseline" in med:
-        print(f"baseline / current: {med['baseline'] / med['current']:.2f}x")
+        for k in ("", "image_pairs_"):
+            print(f"{k}baseline / {k}current: {med[k + 'baseline'] / med[k + 'current']:.2f}x (medians); "
+                  f"median of the rounds' ratios {ratio(times[k + 'baseline'], times[k + 'current']):.2f}x")
     report = {"benchmark": "perceptual_loss", "device": info, "load_average": os.getloadavg(),
               "torch": torch.__version__, "python": platform.python_version(), **git_state(),
               "command": shlex.join([sys.executable, *sys.argv]),
