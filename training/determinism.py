@@ -16,6 +16,10 @@ must not benchmark. Two ops of the stage-1 path have no deterministic CUDA backw
 bilinear resize (the encoder's position table, the perceptual loss's input) and reflection padding
 (ST-LPIPS' blur-pool). Under this mode on CUDA they run as equivalents that have one (matmuls with
 the resize's filter matrices; slices, flips and a cat), ``model/resample.py``, tested equal on CPU.
+Outside PyTorch's switch (they would not raise, they would drift): the ``flash_attn`` attention
+backend's backward is deterministic only when called with ``deterministic=True``, and gsplat's
+rasterizer backward (3D stages) accumulates with atomics. PyTorch's own flash/efficient SDPA kernels
+(``torch_varlen``) follow the switch.
 """
 from __future__ import annotations
 
