@@ -212,7 +212,7 @@ from atoken.model.losses import LossConfig  # noqa: E402
 from atoken.model.objective import Objective  # noqa: E402
 from atoken.training import distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
-from atoken.training.parallelize import init_parallel, parallelize  # noqa: E402
+from atoken.training.parallelize import init_parallel, parallelize, prepare_loss  # noqa: E402
 from atoken.training.engine import precision
 from atoken.training.train import micro_step  # noqa: E402
 from common import (cpu_info, cpu_model, device_slug, git_state, image_sizes, packed_batch,  # noqa: E402
@@ -354,6 +354,7 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
     loss_cfg = LossConfig(clip_weight=0.0) if args.lpips else LossConfig(lpips_weight=0.0, gram_weight=0.0,
                                                                            clip_weight=0.0)
     objective = Objective(loss_cfg).to(device)
+    prepare_loss(objective, run, device)  # the perceptual net as the trainer runs it
     noise = torch.Generator(device).manual_seed(args.seed + 1 + dims.dp_rank)  # shared by the TP ranks
     amp = precision(run, device)
     extras = [{}] * batch.num_samples

@@ -61,7 +61,7 @@ from atoken.model.rope import apply_rope
 from atoken.training import distributed
 from atoken.training.checkpoint.deepspeed_internals import torch_optimizer
 from atoken.training.config import RunConfig
-from atoken.training.parallelize import init_parallel, parallelize
+from atoken.training.parallelize import init_parallel, parallelize, prepare_loss
 from atoken.training.engine import precision
 from atoken.training.ema import EMA
 from atoken.training.train import micro_step
@@ -431,6 +431,7 @@ def main(argv=None) -> None:
         run.parallel.compile = args.compile
         run.parallel.activation_checkpointing = args.activation_checkpointing
         engine = parallelize(model, dims, run, device)
+        prepare_loss(objective, run, device)  # the perceptual net as the trainer runs it
         flops = train_flops(cfg, batch.seqlens)
         t0 = time.perf_counter()
         try:

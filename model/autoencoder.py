@@ -34,6 +34,7 @@ from .gaussians import GaussianDecoder, Gaussians
 from .kv_cache import KVCache
 from .packed import ASSET3D, AttentionLayout, PackedBatch
 from .params import ParamGroup, optim_groups
+from .resample import resize_aa
 from .rope import rope_angles
 from .transformer import Angles, Transformer, init_weights, make_norm
 from .understanding import Understanding
@@ -96,7 +97,7 @@ def position_embedding(table: torch.Tensor, layout: AttentionLayout) -> torch.Te
     resized, offset = [], {}
     for h, w in dict.fromkeys(layout.table_hw):  # each distinct size once
         offset[(h, w)] = sum(r.shape[0] for r in resized)
-        r = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        r = resize_aa(grid, (h, w))  # F.interpolate's; on CUDA in deterministic mode as matmuls
         resized.append(r[0].flatten(1).t())  # [h*w, width]
     device = layout.coords.device
     # Per-chunk [S] tables built on the host, copied without waiting on the device.

@@ -24,10 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PATCH_T
+from .config import CHANNELS, PATCH_DIM, PATCH_HW, PATCH_T
 from .packed import IMAGE, PackedBatch
-from .patches import patchify, unpatchify
+from .patches import grid_coords
 from .perceptual import LPIPS, load_perceptual
+from .resample import resize_aa
+
+FRAME_VALUES = PATCH_DIM // PATCH_T  # 768: the first frame of a token, all of an image token's pixels
 
 
 @dataclass
@@ -70,11 +73,13 @@ def gram_matrix(f: torch.Tensor) -> torch.Tensor:
 
     NOTE: normalised by C*H*W (as in Gatys et al. / the usual style loss), so layers of different
     sizes contribute on a comparable scale; the 1000 weight of the objective is set against this.
-    Computed in float32: under bf16 autocast the products lose too much precision.
+    Computed in float32, autocast or not (autocast would run the matmul in bf16, whose products
+    lose too much precision).
     """
     b, c, h, w = f.shape
     f = f.float().reshape(b, c, h * w)
-    return f @ f.transpose(1, 2) / (c * h * w)
+    with torch.autocast(f.device.type, enabled=False):
+        return f @ f.transpose(1, 2) / (c * h * w)
 
 
 def gram_loss(feats_x: list[torch.Tensor], feats_y: list[torch.Tensor]) -> torch.Tensor:
@@ -84,33 +89,63 @@ def gram_loss(feats_x: list[torch.Tensor], feats_y: list[torch.Tensor]) -> torch
 
 def image_pairs(batch: PackedBatch, recon: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The image samples as pixels resized to size x size: (originals, reconstructions), each
-    [B_img, 3, size, size]; None if the batch holds no image."""
+    [B_img, 3, size, size] in batch order; None if the batch holds no image.
+
+    Batched: the images of one size are gathered, unpatchified and resized together (one op each
+    per distinct size, not per image); per image the same values as resizing it alone.
+    """
     idx = [i for i, m in enumerate(batch.modalities) if m == IMAGE]
     if not idx:
         return None
-    spans = batch.spans()
+    starts = [s for s, _ in batch.spans()]
+    by_size: dict[tuple[int, int], list[int]] = {}  # (h, w) patch grid -> its images, in batch order
+    for i in idx:
+        by_size.setdefault(batch.grids[i][1:3], []).append(i)
 
-    def resized(tokens: torch.Tensor, i: int) -> torch.Tensor:
-        img = unpatchify(tokens[slice(*spans[i])], batch.grids[i], batch.frames[i])[:, 0]  # [3, H, W]
-        # fp32: CPU has no bf16 antialiased resize (bf16 autocast on CPU failed here)
-        return F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                             align_corners=False)
+    def resized(tokens: torch.Tensor) -> torch.Tensor:
+        out = []
+        for (h, w), members in by_size.items():
+            # Rows of the members' tokens [G * h * w], built on the host, copied without a sync.
+            rows = (torch.tensor([starts[i] for i in members])[:, None] + torch.arange(h * w)).flatten()
+            frame0 = tokens[:, :FRAME_VALUES].index_select(0, rows.to(tokens.device, non_blocking=True))
+            # [G*h*w, 768] (ph, pw, c) per token -> [G, 3, h*16, w*16] (an image's frame 0, as unpatchify)
+            img = (frame0.view(len(members), h, w, PATCH_HW, PATCH_HW, CHANNELS).permute(0, 5, 1, 3, 2, 4)
+                   .reshape(len(members), CHANNELS, h * PATCH_HW, w * PATCH_HW))
+            # fp32: CPU has no bf16 antialiased resize (bf16 autocast on CPU failed here)
+            out.append(resize_aa(img.float(), (size, size)))
+        out = torch.cat(out)  # [B_img, 3, size, size] grouped by size
+        order = [i for members in by_size.values() for i in members]
+        if order == idx:
+            return out
+        where = {i: k for k, i in enumerate(order)}
+        back = torch.tensor([where[i] for i in idx]).to(out.device, non_blocking=True)
+        return out.index_select(0, back)  # batch order
 
     with torch.no_grad():
-        orig = torch.cat([resized(batch.features, i) for i in idx])
-    return orig, torch.cat([resized(recon, i) for i in idx])
+        orig = resized(batch.features)
+    return orig, resized(recon)
+
+
+def packed_images(x: torch.Tensor) -> PackedBatch:
+    """x [B, 3, H, W] (H, W multiples of 16) -> the PackedBatch of its B images: ``patchify`` of each,
+    batched (the same tokens, coords and grids as ``PackedBatch.cat`` of the per-image patchify)."""
+    b, c, hh, ww = x.shape
+    h, w = hh // PATCH_HW, ww // PATCH_HW
+    # [B, 3, h, 16, w, 16] -> [B, h, w, 16, 16, 3]: each token's frame 0 in (ph, pw, c) order
+    frame0 = x.reshape(b, c, h, PATCH_HW, w, PATCH_HW).permute(0, 2, 4, 3, 5, 1).reshape(b * h * w, FRAME_VALUES)
+    features = F.pad(frame0, (0, PATCH_DIM - FRAME_VALUES))  # frames 1..3: time padding, zeros
+    coords = grid_coords(1, h, w, device=x.device).repeat(b, 1)
+    cu = torch.arange(b + 1, dtype=torch.int32) * (h * w)
+    return PackedBatch(features, coords, cu, [(1, h, w, 1)] * b, [IMAGE] * b, [1] * b)
 
 
 def feature_loss(teacher: nn.Module, orig: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
     """The CLIP/feature term (module docstring): orig (no grad), rec [B, 3, S, S] in [-1, 1], S a
     multiple of 16 -> [B] mean over each image's tokens of 1 - cos(teacher(rec), teacher(orig)).
     ``teacher.features(batch)`` gives the frozen image tower's tokens [N, width]."""
-    def packed(x: torch.Tensor) -> PackedBatch:
-        return PackedBatch.cat([(*patchify(img), IMAGE, 1) for img in x])
-
     with torch.no_grad():
-        target = teacher.features(packed(orig))
-    batch = packed(rec)
+        target = teacher.features(packed_images(orig))
+    batch = packed_images(rec)
     cos = F.cosine_similarity(teacher.features(batch).float(), target.float(), dim=-1)  # [N]
     ids = batch.sample_ids().to(cos.device)
     per_image = cos.new_zeros(rec.shape[0]).index_add(0, ids, 1 - cos)
@@ -142,20 +177,26 @@ class ReconstructionLoss(nn.Module):
 
     def forward(self, batch: PackedBatch, recon: torch.Tensor,
                 teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
         l1 = token_l1(batch, recon).mean()
         lpips = gram = clip = recon.new_zeros((), dtype=torch.float32)
-        pairs = image_pairs(batch, recon, self.cfg.perceptual_size)
-        if pairs is not None:
+        # A term weighted 0 is not computed (it reads 0): with LPIPS and Gram both 0 the net does not run.
+        perceptual = bool(cfg.lpips_weight or cfg.gram_weight)
+        pairs = image_pairs(batch, recon, cfg.perceptual_size) if perceptual or cfg.clip_weight else None
+        if pairs is not None and perceptual:
             dtype = next(self.perceptual.parameters()).dtype
             orig, rec = (p.to(dtype) for p in pairs)
+            # One trunk pass per side serves both terms (LPIPS and Gram read the same 5 feature maps).
             with torch.no_grad():
                 fx = self.perceptual.features(orig)
             fy = self.perceptual.features(rec)
-            lpips = self.perceptual.distance(fx, fy).float().mean()
-            gram = gram_loss(fx, fy).mean()
-            if self.cfg.clip_weight:
-                if teacher is None:
-                    raise ValueError("the CLIP/feature term of image reconstruction needs the frozen SigLIP2 "
-                                     "teacher: set loss.teacher to a local checkpoint directory, or loss.clip_weight=0")
-                clip = feature_loss(teacher, *pairs).mean()
+            if cfg.lpips_weight:
+                lpips = self.perceptual.distance(fx, fy).float().mean()
+            if cfg.gram_weight:
+                gram = gram_loss(fx, fy).mean()
+        if pairs is not None and cfg.clip_weight:
+            if teacher is None:
+                raise ValueError("the CLIP/feature term of image reconstruction needs the frozen SigLIP2 "
+                                 "teacher: set loss.teacher to a local checkpoint directory, or loss.clip_weight=0")
+            clip = feature_loss(teacher, *pairs).mean()
         return {"l1": l1, "lpips": lpips, "gram": gram, "clip": clip}

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .resample import reflect_pad
+
 logger = logging.getLogger(__name__)
 
 CHANNELS = {"alex": (64, 192, 384, 256, 256), "vgg": (64, 128, 256, 512, 512)}
@@ -47,7 +49,8 @@ class BlurPool(nn.Module):
         self.register_buffer("filt", (filt / filt.sum()).expand(channels, 1, 3, 3).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.filt, stride=2, groups=x.shape[1])
+        # reflect_pad: F.pad's reflection, or in deterministic mode on CUDA a form with a deterministic backward
+        return F.conv2d(reflect_pad(x, 2), self.filt, stride=2, groups=x.shape[1])
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, pad: int = 1) -> nn.Conv2d:

@@ -50,7 +50,7 @@ SEED = 7
 K = 2  # steps before and after the save
 STEPS = 2 * K
 JITTER = 1e-4  # input noise from each DP rank's checkpointed generator: exposes a wrong RNG restore
-# The trainer's objective as L1 + 1e-3 KL: the perceptual net runs (at 32 px, cheap), weighted 0.
+# The trainer's objective as L1 + 1e-3 KL (LPIPS and Gram weighted 0: the perceptual net does not run).
 LOSS = LossConfig(rec_weight=1.0, kl_weight=1e-3, lpips_weight=0.0, gram_weight=0.0, clip_weight=0.0,
                   perceptual_size=32)
 

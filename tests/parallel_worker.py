@@ -116,7 +116,7 @@ def batches() -> list[PackedBatch]:
 
 
 # The trainer's objective with L1 and KL alone weighted (see the NOTE above): total = L1 + KL_WEIGHT * KL.
-# The perceptual net still runs (at 64 px), its terms weighted 0.
+# LPIPS and Gram weighted 0: the perceptual net does not run.
 LOSS = LossConfig(rec_weight=1.0, kl_weight=KL_WEIGHT, lpips_weight=0.0, gram_weight=0.0, clip_weight=0.0,
                   perceptual_size=64)
 TERMS = ("l1", "kl", "total")

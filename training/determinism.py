@@ -12,7 +12,14 @@ matmuls and oneDNN convolutions gave the same bits across processes.
 
 On GPUs the same switch selects deterministic kernels where PyTorch has them (and raises for an op
 that has none, naming it); cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before its first use, and cuDNN
-must not benchmark.
+must not benchmark. Two ops of the stage-1 path have no deterministic CUDA backward: the antialiased
+bilinear resize (the encoder's position table, the perceptual loss's input) and reflection padding
+(ST-LPIPS' blur-pool). Under this mode on CUDA they run as equivalents that have one (matmuls with
+the resize's filter matrices; slices, flips and a cat), ``model/resample.py``, tested equal on CPU.
+Outside PyTorch's switch (they would not raise, they would drift): the ``flash_attn`` attention
+backend's backward is deterministic only when called with ``deterministic=True``, and gsplat's
+rasterizer backward (3D stages) accumulates with atomics. PyTorch's own flash/efficient SDPA kernels
+(``torch_varlen``) follow the switch.
 """
 from __future__ import annotations
 

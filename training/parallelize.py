@@ -17,6 +17,9 @@
 4. the DeepSpeed engine: AdamW, the LR schedule and ZeRO over the data-parallel group
    (engine.py), with ``mpu_for(dims)``.
 
+``prepare_loss(objective, cfg, device)`` does the same for the loss's frozen perceptual net (no
+parallelism: it is replicated and has no trainable parameters): channels_last and compile, on CUDA.
+
 The model itself (model/) knows nothing of this: its blocks are plain ``nn.Linear`` modules.
 
 Layout: ``world = tp * dp``; the ``tp`` ranks of a tensor-parallel group are consecutive global
@@ -396,6 +399,25 @@ def compile_blocks(model: nn.Module) -> int:
         block.compile(dynamic=True)
     log.info("torch.compile: %d transformer blocks (dynamic shapes)", len(found))
     return len(found)
+
+
+def prepare_loss(objective: nn.Module, cfg, device: torch.device) -> None:
+    """The frozen perceptual trunk of ``objective`` (``Objective`` or ``ReconstructionLoss``) on CUDA:
+    channels_last weights, so cuDNN runs its convolutions NHWC (the [B_img, 3, S, S] input is
+    transposed once, at the first convolution), and with ``parallel.compile`` the trunk compiled
+    (as Cosmos compiles only its VGG). Shapes: static at first; a micro-batch with another image
+    count recompiles once with the batch dimension dynamic (torch.compile's automatic dynamic), so
+    a packed stream's varying image counts cost two compiles, not one per count. On CPU nothing
+    changes (the golden file's numerics, and Inductor's CPU compile costs more than it saves here)."""
+    rec = getattr(objective, "rec", objective)
+    net = rec.perceptual
+    if device.type != "cuda":
+        log.info("perceptual net: eager, NCHW (on %s)", device.type)
+        return
+    net.to(memory_format=torch.channels_last)
+    if cfg.parallel.compile:
+        net.net.compile()
+    log.info("perceptual net: channels_last%s", ", trunk compiled" if cfg.parallel.compile else "")
 
 
 # ------------------------------------------------------------------ reading the weights back

@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     from .ema import EMA
     from .engine import precision
     from .holdout import load_images
-    from .parallelize import init_parallel, parallelize
+    from .parallelize import init_parallel, parallelize, prepare_loss
     from .logger import RunLogger
     from .preemption import StopSignals
 
@@ -168,6 +168,7 @@ def main(argv=None) -> None:
     # Parallelism is applied here and only here (training/parallelize.py): TP/SP, activation
     # checkpointing, compile, then the DeepSpeed engine (ZeRO over the data-parallel group).
     engine = parallelize(model, dims, cfg, device)
+    prepare_loss(objective, cfg, device)  # the perceptual net: channels_last, compiled (on CUDA)
     ema = EMA(model, cfg.optim.ema_decay)
     # Per data-parallel rank from here on; the TP ranks of a group must agree (same batch, same noise).
     torch.manual_seed(cfg.seed + 1 + dims.dp_rank)
