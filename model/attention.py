@@ -244,7 +244,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if name == "fa4":
         return _fa4_fwd(q, k, v, cu, max_seqlen)[0]
     if name == "flash_attn":
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False)
+        # flash-attn's backward adds dq atomically unless asked: deterministic=true must ask (it is
+        # outside torch.use_deterministic_algorithms, so it would drift silently rather than raise).
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=False,
+                                      deterministic=torch.are_deterministic_algorithms_enabled())
     return torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
 
 
