@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.py Makefile
 	# Built where and with what the trainer builds it (training/distributed.py: the venv's ninja).
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from atoken.training.distributed import prepare_extension_build; \
 	  prepare_extension_build(); from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
-	# A real single-node Slurm for tests/test_cluster.py (Debian's slurm-wlm). Installed when we may
+	# A real single-node Slurm for tests/integration/test_cluster.py (Debian's slurm-wlm). Installed when we may
 	# (root with apt-get); otherwise those tests skip and say why.
 	command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q slurm-wlm >/dev/null || { apt-get update -q && apt-get install -y -q slurm-wlm; }; }; } || \

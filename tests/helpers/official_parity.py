@@ -1,7 +1,7 @@
 """Our model against the released AToken inference code, on real photos and a real video (CPU, fp32).
 
-    python tests/official_parity.py --official /path/to/ml-atoken --blocks 4 --out benchmarks/results/official_parity_cpu_blocks4.json
-    python tests/official_parity.py --official /path/to/ml-atoken --gs --blocks 2 --out benchmarks/results/official_parity_3d_cpu.json
+    python tests/helpers/official_parity.py --official /path/to/ml-atoken --blocks 4 --out benchmarks/results/official_parity_cpu_blocks4.json
+    python tests/helpers/official_parity.py --official /path/to/ml-atoken --gs --blocks 2 --out benchmarks/results/official_parity_3d_cpu.json
 
 Not part of the suite: the release's code is not ours to ship, so point ``--official`` at a checkout
 of ``apple/ml-atoken`` (it needs ``diffusers`` and ``einops`` importable). Its attention needs

@@ -1,6 +1,6 @@
-"""Two-process checks of training/parallelize.py, run by tests/test_parallel.py under torchrun (gloo):
+"""Two-process checks of training/parallelize.py, run by tests/integration/test_parallel.py under torchrun (gloo):
 
-    torchrun --nproc_per_node 2 tests/parallel_worker.py OUT.json
+    torchrun --nproc_per_node 2 tests/helpers/parallel_worker.py OUT.json
 
 One launch runs every case (the imports cost more than the checks). A case builds the plain model,
 parallelizes it at a layout and takes one optimizer step through its DeepSpeed engine

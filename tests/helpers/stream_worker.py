@@ -1,6 +1,6 @@
-"""Two-rank checks of the data streams, run by tests/test_streams.py under torchrun (gloo):
+"""Two-rank checks of the data streams, run by tests/integration/test_streams.py under torchrun (gloo):
 
-    torchrun --nproc_per_node 2 tests/stream_worker.py SPEC.json OUT.json
+    torchrun --nproc_per_node 2 tests/helpers/stream_worker.py SPEC.json OUT.json
 
 SPEC holds a ``DataConfig`` (as a dict), the steps to run and where to cache shards. One launch runs
 every check (the imports cost more than the checks); rank 0 writes what each rank saw:

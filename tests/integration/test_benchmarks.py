@@ -14,11 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from atoken.model import AToken, preset
 from atoken.model.config import PATCH_DIM
+from common import image_sizes, packed_batch  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+from train_step import train_flops
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
-from common import image_sizes, packed_batch  # noqa: E402
-from train_step import train_flops  # noqa: E402
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.mark.slow

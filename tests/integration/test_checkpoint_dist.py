@@ -22,7 +22,7 @@ from atoken.training import checkpoint
 
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
 
-WORKER = Path(__file__).with_name("checkpoint_worker.py")
+WORKER = Path(__file__).parents[1] / "helpers" / "checkpoint_worker.py"
 K, STEPS = 2, 4
 
 

@@ -1,4 +1,4 @@
-"""The curriculum's Slurm scripts against a real single-node Slurm (tests/slurm_cluster.py).
+"""The curriculum's Slurm scripts against a real single-node Slurm (tests/helpers/slurm_cluster.py).
 
 Jobs run ``cluster/stage1.slurm`` as users do, with CPU overrides on the sbatch command line
 (one node, 2 tasks over gloo, no GPUs) and ``tiny`` shrunk to seconds per step on bundled photos.
@@ -18,11 +18,11 @@ import pytest
 from atoken.tools.make_image_shards import write_image_shards
 from atoken.training.distributed import free_port
 
-from slurm_cluster import SlurmCluster, missing  # noqa: I001 - tests/ is on sys.path under pytest
+from tests.helpers.slurm_cluster import SlurmCluster, missing
 
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "cluster").glob("*.slurm")) + [REPO / "cluster" / "common.sh"]
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
 STEPS = 30

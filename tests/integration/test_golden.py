@@ -4,7 +4,7 @@ Every logged value of every step must equal ``tests/golden/demo_20_steps.json`` 
 refactor that is meant to change no numerics is checked to change none. When a change is *meant* to
 change them (a new loss term, another init), regenerate the file and say why in the commit:
 
-    ATOKEN_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+    ATOKEN_UPDATE_GOLDEN=1 python -m pytest tests/integration/test_golden.py
 
 The file pins this machine class (x86-64 CPU, 2 threads, the pinned torch): other CPUs or thread
 counts round matmuls differently, which is why it is not run on GPUs.
@@ -24,7 +24,7 @@ from atoken.tools.make_image_shards import write_image_shards
 
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
 
-GOLDEN = Path(__file__).parent / "golden" / "demo_20_steps.json"
+GOLDEN = Path(__file__).parents[1] / "golden" / "demo_20_steps.json"
 STEPS = 20
 VOLATILE = {"tokens_per_s", "data_wait"}  # wall-clock, not numerics: add any new timing metric here
 

@@ -17,7 +17,7 @@ from atoken.model.losses import LossConfig
 from atoken.model.objective import Objective
 from atoken.model.patches import features_from_values
 
-from siglip2_local import write_tiny_siglip2  # noqa: I001 - tests/ is on sys.path under pytest
+from tests.helpers.siglip2_local import write_tiny_siglip2
 
 pytest.importorskip("transformers")
 WIDTH, HEADS, MLP = 64, 2, 128

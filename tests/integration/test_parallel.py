@@ -1,6 +1,6 @@
 """Tensor, sequence and data parallelism (training/parallelize.py) against a single-process reference.
 
-One torchrun launch of 2 processes over gloo runs every case (tests/parallel_worker.py says what
+One torchrun launch of 2 processes over gloo runs every case (tests/helpers/parallel_worker.py says what
 each metric compares); the tests below read its JSON. All in fp32 on CPU.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from atoken.model import AToken
 from atoken.training.distributed import free_port
 from atoken.training.parallelize import ParallelDims, mpu_for, shard_model
 
-WORKER = Path(__file__).with_name("parallel_worker.py")
+WORKER = Path(__file__).parents[1] / "helpers" / "parallel_worker.py"
 TOL = 1e-5  # fp32: TP changes the order of sums (measured errors 1e-7 .. 1e-6)
 # The change of a weight in one step is 1e-4 .. 1e-3 of weights ~1: its fp32 resolution is ~1e-4
 # of itself (measured up to 2.3e-4 under ZeRO-3). A wrong clipping norm moves it by >10%.

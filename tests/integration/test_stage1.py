@@ -16,7 +16,7 @@ import pytest
 
 from atoken.tools.make_image_shards import write_image_shards
 
-from siglip2_local import write_tiny_siglip2  # noqa: I001 - tests/ is on sys.path under pytest
+from tests.helpers.siglip2_local import write_tiny_siglip2
 
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
 

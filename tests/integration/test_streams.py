@@ -1,4 +1,4 @@
-"""Streams from a real S3 server (SeaweedFS, tests/s3_server.py): round trip, two ranks, the task mix,
+"""Streams from a real S3 server (SeaweedFS, tests/helpers/s3_server.py): round trip, two ranks, the task mix,
 exact resume, bad samples, an outage mid-read, and bad storage settings failing at start.
 
 The shards are real photos (scikit-image), cropped into small images so decoding stays cheap,
@@ -35,7 +35,7 @@ from atoken.training.distributed import free_port
 
 pytestmark = pytest.mark.usefixtures("stream_env")  # tests/conftest.py: own TMPDIR, shared memory cleaned
 BUCKET = "atoken"  # conftest's s3_server bucket
-WORKER = Path(__file__).with_name("stream_worker.py")
+WORKER = Path(__file__).parents[1] / "helpers" / "stream_worker.py"
 # Short waits so an outage test takes seconds; 30 attempts ride out a stop + start of the server.
 FAST_RETRY = RetryConfig(attempts=30, backoff=0.2, backoff_max=1.0, timeout=20.0)
 

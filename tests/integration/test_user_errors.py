@@ -100,7 +100,7 @@ def test_train_names_the_s3_bucket_without_credentials(shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from test_evaluate import tiny_inference_dir
+    from tests.unit.test_evaluate import tiny_inference_dir
 
     path = tmp_path_factory.mktemp("models") / "inference"
     tiny_inference_dir(path)

@@ -1,6 +1,6 @@
 """The CLIP/feature term of image reconstruction (model/losses.py ``feature_loss``): against the HF
 SigLIP2 vision model computed directly, and its gradient into the decoder, on real photos with a
-tiny random SigLIP2 saved locally (tests/siglip2_local.py)."""
+tiny random SigLIP2 saved locally (tests/helpers/siglip2_local.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ from atoken.model.losses import LossConfig, ReconstructionLoss
 from atoken.model.objective import Objective
 from atoken.model.siglip2 import Siglip2ImageTower
 
-from siglip2_local import write_tiny_siglip2  # noqa: I001 - tests/ is on sys.path under pytest
+from tests.helpers.siglip2_local import write_tiny_siglip2
 
 pytest.importorskip("transformers")
 WIDTH, HEADS, MLP, SIZE = 64, 2, 128, 64  # SIZE: the term's resolution (224 in training)

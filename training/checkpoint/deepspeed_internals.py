@@ -2,7 +2,7 @@
 
 NOTE: these lean on DeepSpeed internals (attribute names, the layout of its files, a script's
 ``main``) that may change in any release: setup.py pins the DeepSpeed version they were tested with
-(0.19.8). On an upgrade, re-run tests/test_checkpoint_dist.py and check each function below.
+(0.19.8). On an upgrade, re-run tests/integration/test_checkpoint_dist.py and check each function below.
 """
 from __future__ import annotations
 
