@@ -26,7 +26,7 @@ import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         del teacher
     report = {"benchmark": "clip_term", "device": info, "load_average": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
               **git_state(), "command": shlex.join([sys.executable, *sys.argv]),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "settings": {"tokens": args.tokens, "images": len(sizes), "sizes": sizes, "size": args.size,
                            "warmup": args.warmup, "steps": args.steps},
               "rest_s": rest, "teachers": rows}

@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -205,9 +205,9 @@ def convert(args) -> None:
 
 def report(args) -> None:
     sys.path.insert(0, str(HERE))
-    from common import device_slug, git_state, write_report
-
     import torch
+
+    from common import device_slug, git_state, write_report
 
     ref, tr = read(args, "reference"), read(args, "train")
     done = {p: read(args, p) for p in ("resume", "convert") if (args.work / f"{p}.json").exists()}
@@ -216,7 +216,7 @@ def report(args) -> None:
     info = {"type": "cuda", "name": torch.cuda.get_device_name()} if torch.cuda.is_available() else {"type": "cpu"}
     device = info.get("name", "cpu")
     result = {
-        "benchmark": "gpu_trainer", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "gpu_trainer", "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device, "mode": args.mode,
         "command": shlex.join(["benchmarks/gpu_trainer.sh", *sys.argv[1:]]),
         "token_budget": args.budget, "reference_tokens_per_s": at["tokens_per_s"], "reference_mfu": at["mfu"],

@@ -40,7 +40,7 @@ import platform
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    started, load_start = datetime.now(timezone.utc), os.getloadavg()
+    started, load_start = datetime.now(UTC), os.getloadavg()
     budgets = [int(b) for b in args.token_budgets.split(",")]
     res = {"min_res": args.min_res, "max_res": args.max_res}
     t0 = time.perf_counter()
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
 
     report = {
         "benchmark": "loader_throughput", "timestamp": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "device": cpu_info(),
         "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
         "versions": versions(), "settings": {k: v for k, v in vars(args).items() if k != "out"},

@@ -54,7 +54,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -212,12 +212,20 @@ from atoken.model.losses import LossConfig  # noqa: E402
 from atoken.model.objective import Objective  # noqa: E402
 from atoken.training import distributed  # noqa: E402
 from atoken.training.config import RunConfig  # noqa: E402
-from atoken.training.parallelize import init_parallel, parallelize  # noqa: E402
 from atoken.training.engine import precision
+from atoken.training.parallelize import init_parallel, parallelize  # noqa: E402
 from atoken.training.train import micro_step  # noqa: E402
-from common import (cpu_info, cpu_model, device_slug, git_state, image_sizes, packed_batch,  # noqa: E402
-                    proc_status_bytes, sync, write_report)
-
+from common import (  # noqa: E402
+    cpu_info,
+    cpu_model,
+    device_slug,
+    git_state,
+    image_sizes,
+    packed_batch,
+    proc_status_bytes,
+    sync,
+    write_report,
+)
 
 # ------------------------------------------------------------------ peak memory
 
@@ -469,8 +477,9 @@ def command_line() -> str:
 
 
 def versions() -> dict:
-    import deepspeed
     from importlib.metadata import version
+
+    import deepspeed
 
     return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "megatron_core": version("megatron-core"), **git_state()}
@@ -548,7 +557,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    command, started = command_line(), datetime.now(timezone.utc)
+    command, started = command_line(), datetime.now(UTC)
     info = distributed.init()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     world = info.world_size
@@ -589,7 +598,7 @@ def main(argv=None) -> None:
         report = {
             "benchmark": "parallel_step",
             "timestamp": started.isoformat(timespec="seconds"),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": command,
             "device": dev,
             "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},

@@ -31,7 +31,7 @@ import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -172,7 +172,7 @@ def main() -> None:
     except Exception:
         gsplat_version = None
     report = {
-        "benchmark": "splatting", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "splatting", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "device": info, "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                      "cuda": torch.version.cuda, "gsplat": gsplat_version},

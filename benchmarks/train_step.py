@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -61,8 +61,8 @@ from atoken.model.rope import apply_rope
 from atoken.training import distributed
 from atoken.training.checkpoint.deepspeed_internals import torch_optimizer
 from atoken.training.config import RunConfig
-from atoken.training.parallelize import init_parallel, parallelize
 from atoken.training.engine import precision
+from atoken.training.parallelize import init_parallel, parallelize
 from atoken.training.train import micro_step
 from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync, write_report
 
@@ -384,7 +384,7 @@ def main(argv=None) -> None:
                           ("cpu" if args.device == "auto" else args.device))
     distributed.init()  # a world of one: the trainer's DeepSpeed engine needs a process group
     dims = init_parallel(seed=args.seed)
-    started, load_start = datetime.now(timezone.utc), os.getloadavg()
+    started, load_start = datetime.now(UTC), os.getloadavg()
     dev = device_info(device)
     if args.peak_tflops:
         peak, peak_src = args.peak_tflops * 1e12, "--peak-tflops"
@@ -447,7 +447,7 @@ def main(argv=None) -> None:
 
     report = {
         "benchmark": "train_step", "timestamp": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "device": dev,
         "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
         "versions": versions(),

@@ -14,12 +14,14 @@ an undecodable sample (the dataset turns that into a counted bad-sample marker).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from atoken.model.packed import ASSET3D, IMAGE, VIDEO
 from atoken.model.patches import patchify_values
+
 from .config import StreamConfig
 from .images import open_rgb, resize_pixels, sample_resolution
 

@@ -20,11 +20,13 @@ import os
 import tempfile
 import time
 import urllib.parse
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from streaming import Stream
 
 from atoken.model.errors import UserError
+
 from .config import DataConfig, RetryConfig, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def with_retries(fn: Callable[[], T], retry: RetryConfig, what: str, on_failure:
     for attempt in range(1, retry.attempts + 1):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - classified below; permanent ones re-raise at once
+        except Exception as e:  # classified below; permanent ones re-raise at once
             if on_failure is not None:
                 on_failure()
             if is_permanent(e) or attempt == retry.attempts:
@@ -131,7 +133,7 @@ def check_stream(stream: StreamConfig, retry: RetryConfig) -> None:
                           f"no s3://{bucket}/{key}: {remote} is not an MDS dataset (wrong prefix, or no shards written)")):
         try:
             with_retries(ask, retry, f"{where}: start-up check")
-        except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        except Exception as e:  # every failure becomes one clear message
             raise UserError(f"{where}: {_explain(e, missing)}") from e
 
 

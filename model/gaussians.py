@@ -75,19 +75,19 @@ class Gaussians:
         lens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
         return torch.repeat_interleave(torch.arange(self.num_samples, device=lens.device), lens)
 
-    def sample(self, i: int) -> "Gaussians":
+    def sample(self, i: int) -> Gaussians:
         """The Gaussians of sample ``i`` alone (views of the rows, gradients flow)."""
         s, e = int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])
         return Gaussians(self.means[s:e], self.scales[s:e], self.quats[s:e], self.opacities[s:e],
                          self.colors[s:e])
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "Gaussians":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Gaussians:
         f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return replace(self, means=f(self.means), scales=f(self.scales), quats=f(self.quats),
                        opacities=f(self.opacities), colors=f(self.colors),
                        cu_seqlens=self.cu_seqlens.to(device))
 
-    def detach(self) -> "Gaussians":
+    def detach(self) -> Gaussians:
         return replace(self, means=self.means.detach(), scales=self.scales.detach(), quats=self.quats.detach(),
                        opacities=self.opacities.detach(), colors=self.colors.detach())
 

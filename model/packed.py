@@ -121,7 +121,7 @@ class PackedBatch:
         return AttentionLayout(cu.to(device, non_blocking=True), max(lens), coords, [hw for _, _, hw in flat],
                                chunk_ids.to(device, non_blocking=True))
 
-    def to(self, device, dtype: torch.dtype | None = None) -> "PackedBatch":
+    def to(self, device, dtype: torch.dtype | None = None) -> PackedBatch:
         """The same batch on ``device``; no validation again, so no device -> host sync. A batch in
         transport form gets its float [N, 3072] features (``dtype``, default float32) and int64
         coords built on ``device``; copies from pinned memory are asynchronous (non_blocking)."""
@@ -137,7 +137,7 @@ class PackedBatch:
         out.cu_seqlens = move(self.cu_seqlens)
         return out
 
-    def select(self, samples: list[int]) -> tuple["PackedBatch", torch.Tensor]:
+    def select(self, samples: list[int]) -> tuple[PackedBatch, torch.Tensor]:
         """The sub-batch of the given samples (in that order) and its rows in this batch: [n] int64."""
         spans = self.spans()
         rows = torch.cat([torch.arange(*spans[i]) for i in samples]) if samples else torch.zeros(0, dtype=torch.long)
@@ -153,7 +153,7 @@ class PackedBatch:
 
     @staticmethod
     def cat(parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int], str, int]],
-            names: list[str] | None = None) -> "PackedBatch":
+            names: list[str] | None = None) -> PackedBatch:
         """Pack samples given as (features [n_i, 3072], coords [n_i, 4], grid, modality, frames)."""
         lens = torch.tensor([p[0].shape[0] for p in parts], dtype=torch.int32)
         cu = torch.zeros(len(parts) + 1, dtype=torch.int32)

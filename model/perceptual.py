@@ -124,7 +124,7 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         # NOTE: always eval: a parent's .train() must not change the metric.
         return super().train(False)
 

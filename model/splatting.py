@@ -37,8 +37,8 @@ import dataclasses
 import importlib.util
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

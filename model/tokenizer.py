@@ -102,7 +102,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "Tokenizer":
+                        dtype: torch.dtype | None = None) -> Tokenizer:
         state, cfg, meta = load_inference_dir(path)
         model = AToken(cfg)
         try:

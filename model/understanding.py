@@ -22,8 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TransformerConfig
@@ -240,7 +240,7 @@ class TextTower(nn.Module):
         self.logit_scale, self.logit_bias = logit_scale, logit_bias  # log t and b, or None (text-only dir)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_length: int = 64) -> "TextTower":
+    def from_pretrained(cls, path: str | Path, max_length: int = 64) -> TextTower:
         from transformers import AutoTokenizer, Siglip2TextModel  # only the understanding branch needs it
 
         path = Path(path)
@@ -275,6 +275,6 @@ class TextTower(nn.Module):
                              return_tensors="pt").input_ids
         return self.embed_ids(ids)
 
-    def train(self, mode: bool = True) -> "TextTower":
+    def train(self, mode: bool = True) -> TextTower:
         return super().train(False)  # frozen: stays in eval mode
 

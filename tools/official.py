@@ -34,9 +34,9 @@ import yaml
 
 from atoken.model import AToken, ModelConfig, TransformerConfig
 from atoken.model.config import GaussianDecoderConfig
+from atoken.model.errors import UserError, cli
 from atoken.model.gaussians import GaussianDecoder
 from atoken.model.splatting import FILTER_2D
-from atoken.model.errors import UserError, cli
 from atoken.model.tokenizer import load_inference_dir, save_inference_dir
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
 

@@ -72,9 +72,9 @@ def reconstruct_asset_file(tokenizer: Tokenizer, path: Path, out: Path, views: i
     import torch
 
     from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens
-    from atoken.tools.eval.metrics import psnr
     from atoken.model.ply import save_ply
     from atoken.model.splatting import render
+    from atoken.tools.eval.metrics import psnr
 
     try:
         raw = prepare_asset(path, views=views, resolution=resolution)

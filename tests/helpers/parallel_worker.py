@@ -62,8 +62,7 @@ from atoken.model.understanding import distill_loss, sigmoid_loss
 from atoken.training import distributed, megatron_cpu
 from atoken.training.config import RunConfig
 from atoken.training.engine import param_groups
-from atoken.training.parallelize import (TP_PARTIAL_GRAD, full_state_dict, init_parallel, parallelize,
-                                         shard_model)
+from atoken.training.parallelize import TP_PARTIAL_GRAD, full_state_dict, init_parallel, parallelize, shard_model
 from atoken.training.schedule import lr_factor
 from atoken.training.train import micro_step
 

@@ -17,7 +17,6 @@ import pytest
 
 from atoken.tools.make_image_shards import write_image_shards
 from atoken.training.distributed import free_port
-
 from tests.helpers.slurm_cluster import SlurmCluster, missing
 
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)

@@ -16,7 +16,6 @@ from atoken.model.gaussians import gaussian_decoder_preset
 from atoken.model.losses import LossConfig
 from atoken.model.objective import Objective
 from atoken.model.patches import features_from_values
-
 from tests.helpers.siglip2_local import write_tiny_siglip2
 
 pytest.importorskip("transformers")

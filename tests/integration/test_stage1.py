@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from atoken.tools.make_image_shards import write_image_shards
-
 from tests.helpers.siglip2_local import write_tiny_siglip2
 
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)

@@ -27,8 +27,17 @@ import torch
 from PIL import Image
 from streaming import MDSWriter, StreamingDataset
 
-from atoken.data_pipeline import (IMAGE_COLUMNS, DataConfig, MixedLoader, RetryConfig, StreamConfig, StreamLoader,
-                                  check_streams, epoch_order, mix_order)
+from atoken.data_pipeline import (
+    IMAGE_COLUMNS,
+    DataConfig,
+    MixedLoader,
+    RetryConfig,
+    StreamConfig,
+    StreamLoader,
+    check_streams,
+    epoch_order,
+    mix_order,
+)
 from atoken.model.errors import UserError
 from atoken.training.config import RunConfig, apply_override, load_yaml
 from atoken.training.distributed import free_port

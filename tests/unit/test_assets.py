@@ -17,8 +17,17 @@ from scipy.ndimage import binary_dilation
 from scipy.spatial import cKDTree
 from streaming import StreamingDataset
 
-from atoken.data_pipeline.assets import (ASSET_COLUMNS, VOXEL_GRID, asset_sample, decode_views, load_mesh, normalize,
-                                         trimesh_part, voxel_tokens, voxelize)
+from atoken.data_pipeline.assets import (
+    ASSET_COLUMNS,
+    VOXEL_GRID,
+    asset_sample,
+    decode_views,
+    load_mesh,
+    normalize,
+    trimesh_part,
+    voxel_tokens,
+    voxelize,
+)
 from atoken.data_pipeline.config import StreamConfig
 from atoken.data_pipeline.render import MeshPart, intrinsics, look_at, render_views, sphere_cameras
 from atoken.tools.make_3d_shards import main as shards_main

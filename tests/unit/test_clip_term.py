@@ -14,7 +14,6 @@ from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.losses import LossConfig, ReconstructionLoss
 from atoken.model.objective import Objective
 from atoken.model.siglip2 import Siglip2ImageTower
-
 from tests.helpers.siglip2_local import write_tiny_siglip2
 
 pytest.importorskip("transformers")

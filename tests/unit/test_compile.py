@@ -10,8 +10,8 @@ import torch
 from atoken.model import AToken, PackedBatch, patchify
 from atoken.model.losses import token_l1
 from atoken.model.transformer import Block
-from atoken.training.parallelize import compile_blocks
 from atoken.training.engine import make_optimizer
+from atoken.training.parallelize import compile_blocks
 from tests.unit.test_model import micro_config
 
 

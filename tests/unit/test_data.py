@@ -11,9 +11,21 @@ import torch
 from PIL import Image
 from streaming import MDSWriter, StreamingDataset
 
-from atoken.data_pipeline import (IMAGE_COLUMNS, IMAGE_WRITER_COLUMNS, DataConfig, MixedLoader, StreamConfig,
-                                  StreamDataset, StreamLoader, open_rgb, resize_for_training, sample_resolution,
-                                  decoder_for, image_sample, training_size)
+from atoken.data_pipeline import (
+    IMAGE_COLUMNS,
+    IMAGE_WRITER_COLUMNS,
+    DataConfig,
+    MixedLoader,
+    StreamConfig,
+    StreamDataset,
+    StreamLoader,
+    decoder_for,
+    image_sample,
+    open_rgb,
+    resize_for_training,
+    sample_resolution,
+    training_size,
+)
 from atoken.data_pipeline.config import MODALITIES
 from atoken.model.errors import UserError
 from atoken.model.patches import grid_coords, unpatchify

@@ -33,7 +33,8 @@ from atoken.model.config import gaussian_decoder_preset
 from atoken.model.perceptual import load_perceptual
 from atoken.model.tokenizer import FORMAT, Tokenizer
 from atoken.tools import evaluate as cli
-from atoken.tools.eval import assets, inputs, reconstruction as ev, report
+from atoken.tools.eval import assets, inputs, report
+from atoken.tools.eval import reconstruction as ev
 from atoken.tools.eval.inception import FEATURE_DIM, InceptionFeatures, fid_helper_file, resize_bilinear_tf
 from atoken.tools.eval.metrics import feature_statistics, fid_from_features, frechet_distance, psnr, ssim
 
@@ -546,8 +547,8 @@ def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, str
     from streaming import MDSWriter
 
     from atoken.data_pipeline.assets import ASSET_COLUMNS, asset_sample, prepare_asset
-    from atoken.model.patches import features_from_values
     from atoken.data_pipeline.config import StreamConfig
+    from atoken.model.patches import features_from_values
     from atoken.model.splatting import render
 
     model_dir = tmp_path / "inference"

@@ -9,9 +9,14 @@ import torch.nn.functional as F
 from plyfile import PlyData
 
 from atoken.data_pipeline.render import look_at
-from atoken.model.gaussians import (GaussianDecoder, GaussianDecoderConfig, Gaussians, gaussian_decoder_preset,
-                                    window_partition)
-from atoken.model.gaussians import SH_C0
+from atoken.model.gaussians import (
+    SH_C0,
+    GaussianDecoder,
+    GaussianDecoderConfig,
+    Gaussians,
+    gaussian_decoder_preset,
+    window_partition,
+)
 from atoken.model.ply import load_ply, save_ply
 from atoken.model.splatting import gaussian_view_loss
 from atoken.training.parallelize import apply_activation_checkpointing

@@ -6,9 +6,21 @@ import math
 import pytest
 import torch
 
-from atoken.model import (AToken, ModelConfig, PackedBatch, TransformerConfig, apply_rope, fuse_qkv,
-                          pad_to_patches, patchify, preset, rope_angles, split_qkv, unpatchify,
-                          varlen_attention)
+from atoken.model import (
+    AToken,
+    ModelConfig,
+    PackedBatch,
+    TransformerConfig,
+    apply_rope,
+    fuse_qkv,
+    pad_to_patches,
+    patchify,
+    preset,
+    rope_angles,
+    split_qkv,
+    unpatchify,
+    varlen_attention,
+)
 from atoken.model import attention as attn_mod
 from atoken.model.attention import check_backend, dense_reference_attention, sdpa_loop_attention
 from atoken.model.transformer import Attention

@@ -43,7 +43,7 @@ def arch(latent: int = C, fsq: bool = False) -> dict:
 def official_state(a: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """A release-format state dict (``AutoencoderKL.state_dict()`` names and shapes) of random weights."""
     g = torch.Generator().manual_seed(seed)
-    W, HEADS, MLP = (a[f"encoder_{k}"] for k in ("model_channels", "num_heads", "mlp_channels"))  # noqa: N806
+    W, HEADS, MLP = (a[f"encoder_{k}"] for k in ("model_channels", "num_heads", "mlp_channels"))
     shapes = {"encoder.input_layer.weight": (W, 3072), "encoder.input_layer.bias": (W,),
               "encoder.pos_embedder.position_embedding.weight": (256, W),
               "encoder.post_layernorm.weight": (W,), "encoder.post_layernorm.bias": (W,),

@@ -7,12 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from atoken.model import AToken, PackedBatch, patchify, preset
-from atoken.model.understanding import (LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, MAPHead, TextTower, distill_loss,
-                                        sigmoid_loss)
+from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, MAPHead, TextTower, distill_loss, sigmoid_loss
 
 transformers = pytest.importorskip("transformers")
-from transformers import (PreTrainedTokenizerFast, Siglip2Config, Siglip2Model, Siglip2TextModel,
-                          Siglip2VisionConfig)
+from transformers import PreTrainedTokenizerFast, Siglip2Config, Siglip2Model, Siglip2TextModel, Siglip2VisionConfig
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MultiheadAttentionPoolingHead
 
 WIDTH, HEADS, MLP = 64, 2, 128

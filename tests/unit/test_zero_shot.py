@@ -27,7 +27,8 @@ from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.tokenizer import Tokenizer, save_inference_dir
 from atoken.model.understanding import TextTower
 from atoken.tools import zero_shot as cli
-from atoken.tools.eval import ranking, understanding as zs
+from atoken.tools.eval import ranking
+from atoken.tools.eval import understanding as zs
 from atoken.tools.make_image_shards import write_image_shards
 from atoken.tools.make_video_shards import write_video_shards
 from tests.helpers.siglip2_local import write_tiny_siglip2

@@ -2,9 +2,10 @@
 Gaussians -> rendered at the reference cameras, scored per view (``atoken-evaluate --assets``)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,8 +20,19 @@ from atoken.tools.shard_writer import reason
 
 from .assets import AssetSettings, asset_items, evaluate_assets
 from .grid import Extremes
-from .inputs import (MIN_SIDE, Item, Source, each_readable, failed, input_files, is_mds, mds_items, read_clip,
-                     read_image, resized_clip)
+from .inputs import (
+    MIN_SIDE,
+    Item,
+    Source,
+    each_readable,
+    failed,
+    input_files,
+    is_mds,
+    mds_items,
+    read_clip,
+    read_image,
+    resized_clip,
+)
 from .metrics import fid_from_features, lpips_pairs, psnr, ssim, ssim_pairs, to_8bit
 from .report import mean_or_none, versions, write_report
 

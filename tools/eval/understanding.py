@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,10 +18,20 @@ from atoken.data_pipeline.clips import und_frame_indices
 from atoken.model.config import PATCH_T
 from atoken.tools.shard_writer import reason, sidecar_caption
 
-from .inputs import (NO_CAPTION, NO_LABEL, OUT_OF_RANGE, Item, failed, input_files, is_mds, mds_items, read_clip,
-                     read_image, resized_clip)
-from .ranking import (DEFAULT_TEMPLATE, TIES, classification_metrics, retrieval_metrics, top1_predictions,
-                      true_ranks)
+from .inputs import (
+    NO_CAPTION,
+    NO_LABEL,
+    OUT_OF_RANGE,
+    Item,
+    failed,
+    input_files,
+    is_mds,
+    mds_items,
+    read_clip,
+    read_image,
+    resized_clip,
+)
+from .ranking import DEFAULT_TEMPLATE, TIES, classification_metrics, retrieval_metrics, top1_predictions, true_ranks
 from .report import versions, write_report
 
 if TYPE_CHECKING:

@@ -121,7 +121,7 @@ class Layout:
                           indent=1)
 
     @classmethod
-    def read(cls, ckpt: Path) -> "Layout":
+    def read(cls, ckpt: Path) -> Layout:
         d = json.loads((ckpt / LAYOUT).read_text())
         return cls(d["tp"], d["dp"], d["zero_stage"],
                    {n: (p["shape"], p["partition_dim"]) for n, p in d["params"].items()})
