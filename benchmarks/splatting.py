@@ -167,7 +167,7 @@ def main() -> None:
     else:
         info = cpu_info()
     try:
-        import gsplat
+        import gsplat  # noqa: PLC0415 - gsplat, an optional GPU rasterizer
         gsplat_version = gsplat.__version__
     except Exception:
         gsplat_version = None

@@ -44,6 +44,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +52,7 @@ from pathlib import Path
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from atoken.model import AToken, PackedBatch, preset
 from atoken.model.attention import get_attention_backend
@@ -145,7 +147,6 @@ def count_host_syncs(step, device) -> dict:
     device warns. Returns the count and the distinct call sites."""
     if device.type != "cuda":
         return {"checked": False, "why": "CUDA only"}
-    import warnings
     sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -161,7 +162,6 @@ def count_host_syncs(step, device) -> dict:
 
 def profile_step(step, device, out_dir: Path, name: str) -> dict:
     """One step under torch.profiler: the top kernels by device time, and a Chrome trace."""
-    from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     with profile(activities=acts, record_shapes=False) as prof:
@@ -322,7 +322,7 @@ def versions() -> dict:
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
     try:
-        import flash_attn
+        import flash_attn  # noqa: PLC0415 - flash-attn, an optional GPU kernel
         out["flash_attn"] = flash_attn.__version__
     except Exception:
         pass

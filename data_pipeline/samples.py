@@ -43,13 +43,13 @@ def image_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamCo
 
 
 def _video() -> Decoder:
-    from .video import video_sample
+    from .video import video_sample  # noqa: PLC0415 - PyAV: imported when a video stream exists
 
     return video_sample
 
 
 def _asset() -> Decoder:
-    from .assets import asset_sample
+    from .assets import asset_sample  # noqa: PLC0415 - trimesh and Mitsuba: imported when a 3D stream exists
 
     return asset_sample
 

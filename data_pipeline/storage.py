@@ -23,6 +23,9 @@ import urllib.parse
 from collections.abc import Callable
 from typing import TypeVar
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 from streaming import Stream
 
 from atoken.model.errors import UserError
@@ -59,8 +62,6 @@ def endpoint() -> str:
 
 def is_permanent(e: BaseException) -> bool:
     """An S3 answer that no retry will change (missing object, denied access), or a local error."""
-    from botocore.exceptions import ClientError, NoCredentialsError
-
     if isinstance(e, ClientError):
         return str(e.response.get("Error", {}).get("Code")) in PERMANENT_CODES
     return isinstance(e, (NoCredentialsError, FileNotFoundError, PermissionError, ValueError))
@@ -104,9 +105,6 @@ class RetryingStream(Stream):
 
 def s3_client(retry: RetryConfig):
     """A boto3 S3 client for the configured endpoint; its own retries off (``with_retries`` decides)."""
-    import boto3
-    from botocore.config import Config
-
     return boto3.session.Session().client(
         "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
         config=Config(connect_timeout=min(10.0, retry.timeout), read_timeout=retry.timeout,
@@ -138,8 +136,6 @@ def check_stream(stream: StreamConfig, retry: RetryConfig) -> None:
 
 
 def _explain(e: BaseException, missing: str) -> str:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
     root = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ is not None else e  # retries exhausted
     if isinstance(root, NoCredentialsError):
         return "no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"

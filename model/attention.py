@@ -45,7 +45,7 @@ _logged: set[tuple[str, str]] = set()
 def _cudnn_sdpa():
     """cuDNN's differentiable varlen SDPA op, or None (imported on first use: it loads cuDNN)."""
     try:
-        import cudnn
+        import cudnn  # noqa: PLC0415 - the cuDNN frontend, an optional GPU kernel
 
         return cudnn.sdpa_torch
     except Exception:  # not installed, or a build without the torch op (before 1.32)

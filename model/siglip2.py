@@ -44,7 +44,7 @@ FRAME_DIM = CHANNELS * PATCH_HW * PATCH_HW  # 768 values of one frame of a token
 
 def vision_config(path: str | Path):
     """The checkpoint's ``Siglip2VisionConfig`` (from a vision-only or a full SigLIP2 directory)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 - transformers takes seconds to import: SigLIP2 paths only
 
     path = Path(path)
     if not (path / "config.json").exists():

@@ -241,7 +241,7 @@ class TextTower(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 64) -> TextTower:
-        from transformers import AutoTokenizer, Siglip2TextModel  # only the understanding branch needs it
+        from transformers import AutoTokenizer, Siglip2TextModel  # noqa: PLC0415 - transformers takes seconds to import: the understanding branch only
 
         path = Path(path)
         if not (path / "config.json").exists():

@@ -33,8 +33,8 @@ HELD_OUT = "chelsea.png"
 
 
 def bundled_photos() -> list[Path]:
-    import skimage.data
-    import sklearn.datasets
+    import skimage.data  # noqa: PLC0415 - a dev extra (scikit-image): only the demo's photos
+    import sklearn.datasets  # noqa: PLC0415 - a dev extra (scikit-learn): only the demo's photos
 
     photos = [Path(skimage.data.data_dir) / n for n in SKIMAGE_PHOTOS]
     photos += [Path(f) for f in sklearn.datasets.load_sample_images().filenames]  # china, flower
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
                 "--set", f"data.streams.image_rec.remote={run / 'shards'}",
                 "--set", f"log.eval_images={holdout}", *[a for o in args.overrides for a in ("--set", o)]])
 
-    from atoken.model.tokenizer import Tokenizer
+    from atoken.model.tokenizer import Tokenizer  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     inference = convert(run, run / "inference")
     tok = Tokenizer.from_pretrained(inference, device="cpu")

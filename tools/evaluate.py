@@ -65,6 +65,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from atoken.model.errors import UserError
+
 
 def _bicubic_text(b: dict) -> str:
     m = b["means"]
@@ -112,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.images or args.videos or args.assets):
         p.error("nothing to evaluate: give at least one of --images, --videos, --assets")
     argv = sys.argv[1:] if argv is None else argv
-    from atoken.model.errors import UserError
-    from atoken.tools.eval.assets import AssetSettings
-    from atoken.tools.eval.reconstruction import VideoSettings, evaluate
+    from atoken.tools.eval.assets import AssetSettings  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.tools.eval.reconstruction import VideoSettings, evaluate  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     try:
         report = evaluate(args.model, args.images, args.out, videos=args.videos, assets=args.assets,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from atoken.model import AToken, ModelConfig, TransformerConfig
 from atoken.model.config import GaussianDecoderConfig
@@ -39,6 +40,8 @@ from atoken.model.gaussians import GaussianDecoder
 from atoken.model.splatting import FILTER_2D
 from atoken.model.tokenizer import load_inference_dir, save_inference_dir
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
+
+from .convert import find_checkpoint, load_weights
 
 # The release's class, kept in the YAML we write (its loader reads only arch_cfg).
 CLASS_NAME = "models.pretrained.autoencoder_kl.AutoencoderKLTrain"
@@ -352,7 +355,6 @@ def _read_state(model: Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"{model}: no such file")
     try:
         if model.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state = load_file(str(model))
         else:
             state = torch.load(model, map_location="cpu", weights_only=True)
@@ -425,7 +427,6 @@ def read_ours(src: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Te
     if (src / "config.json").is_file():
         state, cfg, _ = load_inference_dir(src)
         return state, cfg
-    from .convert import find_checkpoint, load_weights
 
     ckpt = find_checkpoint(src)
     state, client = load_weights(ckpt, weights)

@@ -73,7 +73,7 @@ def write_shards(paths: list[Path], names: list[str], out: str, columns: dict[st
     """
     if "://" not in out and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"output {out!r} is an existing file, not a folder: choose another output path")
-    from streaming import MDSWriter  # NOTE: imported here, it is slow to import (CLIs' --help)
+    from streaming import MDSWriter  # noqa: PLC0415 - streaming takes seconds to import: the CLIs' --help stays fast
 
     written, rejected = 0, []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None

@@ -16,6 +16,8 @@ from atoken.data_pipeline.config import DataConfig, StreamConfig
 from atoken.model.config import GaussianDecoderConfig, ModelConfig, gaussian_decoder_preset, preset
 from atoken.model.losses import LossConfig
 
+from .batch import rounds_per_step
+
 
 @dataclass
 class OptimConfig:
@@ -100,8 +102,6 @@ class RunConfig:
 
     def with_rounds(self, dp: int) -> RunConfig:
         """This config with ``mix_rounds`` resolved for ``dp`` data-parallel ranks (training/batch.py)."""
-        from .batch import rounds_per_step
-
         return dataclasses.replace(self, mix_rounds=rounds_per_step(self.mix_rounds, self.reference_gpus, dp))
 
     def check(self) -> None:

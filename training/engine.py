@@ -35,7 +35,7 @@ def make_optimizer(groups, lr: float, betas: tuple[float, float], weight_decay: 
     cuda = torch.cuda.is_available()
     if cuda:
         try:
-            from apex.optimizers import FusedAdam
+            from apex.optimizers import FusedAdam  # noqa: PLC0415 - apex, optional (fused Adam on GPU)
         except Exception as e:  # ImportError, or an apex built for another torch / CUDA
             why = f"apex unavailable: {type(e).__name__}: {e}"
         else:
@@ -58,7 +58,7 @@ def build_engine(model: nn.Module, cfg, mpu=None):
 
     The optimizer is ``make_optimizer``'s (not DeepSpeed's JIT-compiled Adam kernels: no build step).
     """
-    import deepspeed  # here, after distributed.init() has chosen DeepSpeed's accelerator
+    import deepspeed  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     o = cfg.optim
     opt = make_optimizer(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)

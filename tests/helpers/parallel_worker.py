@@ -54,6 +54,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.losses import LossConfig
@@ -247,8 +248,6 @@ def run_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: RunConfig,
 
 def rng_case() -> dict:
     """megatron's RNG tracker at TP=2: the default stream shared, the model-parallel one per rank."""
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     init_parallel(tp=2, seed=SEED)
     shared = torch.rand(4)
     with get_cuda_rng_tracker().fork():

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
+
 from atoken.training.distributed import free_port
 
 # Every listening port `weed mini` opens (and two debug ones), so none takes a fixed default.
@@ -63,8 +65,6 @@ class S3Server:
 
     def _wait_ready(self, timeout: float) -> None:
         """Until the bucket answers a signed request (the S3 port opens before the bucket exists)."""
-        import boto3
-
         client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
                               aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
         deadline, last = time.monotonic() + timeout, None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Siglip2Config, Siglip2Model
 
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
 
@@ -15,9 +17,6 @@ WORDS = ["<pad>", "<unk>", "a", "photo", "video", "of", "cat", "dog", "bird", "b
 
 
 def write_tiny_siglip2(path: Path, width: int, heads: int, mlp: int, seed: int = 0, max_length: int = 64) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Siglip2Config, Siglip2Model
-
     cfg = Siglip2Config(
         text_config=dict(vocab_size=len(WORDS), hidden_size=width, intermediate_size=mlp, num_hidden_layers=2,
                          num_attention_heads=heads, max_position_embeddings=max_length, projection_size=width),

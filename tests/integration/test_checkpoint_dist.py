@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from atoken.model import AToken, preset
 from atoken.tools.convert import convert, find_checkpoint
@@ -131,8 +132,6 @@ def norm(tensors: dict[str, torch.Tensor]) -> float:
 def test_consolidation_from_any_layout(runs, tmp_path):
     """atoken-convert from a TP=2 / ZeRO-3 checkpoint == from the TP=1 run of the same training:
     the plain model's keys and shapes, the same weights (up to TP's summation order), raw and EMA."""
-    from safetensors.torch import load_file
-
     cfg = preset("tiny")
     cfg.encoder.depth = cfg.decoder.depth = 1
     plain = AToken(cfg).state_dict()

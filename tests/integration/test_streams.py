@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data as sk
 import torch
 from PIL import Image
 from streaming import MDSWriter, StreamingDataset
@@ -38,7 +39,11 @@ from atoken.data_pipeline import (
     epoch_order,
     mix_order,
 )
+from atoken.data_pipeline.assets import ASSET_COLUMNS, prepare_asset
+from atoken.data_pipeline.video import VIDEO_COLUMNS
+from atoken.data_pipeline.video_decode import inspect_video
 from atoken.model.errors import UserError
+from atoken.tools.make_image_shards import main as shards_main
 from atoken.training.config import RunConfig, apply_override, load_yaml
 from atoken.training.distributed import free_port
 
@@ -51,7 +56,6 @@ FAST_RETRY = RetryConfig(attempts=30, backoff=0.2, backoff_max=1.0, timeout=20.0
 
 def crops(n: int, seed: int) -> dict[str, np.ndarray]:
     """``n`` small crops (24-120 px a side) of real photos, name -> uint8 [h, w, 3]."""
-    import skimage.data as sk
     photos = [getattr(sk, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")]
     rng = np.random.default_rng(seed)
     out = {}
@@ -112,8 +116,6 @@ DATASETS = {"a": 24, "b": 14, "c": 18}
 @pytest.fixture(scope="module")
 def s3_data(s3_server, tmp_path_factory) -> dict[str, str]:
     """Three image datasets on S3 written by the shard CLI; prefix -> s3:// URL."""
-    from atoken.tools.make_image_shards import main as shards_main
-
     root, urls = tmp_path_factory.mktemp("photos"), {}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3_server.env().items():
@@ -323,10 +325,6 @@ def test_bad_video_and_empty_mesh_among_good_ones(s3_env, tmp_path, caplog):
     """Shards on S3 (written directly: the writers reject such inputs) holding a garbage video, a
     truncated one and an empty asset among good samples: each bad one is skipped and counted for its
     stream, the good ones arrive."""
-    from atoken.data_pipeline.assets import ASSET_COLUMNS, prepare_asset
-    from atoken.data_pipeline.video import VIDEO_COLUMNS
-    from atoken.data_pipeline.video_decode import inspect_video
-
     video = (_VIDEOS / "carphone_pristine.mp4").read_bytes()
     info = inspect_video(video)
     meta = {"fps": info.fps, "frames": info.frames, "width": info.width, "height": info.height, "caption": ""}
@@ -366,7 +364,6 @@ def test_outage_mid_read(s3_server, s3_env, s3_data, tmp_path, caplog):
     # The loader reads ahead (packed batches queued, one on its way to the device): a dataset large
     # enough that most of it is still unread when the server stops. No worker processes: the retries
     # are then logged in this process, where caplog sees them.
-    from atoken.tools.make_image_shards import main as shards_main
 
     url = f"s3://{BUCKET}/images/outage"
     assert shards_main([str(write_folder(crops(120, seed=9), tmp_path / "photos")), url, "--size-limit", "20kb",

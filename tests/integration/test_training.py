@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data as sk
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,6 +26,8 @@ from atoken.data_pipeline import IMAGE_COLUMNS
 from atoken.model import AToken, ModelConfig, Tokenizer
 from atoken.tools.convert import convert
 from atoken.training.distributed import free_port
+from atoken.training.stages import CONFIGS
+from atoken.training.train import main
 
 STEPS = 4
 SHRINK = ["model=tiny", "model.encoder.depth=1", "model.decoder.depth=1", "data.min_res=32",
@@ -41,8 +44,6 @@ def _jpeg(arr: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Six real photos and, third, a truncated JPEG that passes no decoder."""
-    import skimage.data as sk
-
     out = tmp_path_factory.mktemp("shards")
     photos = {n: getattr(sk, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")}
     with MDSWriter(out=str(out), columns=IMAGE_COLUMNS) as w:
@@ -120,8 +121,6 @@ def test_corrupt_sample_skipped_and_counted(run_a):
 
 @pytest.mark.slow
 def test_converted_model_equals_training_ema(run_a, tmp_path):
-    import skimage.data as sk
-
     out = convert(run_a, tmp_path / "inference")
     tok = Tokenizer.from_pretrained(out, device="cpu")
     # The training-side reference: the run's config and EMA weights loaded straight from the checkpoint.
@@ -184,9 +183,6 @@ def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
     (["--config", "demo", "--set", "loss.clip_weight=1"], "CLIP/feature term of image reconstruction needs"),
 ])
 def test_runs_that_cannot_work_are_refused_at_start(args, message, capsys):
-    from atoken.training.stages import CONFIGS
-    from atoken.training.train import main
-
     # Every stream given a remote (it is never reached): "no data given" would come first.
     remotes = [a for name in CONFIGS[args[1]]().data.streams for a in ("--set", f"data.streams.{name}.remote=/nowhere")]
     with pytest.raises(SystemExit) as e:

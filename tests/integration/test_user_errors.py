@@ -14,6 +14,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from atoken.tools.make_image_shards import write_image_shards
+from tests.unit.test_evaluate import tiny_inference_dir
+
 TRAIN = "atoken.training.train"
 
 
@@ -45,8 +48,6 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Two real photos as MDS image shards."""
-    from atoken.tools.make_image_shards import write_image_shards
-
     root = tmp_path_factory.mktemp("data")
     for name, img in (("astronaut.png", skimage.data.astronaut()), ("coffee.png", skimage.data.coffee())):
         Image.fromarray(img).resize((96, 96)).save(root / name)
@@ -100,8 +101,6 @@ def test_train_names_the_s3_bucket_without_credentials(shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from tests.unit.test_evaluate import tiny_inference_dir
-
     path = tmp_path_factory.mktemp("models") / "inference"
     tiny_inference_dir(path)
     return path

@@ -7,8 +7,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from transformers import Siglip2VisionModel
 
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.losses import LossConfig, ReconstructionLoss
@@ -27,9 +30,6 @@ def siglip(tmp_path_factory):
 
 def photos() -> list[torch.Tensor]:
     """Two real photos [3, H, W] in [-1, 1] at sizes that are not the term's."""
-    import skimage.data
-    from PIL import Image
-
     out = []
     for which, (w, h) in (("chelsea", (80, 48)), ("astronaut", (48, 64))):
         arr = np.array(Image.fromarray(getattr(skimage.data, which)()).resize((w, h)))
@@ -49,8 +49,6 @@ def hf_tokens(model, img: torch.Tensor) -> torch.Tensor:
 
 
 def test_clip_term_equals_the_teacher_computed_directly(siglip):
-    from transformers import Siglip2VisionModel
-
     teacher = Siglip2ImageTower.from_pretrained(siglip)
     originals = photos()
     g = torch.Generator().manual_seed(0)

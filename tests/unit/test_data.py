@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data as sk
 import torch
 from PIL import Image
+from sklearn.datasets import load_sample_images
 from streaming import MDSWriter, StreamingDataset
 
 from atoken.data_pipeline import (
@@ -26,7 +29,9 @@ from atoken.data_pipeline import (
     sample_resolution,
     training_size,
 )
+from atoken.data_pipeline.assets import asset_sample
 from atoken.data_pipeline.config import MODALITIES
+from atoken.data_pipeline.video import video_sample
 from atoken.model.errors import UserError
 from atoken.model.patches import grid_coords, unpatchify
 from atoken.tools.make_image_shards import main as shards_main
@@ -38,8 +43,6 @@ pytestmark = pytest.mark.usefixtures("stream_env")  # tests/conftest.py: own TMP
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """Real photos of different sizes (one grey), name -> uint8 array."""
-    import skimage.data as sk
-    from sklearn.datasets import load_sample_images
     imgs = {n: getattr(sk, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera")}
     imgs["china"], imgs["flower"] = load_sample_images().images
     imgs["flower"] = imgs["flower"][:200, :150]  # portrait crop
@@ -155,8 +158,6 @@ def test_rejection_and_cli(photos, tmp_path, capsys):
 
 def test_every_modality_has_its_decode_function():
     """One per modality a stream accepts (video and 3D imported on demand); another is refused by name."""
-    from atoken.data_pipeline.assets import asset_sample
-    from atoken.data_pipeline.video import video_sample
     assert [decoder_for(m) for m in MODALITIES] == [image_sample, video_sample, asset_sample]
     with pytest.raises(ValueError, match="no decode function registered for modality 'audio'"):
         decoder_for("audio")
@@ -196,7 +197,6 @@ def test_resolution_policy(photos):
 
 
 def _png(a: np.ndarray) -> bytes:
-    import io
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
@@ -285,7 +285,6 @@ def _write_raw_shards(out: Path, samples: list[tuple[str, bytes]]):
 
 
 def test_bad_samples(photos, tmp_path, caplog):
-    import io
     jpgs = {}
     for n in ("astronaut", "chelsea", "coffee", "rocket", "china"):
         buf = io.BytesIO()

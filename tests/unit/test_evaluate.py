@@ -21,20 +21,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from streaming import MDSWriter
 
+from atoken.data_pipeline.assets import ASSET_COLUMNS, asset_sample, prepare_asset
+from atoken.data_pipeline.config import StreamConfig
+from atoken.data_pipeline.images import IMAGE_COLUMNS
+from atoken.data_pipeline.render import sphere_cameras
+from atoken.data_pipeline.video import VIDEO_COLUMNS
+from atoken.data_pipeline.video_decode import decode_all, encode_video
 from atoken.model import AToken, preset
 from atoken.model.config import gaussian_decoder_preset
+from atoken.model.gaussians import Gaussians
+from atoken.model.patches import features_from_values
 from atoken.model.perceptual import load_perceptual
+from atoken.model.splatting import render
 from atoken.model.tokenizer import FORMAT, Tokenizer
 from atoken.tools import evaluate as cli
 from atoken.tools.eval import assets, inputs, report
 from atoken.tools.eval import reconstruction as ev
+from atoken.tools.eval.i3d import I3DFeatures, preprocess_clip
 from atoken.tools.eval.inception import FEATURE_DIM, InceptionFeatures, fid_helper_file, resize_bilinear_tf
 from atoken.tools.eval.metrics import feature_statistics, fid_from_features, frechet_distance, psnr, ssim
 
@@ -231,9 +243,6 @@ def test_bicubic_baseline_keeps_as_many_values_as_the_latent():
 
 
 def test_mds_source_names_unreadable_samples(tmp_path, stream_env):
-    from streaming import MDSWriter
-
-    from atoken.data_pipeline.images import IMAGE_COLUMNS
 
     shards = tmp_path / "shards"
     png = tmp_path / "c.png"
@@ -267,8 +276,6 @@ def carphone() -> Path:
 
 @pytest.fixture(scope="module")
 def carphone_frames(carphone) -> np.ndarray:
-    from atoken.data_pipeline.video_decode import decode_all
-
     return decode_all(carphone.read_bytes())  # uint8 [120, 144, 176, 3]
 
 
@@ -347,8 +354,6 @@ def direct_features(net, clips: list[np.ndarray]) -> np.ndarray:
 
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
-    import scipy.linalg
-
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
@@ -360,15 +365,12 @@ def as_uint8(clip: torch.Tensor) -> np.ndarray:
 
 
 def test_i3d_input_matches_the_reference_preprocessing(carphone_frames):
-    from atoken.tools.eval.i3d import preprocess_clip
-
     clip = carphone_frames[:4]  # 144 x 176: upscaled, the wide side cropped
     for frames in (clip, clip.transpose(0, 2, 1, 3), clip[:, :, :144], clip[:, ::2, ::2]):
         ours = preprocess_clip(clip_of(np.ascontiguousarray(frames)))
         assert ours.shape == (3, 4, 224, 224)
         assert torch.allclose(ours, reference_i3d_input(np.ascontiguousarray(frames)), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        from atoken.tools.eval.i3d import I3DFeatures
         I3DFeatures("/nonexistent/nope.pt")
 
 
@@ -392,8 +394,6 @@ def test_video_metrics_of_the_tool_are_scikit_image_frame_means(carphone_frames,
 
 @pytest.mark.slow
 def test_fvd_is_zero_on_itself_grows_with_noise_and_equals_scipy(carphone_frames, i3d_file):
-    from atoken.tools.eval.i3d import I3DFeatures
-
     path, net = i3d_file
     i3d = I3DFeatures(path)
     clips = [carphone_frames[i * 8:(i + 1) * 8] for i in range(0, 14, 2)]  # 7 clips of 8 frames (N > D = 4)
@@ -420,8 +420,6 @@ def test_fvd_is_zero_on_itself_grows_with_noise_and_equals_scipy(carphone_frames
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_evaluate_cli_videos_end_to_end(tmp_path, capsys, carphone, carphone_frames, i3d_file):
-    from atoken.data_pipeline.video_decode import decode_all, encode_video
-
     model_dir = tmp_path / "inference"
     tiny_inference_dir(model_dir)
     videos = tmp_path / "videos"
@@ -482,9 +480,6 @@ def test_evaluate_cli_videos_end_to_end(tmp_path, capsys, carphone, carphone_fra
 
 
 def test_video_mds_shards_resized_and_unreadable_named(tmp_path, carphone, stream_env):
-    from streaming import MDSWriter
-
-    from atoken.data_pipeline.video import VIDEO_COLUMNS
 
     model_dir = tmp_path / "inference"
     tiny_inference_dir(model_dir)
@@ -506,8 +501,6 @@ def test_video_mds_shards_resized_and_unreadable_named(tmp_path, carphone, strea
 
 def hand_gaussians(n: int = 300):
     """A fixed set of Gaussians around the origin, in view of sphere_cameras."""
-    from atoken.model.gaussians import Gaussians
-
     g = torch.Generator().manual_seed(0)
     quats = torch.randn(n, 4, generator=g)
     return Gaussians(means=(torch.rand(n, 3, generator=g) - 0.5) * 0.6, scales=torch.full((n, 3), 0.04),
@@ -516,9 +509,6 @@ def hand_gaussians(n: int = 300):
 
 
 def test_asset_view_metrics_match_scikit_image_and_an_exact_render_is_inf(lpips_net):
-    from atoken.data_pipeline.render import sphere_cameras
-    from atoken.model.splatting import render
-
     gaussians = hand_gaussians()
     viewmats, ks = (torch.from_numpy(a) for a in sphere_cameras(3, 32))
     with torch.no_grad():
@@ -544,12 +534,6 @@ def test_asset_view_metrics_match_scikit_image_and_an_exact_render_is_inf(lpips_
 @pytest.mark.slow
 @needs_inception
 def test_evaluate_cli_images_and_assets_together(tmp_path, capsys, airplane, stream_env):
-    from streaming import MDSWriter
-
-    from atoken.data_pipeline.assets import ASSET_COLUMNS, asset_sample, prepare_asset
-    from atoken.data_pipeline.config import StreamConfig
-    from atoken.model.patches import features_from_values
-    from atoken.model.splatting import render
 
     model_dir = tmp_path / "inference"
     tiny_inference_dir(model_dir, gaussian=True)

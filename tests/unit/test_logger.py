@@ -4,6 +4,7 @@ import json
 import numpy as np
 import skimage.data
 import torch
+import wandb
 from PIL import Image
 
 from atoken.training.logger import _drop_after, grid_pixels
@@ -12,8 +13,6 @@ from atoken.training.logger import _drop_after, grid_pixels
 def test_wandb_grid_shows_the_images():
     """wandb.Image writes the grid's PNG: its tiles are the originals and reconstructions, 8-bit
     (a float grid in [0, 1] came out all black)."""
-    import wandb
-
     photos = [skimage.data.astronaut(), skimage.data.coffee()]
     originals = [torch.from_numpy(np.asarray(Image.fromarray(p).resize((128, 128)))).permute(2, 0, 1).float() / 255
                  for p in photos]

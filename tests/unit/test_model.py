@@ -10,6 +10,7 @@ from atoken.model import (
     AToken,
     ModelConfig,
     PackedBatch,
+    Posterior,
     TransformerConfig,
     apply_rope,
     fuse_qkv,
@@ -23,6 +24,7 @@ from atoken.model import (
 )
 from atoken.model import attention as attn_mod
 from atoken.model.attention import check_backend, dense_reference_attention, sdpa_loop_attention
+from atoken.model.autoencoder import position_embedding
 from atoken.model.transformer import Attention
 from atoken.training.parallelize import apply_activation_checkpointing
 
@@ -246,8 +248,6 @@ def test_forward_backward_checkpoint_and_rope_toggle():
 
 
 def test_parameter_names_and_position_table():
-    from atoken.model.autoencoder import position_embedding
-
     torch.manual_seed(0)
     model = AToken(micro_config())
     names = [n for n, _ in model.named_parameters()]
@@ -267,7 +267,6 @@ def test_parameter_names_and_position_table():
 
 
 def test_posterior():
-    from atoken.model import Posterior
     post = Posterior(torch.zeros(4, 8), torch.zeros(4, 8))
     assert torch.equal(post.kl(), torch.zeros(4))
     post = Posterior(torch.ones(2, 3), torch.full((2, 3), math.log(2.0)))

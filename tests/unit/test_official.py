@@ -11,17 +11,32 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
+import skimage.data as sk
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from atoken.model import AToken, PackedBatch, Tokenizer, patchify
+from atoken.model import AToken, PackedBatch, Tokenizer, patchify, preset
 from atoken.model.autoencoder import position_embedding
 from atoken.model.kv_cache import KVCache
+from atoken.model.patches import unpatchify
 from atoken.model.rope import apply_rope, rope_angles
+from atoken.model.tokenizer import VideoLatent
 from atoken.model.transformer import MultiHeadRMSNorm
-from atoken.tools.official import FormatError, export_official, from_official, import_official, model_config
+from atoken.tools.eval.metrics import psnr
+from atoken.tools.official import (
+    FormatError,
+    export_official,
+    from_official,
+    import_main,
+    import_official,
+    model_config,
+)
+from atoken.training import handoff
 from tests.integration.test_training import shards, train  # noqa: F401 - the real photos' shards and the trainer in a subprocess
 
 W, HEADS, MLP, DEPTH, C = 64, 2, 128, 2, 12
@@ -92,7 +107,6 @@ def write_release(tmp_path, a: dict, state: dict, suffix: str = ".pt"):
     if suffix == ".pt":
         torch.save(state, model)
     else:
-        from safetensors.torch import save_file
         save_file(state, str(model))
     config.write_text(yaml.safe_dump({"model": {"model_cfg": {"arch_cfg": a}}}))
     return model, config
@@ -215,7 +229,6 @@ def test_kv_cache_decoding_equals_a_direct_computation():
     model = imported_model({**arch(), "decoder_num_blocks": 1})
     tok = Tokenizer(model)
     g = torch.Generator().manual_seed(3)
-    from atoken.model.tokenizer import VideoLatent
     latent = VideoLatent(torch.randn(6, 2, 3, C, generator=g), (24, 32, 48), 16)  # 6 latent frames
     with torch.no_grad():
         cached = tok.decode_video(latent, stride_frames=12, cache_frames=4)
@@ -248,7 +261,6 @@ def test_kv_cache_decoding_equals_a_direct_computation():
         x = x1 + blk.attn.proj(o)
         x = x + blk.mlp(blk.norm2(x))
         recon = dec.head(dec.norm(x))
-        from atoken.model.patches import unpatchify
         frames = ((unpatchify(recon, (3, 2, 3, 1)) + 1) / 2).clamp(0, 1)
         torch.testing.assert_close(cached[:, 12:], frames[:, :12], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="<= 16"):
@@ -382,8 +394,6 @@ def test_gaussian_decoder_import_refuses_by_name(tmp_path):
 
 
 def test_import_refuses_by_name(tmp_path, capsys):
-    from atoken.tools.official import import_main
-
     a = arch()
     good = official_state(a)
     cases = {"missing": ({k: v for k, v in good.items() if k != "decoder.blocks.1.attn.k_rms_norm.gamma"},
@@ -409,7 +419,6 @@ def test_export_refuses_what_the_release_cannot_hold(tmp_path):
     a = arch()
     model, config = write_release(tmp_path, a, official_state(a))
     out = import_official(model, config, tmp_path / "imported")
-    from safetensors.torch import load_file, save_file
     state = load_file(str(out / "model.safetensors"))
     state["understanding.logit_scale"] = torch.tensor([5.0])
     save_file(state, str(out / "model.safetensors"))
@@ -428,14 +437,9 @@ def test_export_refuses_what_the_release_cannot_hold(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuning_from_imported_release_weights(tmp_path, shards):
+def test_fine_tuning_from_imported_release_weights(tmp_path, shards):  # noqa: F811 - the fixture, imported above
     """The trainer starts from an imported release (a tiny one, random): its step-0 reconstruction
     of a held-out photo is the imported model's, it trains, and a rerun resumes its own checkpoint."""
-    import numpy as np
-    import skimage.data as sk
-    from PIL import Image
-
-    from atoken.tools.eval.metrics import psnr
 
     a = {**arch(latent=32), **{f"{s}_{k}": v for s in ("encoder", "decoder")
                                for k, v in (("model_channels", 192), ("num_heads", 4), ("mlp_channels", 768),
@@ -464,9 +468,6 @@ def test_fine_tuning_from_imported_release_weights(tmp_path, shards):
 
 
 def test_fine_tuning_refuses_a_stage_without_the_release_heads(tmp_path):
-    from atoken.model import preset
-    from atoken.training import handoff
-
     model, config = write_release(tmp_path, arch(), official_state(arch()))
     imported = import_official(model, config, tmp_path / "imported")
     narrow = model_config(arch())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atoken.model.gaussians import Gaussians
-from atoken.model.splatting import gaussian_view_loss, get_render_backend, render, render_torch
+from atoken.model.splatting import covariances, gaussian_view_loss, get_render_backend, project, render, render_torch
 
 W, H, F, CX, CY = 64, 48, 200.0, 32.0, 24.0  # image and pinhole intrinsics used by most tests
 BG = torch.tensor([0.2, 0.3, 0.4])
@@ -247,9 +247,8 @@ def test_projection_matches_gsplats_reference_implementation():
     # fp64 ours must be the same math; its culling is looser (a fixed 3.33-sigma box, where its CUDA
     # kernel and we use the opacity-aware one), so compare where we keep a Gaussian.
     pytest.importorskip("gsplat")
-    from gsplat.cuda._torch_impl import _fully_fused_projection
+    from gsplat.cuda._torch_impl import _fully_fused_projection  # noqa: PLC0415 - gsplat, an optional GPU rasterizer
 
-    from atoken.model.splatting import covariances, project
     g = random_scene(500, seed=7, dtype=torch.float64)
     g.means[:50, 2] -= 1.6  # some behind the near plane and far outside the field of view
     vm, k = camera(2)

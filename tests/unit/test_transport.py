@@ -9,18 +9,23 @@ of ``video.resize_clip``, 3D as ``voxel_tokens`` of the composited float views `
 from __future__ import annotations
 
 import importlib.util
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data as sk
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from atoken.data_pipeline import DataConfig, MixedLoader, StreamConfig, StreamLoader
+from atoken.data_pipeline.assets import BACKGROUND, asset_sample, decode_views, prepare_asset, voxel_tokens
 from atoken.data_pipeline.config import cpus_per_task
 from atoken.data_pipeline.images import open_rgb, sample_resolution, training_size
 from atoken.data_pipeline.samples import image_sample
+from atoken.data_pipeline.video import resize_clip_pixels
+from atoken.data_pipeline.video_decode import make_video_decoder
 from atoken.model.packed import PackedBatch
 from atoken.model.patches import features_from_values, patchify, patchify_values, unit_table
 from atoken.tools.make_image_shards import write_image_shards
@@ -32,12 +37,10 @@ LSB = 1 / 127.5  # one 8-bit level in [-1, 1]
 
 
 def photos() -> dict[str, np.ndarray]:
-    import skimage.data as sk
     return {n: getattr(sk, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "camera")}
 
 
 def jpeg(a: np.ndarray) -> bytes:
-    import io
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -68,9 +71,6 @@ def test_image_tokens_equal_the_previous_float_path():
 
 
 def test_video_tokens_are_the_previous_float_path_rounded_to_8_bits():
-    from atoken.data_pipeline.video import resize_clip_pixels
-    from atoken.data_pipeline.video_decode import make_video_decoder
-
     data = (_VIDEOS / "carphone_pristine.mp4").read_bytes()
     frames = make_video_decoder("pyav").decode(data, np.arange(0, 16, 2))  # uint8 [8, 144, 176, 3]
     for h, w in ((144, 176), (96, 112), (64, 80)):
@@ -92,8 +92,6 @@ def test_video_tokens_are_the_previous_float_path_rounded_to_8_bits():
 
 
 def test_asset_tokens_are_the_previous_float_path_rounded_to_8_bits():
-    from atoken.data_pipeline.assets import BACKGROUND, asset_sample, decode_views, prepare_asset, voxel_tokens
-
     raw = {**prepare_asset(_MESHES / "colored_airplane.ply", views=3, resolution=32, spp=2), "name": "airplane"}
     s = asset_sample(raw, np.random.default_rng(0), StreamConfig(modality="3d"))
     rgba = torch.from_numpy(decode_views(raw["views"], 3)).float().div_(255.0)

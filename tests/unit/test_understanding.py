@@ -5,13 +5,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, MAPHead, TextTower, distill_loss, sigmoid_loss
 
 transformers = pytest.importorskip("transformers")
-from transformers import PreTrainedTokenizerFast, Siglip2Config, Siglip2Model, Siglip2TextModel, Siglip2VisionConfig
-from transformers.models.siglip2.modeling_siglip2 import Siglip2MultiheadAttentionPoolingHead
+from transformers import (  # noqa: E402 - after importorskip, which skips this module without transformers
+    PreTrainedTokenizerFast,
+    Siglip2Config,
+    Siglip2Model,
+    Siglip2TextModel,
+    Siglip2VisionConfig,
+)
+from transformers.models.siglip2.modeling_siglip2 import (  # noqa: E402 - after importorskip, as above
+    Siglip2MultiheadAttentionPoolingHead,
+)
 
 WIDTH, HEADS, MLP = 64, 2, 128
 
@@ -142,8 +151,6 @@ def test_distill_loss():
 
 
 def test_text_tower_from_local_directory(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     model = tiny_siglip2(seed=2)
     with torch.no_grad():
         model.logit_scale.fill_(LOGIT_SCALE_INIT)

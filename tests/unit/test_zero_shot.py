@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data as skdata
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
+from streaming import MDSWriter
+from transformers import PreTrainedTokenizerFast, Siglip2Model
 
 from atoken.data_pipeline.clips import und_frame_indices
+from atoken.data_pipeline.images import IMAGE_COLUMNS
 from atoken.data_pipeline.video_decode import decode_all, encode_video
 from atoken.model import AToken, PackedBatch, patchify, preset
 from atoken.model.tokenizer import Tokenizer, save_inference_dir
@@ -55,8 +58,6 @@ def models(tmp_path_factory):
 
 def hf_text(text_dir: Path, texts: list[str]) -> np.ndarray:
     """[K, D] text embeddings with transformers directly, normalised here."""
-    from transformers import PreTrainedTokenizerFast, Siglip2Model
-
     model = Siglip2Model.from_pretrained(text_dir, local_files_only=True).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(text_dir)
     ids = tok(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt").input_ids
@@ -362,9 +363,7 @@ def test_cli_on_image_shards_names_bad_items(models, tmp_path, stream_env, capsy
     assert [it for it in folder["per_item"] if it["name"] != "cat/chelsea_4.png"] == report["per_item"]
 
     # Shards without the label column, and without --classes: clear errors naming what is missing.
-    from streaming import MDSWriter
 
-    from atoken.data_pipeline.images import IMAGE_COLUMNS
 
     with MDSWriter(columns=IMAGE_COLUMNS, out=str(tmp_path / "nolabel")) as w:
         w.write({"image": photos[0][1].read_bytes(), "width": 80, "height": 64, "name": "x.png"})

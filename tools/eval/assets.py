@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from atoken.data_pipeline.assets import ASSET_EXTENSIONS, asset_sample, prepare_asset
+from atoken.data_pipeline.config import StreamConfig
+from atoken.model.patches import features_from_values
+from atoken.model.splatting import get_render_backend, render
 from atoken.tools.shard_writer import reason
 
 from .grid import Extremes
@@ -33,9 +37,6 @@ class AssetSettings:
 def asset_item(name: str, raw: Callable[[], dict]) -> Item:
     """An asset's reference renders, cameras and voxel tokens (``data_pipeline.assets.asset_sample``
     with every stored view as a target), or the reason it cannot be had."""
-    from atoken.data_pipeline.assets import asset_sample
-    from atoken.data_pipeline.config import StreamConfig
-
     try:
         sample = asset_sample({**raw(), "name": name}, np.random.default_rng(0), StreamConfig(modality="3d"))
     except Exception as e:  # noqa: BLE001 - a mesh or sample that fails to load, render or voxelise
@@ -47,7 +48,6 @@ def asset_items(spec: str, settings: AssetSettings) -> Source:
     """(kind, count, items) of ``--assets``: mesh files (rendered here), or MDS 3D shards."""
     if is_mds(spec):
         return ("mds", *mds_items(spec, lambda name, sample: asset_item(name, lambda: dict(sample))))
-    from atoken.data_pipeline.assets import ASSET_EXTENSIONS, prepare_asset
 
     def prepared(path: Path) -> Callable[[], dict]:
         return lambda: prepare_asset(path, views=settings.views, resolution=settings.resolution,
@@ -62,8 +62,6 @@ def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: tor
     """Render ``gaussians`` at each camera and compare with the reference ``views`` [V, 3, H, W] in
     [0, 1] -> (record: per-view PSNR/SSIM/LPIPS and their means over views, renders [V, 3, H, W]
     rounded to 8 bits, on the CPU). Rendered over black, as the references are."""
-    from atoken.model.splatting import render
-
     dev = next(lpips.parameters()).device
     n_views, _, h, w = views.shape
     with torch.no_grad():
@@ -83,9 +81,6 @@ def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: tor
 def evaluate_assets(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out: Path, limit: int | None,
                      settings: AssetSettings, grid_k: int, grid_cell: int, progress: bool) -> dict:
     """The report's ``assets`` section; writes ``grid_3d.png``."""
-    from atoken.model.patches import features_from_values
-    from atoken.model.splatting import get_render_backend
-
     kind, total, items = source
     extremes = Extremes(grid_k, grid_cell)
     backend = tok.model.cfg.gaussian.render_backend

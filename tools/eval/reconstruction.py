@@ -15,11 +15,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from atoken.data_pipeline.images import IMAGE_EXTENSIONS
+from atoken.data_pipeline.video import VIDEO_EXTENSIONS
 from atoken.model.config import PATCH_HW, PATCH_T
+from atoken.model.perceptual import load_perceptual
+from atoken.model.tokenizer import Tokenizer
 from atoken.tools.shard_writer import reason
 
 from .assets import AssetSettings, asset_items, evaluate_assets
 from .grid import Extremes
+from .i3d import I3D_SIZE, I3DFeatures
+from .inception import InceptionFeatures
 from .inputs import (
     MIN_SIDE,
     Item,
@@ -106,8 +112,6 @@ def image_item(name: str, data: bytes) -> Item:
 
 def image_items(spec: str) -> Source:
     """(kind, count, items) of ``--images``: image files, or MDS shards of ``IMAGE_COLUMNS``."""
-    from atoken.data_pipeline.images import IMAGE_EXTENSIONS
-
     if is_mds(spec):
         return ("mds", *mds_items(spec, lambda name, sample: image_item(name, sample["image"]), ("image",)))
     root, paths = input_files(spec, IMAGE_EXTENSIONS, "--images", "image")
@@ -132,8 +136,6 @@ def video_item(name: str, data: bytes, settings: VideoSettings) -> Item:
 
 def video_items(spec: str, settings: VideoSettings) -> Source:
     """(kind, count, items) of ``--videos``: video files, or MDS shards of ``VIDEO_COLUMNS``."""
-    from atoken.data_pipeline.video import VIDEO_EXTENSIONS
-
     if is_mds(spec):
         return ("mds", *mds_items(spec, lambda name, sample: video_item(name, sample["video"], settings), ("video",)))
     root, paths = input_files(spec, VIDEO_EXTENSIONS, "--videos", "video")
@@ -159,8 +161,6 @@ def evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
                      batch_size: int, grid_k: int, grid_cell: int, inception_weights: str | None,
                      progress: bool) -> dict:
     """The image results (the report's top-level keys); writes ``grid.png``."""
-    from .inception import InceptionFeatures
-
     dev = tok.device
     inception = InceptionFeatures(inception_weights).to(dev)
     kind, total, items = source
@@ -243,8 +243,6 @@ def evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
 def evaluate_videos(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out: Path, limit: int | None,
                      settings: VideoSettings, grid_k: int, grid_cell: int, progress: bool) -> dict:
     """The report's ``video`` section; writes ``grid_video.png``."""
-    from .i3d import I3D_SIZE, I3DFeatures
-
     i3d = I3DFeatures(settings.i3d_weights).to(tok.device) if settings.i3d_weights else None
     kind, total, items = source
     extremes = Extremes(grid_k, grid_cell)
@@ -326,8 +324,6 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
                             f"{asset.views}, {asset.resolution}, {asset.spp}")
     if video.i3d_weights and not Path(video.i3d_weights).is_file():
         raise FileNotFoundError(f"--i3d-weights {video.i3d_weights!r}: no such file")
-    from atoken.model.perceptual import load_perceptual
-    from atoken.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if assets and tok.model.gaussian_decoder is None:

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atoken.data_pipeline.clips import und_frame_indices
+from atoken.data_pipeline.images import IMAGE_EXTENSIONS
+from atoken.data_pipeline.video import VIDEO_EXTENSIONS
+from atoken.data_pipeline.video_decode import make_video_decoder
 from atoken.model.config import PATCH_T
+from atoken.model.tokenizer import Tokenizer
+from atoken.model.understanding import TextTower
 from atoken.tools.shard_writer import reason, sidecar_caption
 
 from .inputs import (
@@ -44,8 +49,6 @@ if TYPE_CHECKING:
 def labelled_images(spec: str, res: int) -> tuple[str, int, list[str] | None, Iterator[Item]]:
     """(kind, items, folder class names or None, items) of ``--images``: MDS image shards with a
     ``label`` column, or a folder of class subfolders (label = index of the top-level folder)."""
-    from atoken.data_pipeline.images import IMAGE_EXTENSIONS
-
     def item(name: str, data: bytes, label: int) -> Item:
         try:
             return Item(name, read_image(data, res), label=label)
@@ -85,9 +88,6 @@ def captioned_videos(spec: str, res: int, und_fps: float, max_frames: int,
     """(kind, items, items) of ``--videos``: MDS video shards, or video files with ``<stem>.txt``
     captions. Each clip is training's understanding clip with its window centred
     (``data_pipeline.clips.und_frame_indices`` without a generator)."""
-    from atoken.data_pipeline.video import VIDEO_EXTENSIONS
-    from atoken.data_pipeline.video_decode import make_video_decoder
-
     decoder = make_video_decoder(backend)
 
     def frames_of(frames: int, fps: float) -> np.ndarray:
@@ -149,9 +149,6 @@ def read_classes(path: str | Path) -> list[str]:
 
 def load_models(model_dir: str, text_tower: str, device: str | None, max_length: int) -> tuple[Tokenizer, TextTower]:
     """The tokenizer (must have the understanding head) and the text tower, on one device; widths checked."""
-    from atoken.model.tokenizer import Tokenizer
-    from atoken.model.understanding import TextTower
-
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if tok.model.understanding is None:
         raise ValueError(f"{model_dir}: this model has no understanding head (its config.json has "
