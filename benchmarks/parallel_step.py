@@ -408,7 +408,7 @@ def summarise(layout: Layout, rounds: list[list[dict]], tokens_per_dp_rank: int)
     per_rank = rounds[-1]
     dp = per_rank[0]["dp"]
     # per round, per step, the slowest rank
-    by_round = [[max(ts) for ts in zip(*(r["step_times_s"] for r in ranks))] for ranks in rounds]
+    by_round = [[max(ts) for ts in zip(*(r["step_times_s"] for r in ranks), strict=True)] for ranks in rounds]
     steps = [t for ts in by_round for t in ts]
     median = statistics.median(steps)
     return {

@@ -18,6 +18,7 @@ took 2.46 ms against torch_varlen's 1.39 ms (benchmarks/results/attention_nvidia
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import torch
@@ -152,7 +153,7 @@ def sdpa_loop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     """The portable path: one ``F.scaled_dot_product_attention`` per sample."""
     bounds = cu_seqlens.tolist()  # NOTE: a host sync on CUDA; the fused backends avoid it
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         # [n_i, heads, D] -> [heads, n_i, D]
         qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))
         outs.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))

@@ -243,7 +243,7 @@ class GaussianDecoder(nn.Module):
         self._check(pixels, coords, cu_seqlens)
         x = self.up(pixels[:, :self.cfg.in_channels])  # [M, width]
         x = x + sinusoidal_positions(coords[:, 1:], x.shape[1]).to(x.dtype)
-        for block, part in zip(self.blocks, self.partitions(coords, cu_seqlens)):
+        for block, part in zip(self.blocks, self.partitions(coords, cu_seqlens), strict=True):
             x = block(x[part.order], part.cu_seqlens, part.max_seqlen, None)[part.inverse]
         x = F.layer_norm(x, x.shape[-1:])  # no affine parameters, eps 1e-5: as released
         return self.activate(self.head(x).float(), coords, cu_seqlens)
@@ -253,7 +253,7 @@ class GaussianDecoder(nn.Module):
         cfg, m, k = self.cfg, raw.shape[0], self.cfg.gaussians_per_voxel
         r = {name: part.reshape(m, k, -1) * cfg.lr[name]  # [M, K, n] each
              for (name, n), part in zip(GAUSSIAN_ATTRIBUTES.items(),
-                                        raw.split([k * n for n in GAUSSIAN_ATTRIBUTES.values()], dim=-1))}
+                                        raw.split([k * n for n in GAUSSIAN_ATTRIBUTES.values()], dim=-1), strict=True)}
         centre = (coords[:, 1:].float() + 0.5) / cfg.resolution  # [M, 3] in the unit cube
         offset = torch.tanh(r["_xyz"] + self.offset_perturbation) / cfg.resolution * 0.5 * cfg.voxel_size
         means = (centre[:, None, :] + offset) - 0.5  # TRELLIS' aabb [-0.5, -0.5, -0.5, 1, 1, 1]

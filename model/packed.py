@@ -70,7 +70,7 @@ class PackedBatch:
         cu = self.cu_seqlens.tolist()
         if len(cu) != b + 1 or cu[0] != 0 or cu[-1] != n:
             raise ValueError(f"cu_seqlens {cu} does not cover {n} tokens of {b} samples")
-        self._lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+        self._lengths = [e - s for s, e in itertools.pairwise(cu)]
         if len(self.modalities) != b:
             raise ValueError(f"{len(self.modalities)} modalities for {b} samples")
         if not self.frames:
@@ -93,7 +93,7 @@ class PackedBatch:
     def spans(self) -> list[tuple[int, int]]:
         """Per sample, its (start, end) rows in the token stream."""
         ends = list(itertools.accumulate(self._lengths))
-        return list(zip([0, *ends[:-1]], ends))
+        return list(zip([0, *ends[:-1]], ends, strict=True))
 
     @property
     def max_seqlen(self) -> int:

@@ -136,7 +136,7 @@ class LPIPS(nn.Module):
         """LPIPS from precomputed features -> [B]: per layer, squared difference of channel-unit
         features, weighted over channels by the lin layer, averaged over space; summed over layers."""
         d = 0.0
-        for lin, a, b in zip(self.lins, fx, fy):
+        for lin, a, b in zip(self.lins, fx, fy, strict=True):
             d = d + lin((_unit_channels(a) - _unit_channels(b)) ** 2).mean((1, 2, 3))
         return d
 

@@ -125,7 +125,7 @@ class _GatherRows(torch.autograd.Function):
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=group)
         ctx.group, ctx.sizes, ctx.rank, ctx.peak = group, sizes, dist.get_rank(group), peak
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

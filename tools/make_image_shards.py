@@ -55,7 +55,7 @@ def write_image_shards(paths_or_dir: str | os.PathLike | Iterable[str | os.PathL
         return write_shards(paths, names, out, IMAGE_WRITER_COLUMNS, check_image, desc="images",
                             size_limit=size_limit, overwrite=overwrite, workers=workers, progress=progress)
     classes = class_names(names)
-    items = [(p, classes.index(n.split("/")[0])) for p, n in zip(paths, names)]
+    items = [(p, classes.index(n.split("/")[0])) for p, n in zip(paths, names, strict=True)]
     return write_shards(items, names, out, IMAGE_WRITER_COLUMNS, _check_labelled, desc="images",
                         size_limit=size_limit, overwrite=overwrite, workers=workers, progress=progress)
 

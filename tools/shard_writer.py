@@ -81,7 +81,7 @@ def write_shards(paths: list[Path], names: list[str], out: str, columns: dict[st
         # Checking (decoding, rendering: the slow part) may run in worker processes; map keeps order.
         checked = pool.map(check, paths, chunksize=4) if pool else map(check, paths)
         with MDSWriter(columns=columns, out=out, size_limit=size_limit, exist_ok=overwrite) as writer:
-            for name, (sample, why) in tqdm(zip(names, checked), total=len(paths), desc=desc,
+            for name, (sample, why) in tqdm(zip(names, checked, strict=True), total=len(paths), desc=desc,
                                             unit="file", disable=not progress):
                 if sample is None:
                     rejected.append((name, why))

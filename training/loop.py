@@ -37,7 +37,7 @@ def evaluate(model, ema, images: dict, device, amp) -> tuple[dict, list]:
     with ema.applied_to(model), amp:
         recons = Tokenizer(model, device).reconstruct(list(images.values()))
     model.train()
-    return {name: psnr(x, y) for (name, x), y in zip(images.items(), recons)}, recons
+    return {name: psnr(x, y) for (name, x), y in zip(images.items(), recons, strict=True)}, recons
 
 
 def run(cfg: RunConfig, resume_from: Path | None) -> None:

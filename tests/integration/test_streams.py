@@ -130,7 +130,7 @@ def s3_data(s3_server, tmp_path_factory) -> dict[str, str]:
 def data_config(urls: dict[str, str], cache: Path, mix=(2, 1, 6), **kw) -> DataConfig:
     """Stage 2's mix shape (2 / 1 / 6 micro-batches) over the three image datasets."""
     streams = {}
-    for (prefix, url), micro, task in zip(urls.items(), mix, ("rec", "und", "rec")):
+    for (prefix, url), micro, task in zip(urls.items(), mix, ("rec", "und", "rec"), strict=False):
         streams[f"img_{prefix}"] = StreamConfig(modality="image", task=task, remote=url, local=str(cache / prefix),
                                                 micro_batches=micro, min_res=32, max_res=128, token_budget=128)
     return DataConfig(streams=streams, seed=5, shuffle_block=8, retry=FAST_RETRY, **kw)
@@ -248,7 +248,7 @@ def test_mix_counts_and_single_rank_resume(s3_env, s3_data, tmp_path):
     resumed.load_state_dict(state)
     got = part + take(resumed, steps - cut)
     resumed.close()
-    for (s1, n1, f1), (s2, n2, f2) in zip(ref, got):
+    for (s1, n1, f1), (s2, n2, f2) in zip(ref, got, strict=True):
         assert s1 == s2 and n1 == n2 and torch.equal(f1, f2)
 
 
@@ -270,7 +270,7 @@ def test_two_ranks(s3_env, s3_data, tmp_path, stream_env):
                           env={**os.environ, "TMPDIR": str(stream_env), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = json.loads(out.read_text())
-    for name, n in zip(cfg.streams, DATASETS.values()):
+    for name, n in zip(cfg.streams, DATASETS.values(), strict=True):
         a, b = (set(r["epoch"][name]) for r in ranks)
         assert not a & b and len(a) + len(b) == n, name  # disjoint, together the whole epoch
     for r in ranks:

@@ -133,7 +133,7 @@ def test_converted_model_equals_training_ema(run_a, tmp_path):
     got = tok.reconstruct([img, odd])
     want = Tokenizer(ref).reconstruct([img, odd])
     assert got[1].shape == odd.shape
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
     # EMA differs from the raw weights after 4 steps, so the default really exported the EMA.
     raw = convert(run_a, tmp_path / "raw", weights="raw")

@@ -61,7 +61,7 @@ def test_clip_term_equals_the_teacher_computed_directly(siglip):
     hf = Siglip2VisionModel.from_pretrained(siglip, local_files_only=True).eval()
     with torch.no_grad():
         per_image = [(1 - F.cosine_similarity(hf_tokens(hf, r), hf_tokens(hf, x), dim=-1)).mean()
-                     for x, r in zip(originals, recons)]
+                     for x, r in zip(originals, recons, strict=True)]
     want = torch.stack(per_image).mean()
     assert want > 1e-3  # the noisy reconstruction's features do differ
     torch.testing.assert_close(out["clip"], want, atol=1e-5, rtol=1e-4)

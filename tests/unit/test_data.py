@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import logging
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def test_packing_one_epoch(shards, tmp_path):
             assert img.abs().max() <= 1
             assert max(h, w) * 16 <= stream.max_res
     # greedy: a batch is closed only because the next sample does not fit
-    for b, nxt in zip(batches, batches[1:]):
+    for b, nxt in itertools.pairwise(batches):
         assert b.num_tokens + nxt.seqlens[0] > stream.token_budget
     assert loader.stats()["tokens"] == sum(b.num_tokens for b in batches)
     loader.close()
@@ -252,7 +253,7 @@ def test_resume_identical(shards, tmp_path):
     straight.close()
     sizes = {}
     for b in ref:
-        for n, g in zip(b.names, b.grids):
+        for n, g in zip(b.names, b.grids, strict=True):
             sizes.setdefault(n, set()).add(g)
     assert len(sizes) == len(files) and max(map(len, sizes.values())) > 1  # new sizes each epoch
     # resume just before and after the batch spanning the first epoch's end, and later on
@@ -270,7 +271,7 @@ def test_resume_identical(shards, tmp_path):
         assert resumed.samples_seen == sum(b.num_samples for b in part)
         got = part + _batches(resumed, n_total - k)
         resumed.close()
-        for a, b in zip(ref, got):
+        for a, b in zip(ref, got, strict=True):
             assert a.names == b.names and a.grids == b.grids, k
             assert torch.equal(a.features, b.features) and torch.equal(a.cu_seqlens, b.cu_seqlens)
 

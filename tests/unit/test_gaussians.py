@@ -1,5 +1,6 @@
 """The Gaussian decoder (the release's formulas, windows, samples, fitting) and the 3DGS .ply files."""
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -26,7 +27,7 @@ P = 768  # pixel-decoder values the Gaussian decoder reads
 
 def block_coords(lo, hi) -> torch.Tensor:
     """[n, 4] coords (0, x, y, z) of every voxel with lo <= x, y, z < hi (per axis)."""
-    axes = [torch.arange(a, b) for a, b in zip(lo, hi)]
+    axes = [torch.arange(a, b) for a, b in zip(lo, hi, strict=True)]
     xyz = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     return torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
 
@@ -162,11 +163,11 @@ def test_window_partition():
         bounds = p.cu_seqlens.tolist()
         assert bounds[0] == 0 and bounds[-1] == len(coords)
         keys = set()
-        for s, e in zip(bounds[:-1], bounds[1:]):
+        for s, e in itertools.pairwise(bounds):
             assert e > s and (sample[s:e] == sample[s]).all() and (cell[s:e] == cell[s]).all()
             keys.add((int(sample[s]),) + tuple(cell[s].tolist()))
         assert len(keys) == len(bounds) - 1  # each window is one contiguous run
-        assert p.max_seqlen == max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+        assert p.max_seqlen == max(e - s for s, e in itertools.pairwise(bounds))
 
 
 def influence(dec: GaussianDecoder, coords, cu, source: int, depth: int) -> set[int]:
@@ -174,7 +175,7 @@ def influence(dec: GaussianDecoder, coords, cu, source: int, depth: int) -> set[
     reach = {source}
     for part in dec.partitions(coords, cu)[:depth]:
         window_of = torch.empty(len(coords), dtype=torch.long)
-        for w, (s, e) in enumerate(zip(part.cu_seqlens[:-1].tolist(), part.cu_seqlens[1:].tolist())):
+        for w, (s, e) in enumerate(zip(part.cu_seqlens[:-1].tolist(), part.cu_seqlens[1:].tolist(), strict=True)):
             window_of[part.order[s:e]] = w
         hit = {int(window_of[i]) for i in reach}
         reach = {i for i in range(len(coords)) if int(window_of[i]) in hit}

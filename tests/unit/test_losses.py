@@ -115,7 +115,7 @@ def test_gram_matrix_and_loss_match_direct_computation():
     fx = [torch.randn(2, 3, 4, 5), torch.randn(2, 6, 2, 3)]
     fy = [torch.randn(2, 3, 4, 5), torch.randn(2, 6, 2, 3)]
     want = np.zeros(2)
-    for a, b in zip(fx, fy):
+    for a, b in zip(fx, fy, strict=True):
         for i in range(2):
             c, h, w = a.shape[1:]
             ga = np.zeros((c, c))

@@ -131,7 +131,7 @@ def test_sdpa_loop_matches_dense_reference_with_grads():
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -183,7 +183,7 @@ def test_cuda_backends_match_sdpa_bf16(name):
     ref = sdpa_loop_attention(q, k, v, cu)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
 
 
@@ -194,7 +194,7 @@ def test_fused_qkv_layout():
     heads, hd, width = 3, 8, 24
     wq, wk, wv = (torch.randn(heads * hd, width) for _ in range(3))
     fused = fuse_qkv(wq, wk, wv, heads)
-    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads), (wq, wk, wv)))
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads), (wq, wk, wv), strict=True))
     x = torch.randn(5, width)
     q, k, v = (x @ fused.t()).view(5, heads, 3, hd).unbind(2)  # as Attention.forward reads it
     torch.testing.assert_close(q, (x @ wq.t()).view(5, heads, hd))
@@ -230,7 +230,7 @@ def test_forward_backward_checkpoint_and_rope_toggle():
     torch.manual_seed(0)
     ckpt = AToken(cfg)
     apply_activation_checkpointing(ckpt)
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ckpt.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ckpt.state_dict().values(), strict=True))
     batch = image_batch([torch.rand(3, 32, 32), torch.rand(3, 16, 48)])
     grads = []
     for m in (plain, ckpt):
@@ -239,7 +239,7 @@ def test_forward_backward_checkpoint_and_rope_toggle():
         ((recon - batch.features).abs().mean() + 1e-3 * post.kl().mean()).backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(g is not None and g.isfinite().all() for g in grads[0])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # the encoder's RoPE can be switched off (SigLIP2 comparison)
         on = plain.encode(batch).mean

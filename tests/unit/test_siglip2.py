@@ -37,7 +37,7 @@ def images():
     data = pytest.importorskip("skimage.data")
     photos = [data.astronaut(), data.chelsea(), data.coffee()]
     out = []
-    for photo, (h, w) in zip(photos, SIZES):
+    for photo, (h, w) in zip(photos, SIZES, strict=True):
         x = torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 127.5 - 1
         out.append(F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0])
     return out
@@ -50,7 +50,7 @@ def hf_outputs(path, imgs):
     grids = [(h // 16, w // 16) for _, h, w in (i.shape for i in imgs)]
     longest = max(h * w for h, w in grids)
     pixels, mask = torch.zeros(len(imgs), longest, 768), torch.zeros(len(imgs), longest, dtype=torch.long)
-    for b, (img, (h, w)) in enumerate(zip(imgs, grids)):
+    for b, (img, (h, w)) in enumerate(zip(imgs, grids, strict=True)):
         patches = img.permute(1, 2, 0).reshape(h, 16, w, 16, 3).permute(0, 2, 1, 3, 4).reshape(h * w, 768)
         pixels[b, :h * w], mask[b, :h * w] = patches, 1
     with torch.no_grad():
@@ -69,7 +69,7 @@ def assert_reproduces_hf(model: AToken, hf_dir, imgs):
         feats = model.features(batch)
         emb, pooled = model.understand(batch, feats)
     tokens, ref_pooled = hf_outputs(hf_dir, imgs)
-    for (a, b), ref in zip(batch.spans(), tokens):
+    for (a, b), ref in zip(batch.spans(), tokens, strict=True):
         torch.testing.assert_close(feats[a:b], ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(emb, F.normalize(ref_pooled, dim=-1), atol=1e-5, rtol=1e-5)

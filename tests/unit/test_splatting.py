@@ -201,7 +201,7 @@ def test_gradients_reach_every_parameter():
     vm[1, :3, 3] = torch.tensor([0.05, 0.0, 0.2])
     loss = gaussian_view_loss(g, target, {"viewmats": vm, "Ks": k}, background=BG, backend="torch")
     loss.backward()
-    for name, p in zip(("means", "scales", "quats", "opacities", "colors"), params):
+    for name, p in zip(("means", "scales", "quats", "opacities", "colors"), params, strict=True):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert (p.grad.abs().sum(-1) if p.ndim > 1 else p.grad.abs()).gt(0).float().mean() > 0.5, name
 

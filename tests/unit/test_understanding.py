@@ -69,7 +69,7 @@ def test_map_head_matches_hf_per_packed_sample():
     emb, pooled = ours(x, cu)
     # HF: pad to a dense [B, max_len, W] batch with an attention mask.
     dense, mask = torch.zeros(len(lens), max(lens), WIDTH), torch.zeros(len(lens), max(lens), dtype=torch.long)
-    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
         dense[i, :b - a], mask[i, :b - a] = x[a:b], 1
     with torch.no_grad():
         ref = hf(dense, mask)

@@ -87,7 +87,7 @@ def test_metrics_on_constructed_scores():
     want_rank = np.array([1, 3, 1, 6, 2, 1, 5, 7, 1, 2])
     above = {1: 4, 3: 0, 4: 5, 6: 2, 7: 0, 9: 3}  # item -> the class placed first when the true one is not
     scores = np.zeros((10, k))
-    for i, (y, r) in enumerate(zip(labels, want_rank)):
+    for i, (y, r) in enumerate(zip(labels, want_rank, strict=True)):
         others = [c for c in rng.permutation(k) if c != y]
         if i in above:
             others.remove(above[i])
@@ -222,7 +222,7 @@ def test_classification_matches_independent_computation(models, tmp_path):
     assert m["top1"] == pytest.approx(top_k_accuracy_score(labels, sim, k=1, labels=range(7)))
     assert m["top5"] == pytest.approx(top_k_accuracy_score(labels, sim, k=5, labels=range(7)))
     assert 0 < m["top5"] < 1  # neither trivial nor empty, so the comparison above means something
-    ranks = [1 + (row > row[y]).sum() for row, y in zip(sim, labels)]
+    ranks = [1 + (row > row[y]).sum() for row, y in zip(sim, labels, strict=True)]
     assert [it["rank"] for it in report["per_item"]] == ranks
     assert [it["name"] for it in report["per_item"]] == [p.relative_to(tmp_path / "photos").as_posix()
                                                          for _, p, _ in photos]

@@ -149,7 +149,7 @@ def video_record(name: str, x: torch.Tensor, r: torch.Tensor, lpips: LPIPS) -> d
     """The metrics of one video [3, T, H, W] in [0, 1] against its reconstruction ``r`` (already 8-bit):
     per-frame PSNR, SSIM and LPIPS, and their means over the frames."""
     frames_x, frames_r = x.transpose(0, 1), r.transpose(0, 1)  # [T, 3, H, W]
-    psnrs = [psnr(a, b) for a, b in zip(frames_x, frames_r)]
+    psnrs = [psnr(a, b) for a, b in zip(frames_x, frames_r, strict=True)]
     ssims = ssim_pairs(frames_x, frames_r, next(lpips.parameters()).device)
     lps = lpips_pairs(lpips, frames_x, frames_r)
     return {"name": name, "frames": int(x.shape[1]), "height": int(x.shape[2]), "width": int(x.shape[3]),
@@ -177,7 +177,7 @@ def evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
         originals = [it.data for it in batch]
         recons = [to_8bit(r) for r in tok.reconstruct(originals)]  # 8-bit, as saved
         fid_in = []
-        for it, x, r in zip(batch, originals, recons):
+        for it, x, r in zip(batch, originals, recons, strict=True):
             xd, rd = x.to(dev), r.to(dev)
             with torch.no_grad():
                 lp = lpips(xd[None] * 2 - 1, rd[None] * 2 - 1).item()

@@ -74,7 +74,7 @@ def labelled_images(spec: str, res: int) -> tuple[str, int, list[str] | None, It
         raise ValueError(f"--images {spec!r}: no class subfolders (expected FOLDER/<class>/<image>)")
 
     def folder_items() -> Iterator[Item]:
-        for p, name in zip(paths, names):
+        for p, name in zip(paths, names, strict=True):
             if "/" not in name:
                 yield failed(name, "not inside a class folder (labels come from the top-level folder)", NO_LABEL)
             else:
@@ -261,7 +261,7 @@ def classify(model_dir: str, text_tower: str, images: str, out: str | Path, *, c
         r = true_ranks(scores, lab)
         p = top1_predictions(scores, lab, r)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, len(names))]
-        for it, ri, pi, ti in zip(batch, r, p, top):
+        for it, ri, pi, ti in zip(batch, r, p, top, strict=True):
             per_item.append({"name": it.name, "label": it.label, "rank": int(ri), "pred": int(pi),
                              "top5": ti.tolist()})
         ranks.append(r)
@@ -327,7 +327,7 @@ def retrieve(model_dir: str, text_tower: str, videos: str, out: str | Path, *, v
         txt_emb = embed_texts(tower, [k["caption"] for k in kept])
         metrics = retrieval_metrics((torch.cat(vid_emb) @ txt_emb.T).numpy())
         for name in ("t2v", "v2t"):
-            for k, r in zip(kept, metrics[name].pop("ranks")):
+            for k, r in zip(kept, metrics[name].pop("ranks"), strict=True):
                 k[f"{name}_rank"] = r
     report = {
         "task": "text-video retrieval",

@@ -151,7 +151,7 @@ def load_resharded(engine, path: Path, saved: Layout, now: Layout) -> dict:
     # once per group and step. Put our hyperparameters back (the lr is the restored scheduler's) and
     # give each state its own step.
     if now.zero_stage == 3:
-        for g, b, lr in zip(optimizer.param_groups, before, engine.lr_scheduler.get_last_lr()):
+        for g, b, lr in zip(optimizer.param_groups, before, engine.lr_scheduler.get_last_lr(), strict=True):
             g.update({k: v for k, v in b.items() if k != "params"}, lr=lr)
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
