@@ -132,8 +132,8 @@ def trainer_command(args, run_dir: Path) -> list[str]:
 
 
 def records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
-    steps = {r["step"]: r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r}
-    return steps, [json.loads(line) for line in open(run_dir / "events.jsonl")]
+    steps = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    return steps, [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def train(args) -> None:
@@ -169,7 +169,7 @@ def resume(args) -> None:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         metrics = run_dir / "metrics.jsonl"
         while proc.poll() is None:  # kill once the step after the checkpoint is logged
-            if metrics.exists() and any(json.loads(line).get("step", 0) > cut for line in open(metrics)):
+            if metrics.exists() and any(json.loads(line).get("step", 0) > cut for line in metrics.read_text().splitlines()):
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)

@@ -365,7 +365,7 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
     extras = [{}] * batch.num_samples
 
     def step() -> torch.Tensor:
-        return micro_step(engine, objective, batch, extras, ("rec",), noise, amp)["total"].detach()
+        return micro_step(engine, objective, batch, extras, ("rec",), noise, amp)["total"].detach()  # noqa: F821 - deleted after the last step
 
     for i in range(args.warmup):
         with memory.step() if i == args.warmup - 1 else nullcontext():

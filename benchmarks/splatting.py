@@ -162,14 +162,11 @@ def main() -> None:
                     f"grad cos min {min(v['cosine'] for v in c['grads'].values()):.5f}"
         print(line, flush=True)
 
-    if gpu:
-        info = {"type": "cuda", "name": torch.cuda.get_device_name(device)}
-    else:
-        info = cpu_info()
+    info = {"type": "cuda", "name": torch.cuda.get_device_name(device)} if gpu else cpu_info()
     try:
         import gsplat  # noqa: PLC0415 - gsplat, an optional GPU rasterizer
         gsplat_version = gsplat.__version__
-    except Exception:
+    except Exception:  # noqa: BLE001 - not installed, or a build for another torch/CUDA
         gsplat_version = None
     report = {
         "benchmark": "splatting", "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -38,6 +38,7 @@ Writes ``benchmarks/results/train_step_<device>.json`` (``--out`` changes it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
@@ -114,10 +115,8 @@ def autocast(device: torch.device):
 
 
 def _reset_hwm() -> None:
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    except OSError:
-        pass
 
 
 class Memory:
@@ -324,7 +323,7 @@ def versions() -> dict:
     try:
         import flash_attn  # noqa: PLC0415 - flash-attn, an optional GPU kernel
         out["flash_attn"] = flash_attn.__version__
-    except Exception:
+    except Exception:  # noqa: BLE001 - not installed, or a build for another torch/CUDA
         pass
     return out
 

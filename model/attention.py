@@ -30,12 +30,12 @@ logger = logging.getLogger(__name__)
 
 try:
     from flash_attn import flash_attn_varlen_func
-except Exception:  # ImportError, or a build that does not match the installed torch/CUDA
+except Exception:  # noqa: BLE001 - ImportError, or a build that does not match the installed torch/CUDA
     flash_attn_varlen_func = None
 
 try:
     from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
-except Exception:  # older torch
+except Exception:  # noqa: BLE001 - older torch
     torch_varlen_attn = None
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -49,7 +49,7 @@ def _cudnn_sdpa():
         import cudnn  # noqa: PLC0415 - the cuDNN frontend, an optional GPU kernel
 
         return cudnn.sdpa_torch
-    except Exception:  # not installed, or a build without the torch op (before 1.32)
+    except Exception:  # noqa: BLE001 - not installed, or a build without the torch op (before 1.32)
         return None
 
 

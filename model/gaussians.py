@@ -34,7 +34,7 @@ from .transformer import Attention, Block, init_weights
 
 try:
     from flash_attn import flash_attn_varlen_func
-except Exception:  # ImportError, or a build that does not match the installed torch/CUDA
+except Exception:  # noqa: BLE001 - ImportError, or a build that does not match the installed torch/CUDA
     flash_attn_varlen_func = None
 
 SH_C0 = 0.28209479177387814  # the degree-0 real spherical harmonic, 1 / (2 sqrt(pi))

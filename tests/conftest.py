@@ -1,4 +1,5 @@
 """Shared test settings: markers, wandb kept offline and quiet, and fixtures for streaming and S3."""
+import contextlib
 import os
 import tempfile
 
@@ -39,10 +40,8 @@ def stream_env(tmp_path, monkeypatch):
     yield tmp
     for p in prefixes:  # only our own prefixes: other processes may be using streaming right now
         for name in SHM_TO_CLEAN:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(f"/dev/shm/{p:06}_{name}")
-            except FileNotFoundError:
-                pass
 
 
 @pytest.fixture(scope="module")

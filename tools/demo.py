@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     inference = convert(run, run / "inference")
     tok = Tokenizer.from_pretrained(inference, device="cpu")
     after = reconstruct_files(tok, [holdout / HELD_OUT], run / "reconstructions")[HELD_OUT]
-    evals = [json.loads(line) for line in open(run / "metrics.jsonl") if '"eval_psnr"' in line]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval_psnr"' in line]
     before = evals[0]["eval_psnr_per_image"][HELD_OUT]
     step = json.loads((inference / "config.json").read_text())["source"]["step"]
     print(f"\nheld-out {HELD_OUT}: PSNR {before:.2f} dB at step 0 -> {after:.2f} dB after {step} steps")

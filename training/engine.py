@@ -36,7 +36,7 @@ def make_optimizer(groups, lr: float, betas: tuple[float, float], weight_decay: 
     if cuda:
         try:
             from apex.optimizers import FusedAdam  # noqa: PLC0415 - apex, optional (fused Adam on GPU)
-        except Exception as e:  # ImportError, or an apex built for another torch / CUDA
+        except Exception as e:  # noqa: BLE001 - ImportError, or an apex built for another torch / CUDA
             why = f"apex unavailable: {type(e).__name__}: {e}"
         else:
             logger.info("optimizer: apex.optimizers.FusedAdam (adam_w_mode)")

@@ -63,7 +63,7 @@ class RunLogger:
             return
         if start_step:
             _drop_after(run_dir / "metrics.jsonl", start_step)
-        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run: close() closes it
         self.event("resume" if start_step else "start", step=start_step, **environment())
         if cfg.log.wandb_mode != "disabled":
             import wandb  # noqa: PLC0415 - wandb takes seconds to import: the main rank only

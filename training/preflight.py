@@ -80,5 +80,5 @@ def _check_images(folder: Path) -> None:
     for p in paths:
         try:
             open_rgb(p.read_bytes())
-        except Exception as e:  # noqa: BLE001 - any decode failure: name the file
-            raise UserError(f"log.eval_images: cannot read {p} ({type(e).__name__}: {e}); remove or replace it")
+        except Exception as e:  # any decode failure: name the file
+            raise UserError(f"log.eval_images: cannot read {p} ({type(e).__name__}: {e}); remove or replace it") from e

@@ -127,7 +127,7 @@ def noise(b: int) -> torch.Generator:
     return torch.Generator().manual_seed(NOISE_SEED + b)
 
 
-def forward_loss(model, objective, batch: PackedBatch, b: int, amp=nullcontext()) -> tuple[torch.Tensor, dict]:
+def forward_loss(model, objective, batch: PackedBatch, b: int, amp=nullcontext()) -> tuple[torch.Tensor, dict]:  # noqa: B008 - stateless, shared safely
     """Micro-batch ``b`` -> (recon, loss terms), without an engine. ``amp`` covers the model only.
     NOTE: the objective sees the reconstruction in fp32: CPU has no bf16 antialiased resize (the
     perceptual net's input), which CUDA has."""

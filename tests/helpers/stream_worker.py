@@ -60,7 +60,8 @@ def record(loader: MixedLoader, steps: int) -> list[list[list]]:
 
 
 def main(spec_path: str, out_path: str) -> None:
-    spec = json.load(open(spec_path))
+    with open(spec_path) as f:
+        spec = json.load(f)
     info = distributed.init()
     rank, world = info.rank, info.world_size
     data = from_dict(DataConfig, spec["data"])

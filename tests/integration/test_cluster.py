@@ -24,7 +24,7 @@ from tests.helpers.slurm_cluster import SlurmCluster, missing
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted((REPO / "cluster").glob("*.slurm")) + [REPO / "cluster" / "common.sh"]
+SCRIPTS = [*sorted((REPO / "cluster").glob("*.slurm")), REPO / "cluster" / "common.sh"]
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
 STEPS = 30
 SHRINK = ["model=tiny", "model.encoder.depth=1", "model.decoder.depth=1",

@@ -43,7 +43,7 @@ def test_demo_losses_match_golden_file(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [{k: v for k, v in r.items() if k not in VOLATILE}
-               for r in map(json.loads, open(run / "metrics.jsonl")) if "loss" in r]
+               for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     if os.environ.get("ATOKEN_UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(records, indent=1) + "\n")

@@ -179,7 +179,7 @@ def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
                            *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     # Unshuffled, every stream cycles through its samples with a period dividing 4 steps: the first
     # and the last 4 steps saw the same samples.

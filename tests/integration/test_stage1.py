@@ -77,7 +77,7 @@ def test_stage1_tiny_trains_reconstruction_and_understanding_then_zero_shot(tmp_
     for stream, paper in (("image_rec", 4096), ("image_und", 8192), ("all", 12288)):
         assert any(line.split()[:1] == [stream] and str(paper) in line.split() for line in proc.stderr.splitlines()), \
             stream
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     curves = {k: np.array([r[k] for r in rows]) for k in ("image_rec/rec", "image_und/sem", "clip", "distill")}
     assert (curves["clip"] > 0).all() and (curves["distill"] > 0).all()  # both semantic-side terms ran

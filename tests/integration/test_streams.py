@@ -388,7 +388,7 @@ def test_outage_mid_read(s3_server, s3_env, s3_data, tmp_path, caplog):
     finally:
         restarter.join()
     assert "retrying in" in caplog.text  # the outage was hit
-    for (s1, n1, f1), (s2, n2, f2) in zip(ref, got, strict=True):
+    for (_s1, n1, f1), (_s2, n2, f2) in zip(ref, got, strict=True):
         assert n1 == n2 and torch.equal(f1, f2)
     reader.close()
 

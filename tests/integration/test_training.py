@@ -64,7 +64,7 @@ def train(run_dir: Path, shards: Path, *extra: str) -> list[dict]:
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir / "stderr.txt").write_text(proc.stderr)
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def steps_of(records: list[dict]) -> dict[int, dict]:
 
 @pytest.mark.slow
 def test_resume_matches_straight_run(run_a, shards, tmp_path):
-    straight = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])
+    straight = steps_of([json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()])
     assert sorted(straight) == list(range(1, STEPS + 1))
     mid = run_a / "checkpoints" / "step_00000002"
     resumed = steps_of(train(tmp_path / "b", shards, f"checkpoint.resume={mid}"))
@@ -100,12 +100,12 @@ def test_resume_matches_straight_run(run_a, shards, tmp_path):
 
 @pytest.mark.slow
 def test_run_records(run_a):
-    events = [json.loads(line)["event"] for line in open(run_a / "events.jsonl")]
+    events = [json.loads(line)["event"] for line in (run_a / "events.jsonl").read_text().splitlines()]
     assert events == ["start", "checkpoint", "checkpoint", "end"]
     assert (run_a / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert not (run_a / "checkpoints" / ".staging").exists()  # no half saves, not even an empty folder
     # An image-reconstruction run logs (and so tells wandb) only the terms it computes.
-    logged = set(steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])[STEPS])
+    logged = set(steps_of([json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()])[STEPS])
     assert {"loss", "l1", "lpips", "gram", "kl", "rec"} <= logged and not {"l1_3d", "distill", "sigmoid", "sem"} & logged
     assert "model:" in (run_a / "config.yaml").read_text()
     assert list((run_a / "wandb").glob("offline-run-*")), "wandb offline run missing"
@@ -113,7 +113,7 @@ def test_run_records(run_a):
 
 @pytest.mark.slow
 def test_corrupt_sample_skipped_and_counted(run_a):
-    last = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])[STEPS]
+    last = steps_of([json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()])[STEPS]
     assert last["samples_bad"] >= 1
     log = (run_a / "stderr.txt").read_text()
     assert "truncated" in log or "shard" in log
@@ -158,8 +158,8 @@ def test_tensor_parallel_run_matches_single_process(run_a, shards, tmp_path):
                            *[a for s in sets for a in ("--set", s)]],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    tp = steps_of([json.loads(line) for line in open(run / "metrics.jsonl")])
-    single = steps_of([json.loads(line) for line in open(run_a / "metrics.jsonl")])
+    tp = steps_of([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
+    single = steps_of([json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()])
     for step in range(1, STEPS + 1):
         assert tp[step]["data"] == single[step]["data"]
         # Step 1 runs the initial weights: only reduction order differs. From step 2 on, Adam's first
@@ -232,7 +232,7 @@ def test_deterministic_demo_runs_reproduce_and_resume_bit_for_bit(shards, tmp_pa
 
     def records(run: Path) -> list[dict]:
         return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "data_wait")}  # wall-clock
-                for line in open(run / "metrics.jsonl")]
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     a, b = records(run_a), records(run_b)
     assert [r["step"] for r in b] == list(range(1, DEMO_STEPS + 1))  # each step once, after the resume too

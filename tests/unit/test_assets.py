@@ -193,7 +193,7 @@ def test_voxel_tokens_of_a_coloured_box():
     assert torch.all(features[:, 768:] == 0) and features.abs().max() <= 1
     patches = features[:, :768].reshape(-1, 16, 16, 3)
     checked = 0
-    for axis, (normal, colour) in enumerate(FACE_COLOURS.items()):
+    for _axis, (normal, colour) in enumerate(FACE_COLOURS.items()):
         a = int(np.flatnonzero(normal)[0])
         side = voxels[:, a] == (VOXEL_GRID - 1 if normal[a] > 0 else 0)
         inner = side & ((voxels[:, [b for b in range(3) if b != a]] - 31.5).abs() < 26).all(1)
@@ -266,5 +266,5 @@ def test_writer_round_trip_and_rejections(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="asks for 8 target views"):
         asset_sample(bunny, np.random.default_rng(0), StreamConfig(modality="3d", views=8))
-    with pytest.raises(ValueError, match="bunny/bunny10k_textured.obj"):
+    with pytest.raises(ValueError, match=r"bunny/bunny10k_textured.obj"):
         asset_sample({**bunny, "voxels": np.array([[0, 0, 64]], np.int16)}, np.random.default_rng(0), stream)

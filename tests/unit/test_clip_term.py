@@ -89,5 +89,5 @@ def test_clip_term_gradient_reaches_the_decoder(siglip):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert not any(p.grad is not None for p in objective.teacher.parameters())
-    with pytest.raises(ValueError, match="set loss.teacher"):
+    with pytest.raises(ValueError, match=r"set loss.teacher"):
         Objective(dataclasses.replace(loss_cfg, teacher=None))(model, batch, out, [{}, {}], ("rec",))

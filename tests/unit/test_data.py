@@ -120,7 +120,7 @@ def test_captions_and_labels_from_class_folders(photos, tmp_path, capsys):
     rows = {ds[i]["name"]: ds[i] for i in range(ds.num_samples)}
     assert {n.split("/")[0]: int(r["label"]) for n, r in rows.items()} == {"cat": 0, "rocket": 1}
     captions = {n: r["caption"] for n, r in rows.items() if r["caption"]}
-    assert list(captions.values()) == ["a cat on a rug"] and "chelsea" in list(captions)[0]
+    assert list(captions.values()) == ["a cat on a rug"] and "chelsea" in next(iter(captions))
     # An image outside any class folder cannot be labelled: a clear error, nothing written.
     (tmp_path / "loose").mkdir()
     Image.fromarray(photos["chelsea"]).save(tmp_path / "loose" / "chelsea.png")
@@ -222,7 +222,7 @@ def test_packing_one_epoch(shards, tmp_path):
         assert b.cu_seqlens[0] == 0 and b.cu_seqlens[-1] == b.num_tokens
         assert b.seqlens == [t * h * w for t, h, w, _ in b.grids]
         assert b.frames == [1] * b.num_samples and b.modalities == ["image"] * b.num_samples
-        for i, (t, h, w, z) in enumerate(b.grids):
+        for i, (t, h, w, _z) in enumerate(b.grids):
             lo, hi = int(b.cu_seqlens[i]), int(b.cu_seqlens[i + 1])
             assert torch.equal(b.coords[lo:hi], grid_coords(t, h, w))
             img = unpatchify(b.to("cpu").features[lo:hi], b.grids[i], frames=1)
@@ -341,7 +341,7 @@ def test_bad_samples(photos, tmp_path, caplog):
 def test_resume_at_another_world_restarts_oldest_epoch(shards, tmp_path):
     """Positions saved by 2 data-parallel ranks, resumed by 1: the stream restarts the oldest epoch
     either rank was in (repeating, never losing), and the counters of rank 0 carry over."""
-    out, files = shards
+    out, _files = shards
     cfg = cfg_for(out)
     rank_states = [{"epoch": 1, "pos": 3, "rank": 0, "world": 2, "samples_seen": 14, "samples_bad": 1,
                     "tokens": 900, "batches": 4},

@@ -147,7 +147,7 @@ def test_fid_of_real_photos_is_zero_against_itself_and_grows_with_noise(inceptio
 
 
 def test_inception_missing_file_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(FileNotFoundError, match=r"nope.pt"):
         InceptionFeatures(str(tmp_path / "nope.pt"))
 
 
@@ -370,7 +370,7 @@ def test_i3d_input_matches_the_reference_preprocessing(carphone_frames):
         ours = preprocess_clip(clip_of(np.ascontiguousarray(frames)))
         assert ours.shape == (3, 4, 224, 224)
         assert torch.allclose(ours, reference_i3d_input(np.ascontiguousarray(frames)), atol=1e-6)
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(FileNotFoundError, match=r"nope.pt"):
         I3DFeatures("/nonexistent/nope.pt")
 
 

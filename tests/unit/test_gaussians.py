@@ -165,7 +165,7 @@ def test_window_partition():
         keys = set()
         for s, e in itertools.pairwise(bounds):
             assert e > s and (sample[s:e] == sample[s]).all() and (cell[s:e] == cell[s]).all()
-            keys.add((int(sample[s]),) + tuple(cell[s].tolist()))
+            keys.add((int(sample[s]), *tuple(cell[s].tolist())))
         assert len(keys) == len(bounds) - 1  # each window is one contiguous run
         assert p.max_seqlen == max(e - s for s, e in itertools.pairwise(bounds))
 

@@ -122,7 +122,7 @@ def test_every_pil_mode_decodes_to_what_it_means_or_is_rejected(mode, photo):
     img, want, tol = case(mode, photo)
     assert img.mode == mode
     if want is None:
-        data, fmt = encoded(img)
+        data, _fmt = encoded(img)
         assert data is not None, f"no format stores {mode} here"
         with pytest.raises(ValueError, match=f"PIL mode {mode}"):
             decode_image(data)

@@ -90,7 +90,7 @@ def test_default_is_stlpips_and_matches_it(net, caplog):
 
 
 def test_missing_weights_name_the_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nope.pth"):
         load_perceptual("alex", trunk_weights=str(tmp_path / "nope.pth"))
 
 

@@ -117,7 +117,7 @@ def test_rope_matches_released_complex_formulation():
 # ---------------------------------------------------------------- attention backends
 
 def _packed_qkv(lens, h=2, d=16, dtype=torch.float32, device="cpu"):
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *list(torch.tensor(lens).cumsum(0))], dtype=torch.int32, device=device)
     q, k, v = (torch.randn(sum(lens), h, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
     return q, k, v, cu
 
@@ -138,7 +138,7 @@ def test_sdpa_loop_matches_dense_reference_with_grads():
 def test_unknown_or_unavailable_backend_raises():
     with pytest.raises(ValueError, match="unknown attention backend"):
         check_backend("xformers")
-    with pytest.raises(ValueError, match="model.attention must be"):
+    with pytest.raises(ValueError, match=r"model.attention must be"):
         dataclasses.replace(preset("tiny"), attention="xformers")
     q, k, v, cu = _packed_qkv([3, 4])
     for name in ("cudnn", "flash_attn", "torch_varlen"):  # never runnable on CPU fp32 tensors
@@ -196,7 +196,7 @@ def test_fused_qkv_layout():
     fused = fuse_qkv(wq, wk, wv, heads)
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads), (wq, wk, wv), strict=True))
     x = torch.randn(5, width)
-    q, k, v = (x @ fused.t()).view(5, heads, 3, hd).unbind(2)  # as Attention.forward reads it
+    q, _k, v = (x @ fused.t()).view(5, heads, 3, hd).unbind(2)  # as Attention.forward reads it
     torch.testing.assert_close(q, (x @ wq.t()).view(5, heads, hd))
     torch.testing.assert_close(v, (x @ wv.t()).view(5, heads, hd))
 

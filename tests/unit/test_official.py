@@ -158,7 +158,7 @@ def test_decoder_adds_its_own_resized_table_and_the_latent_has_no_bias():
     # The decoder's input: up(z) + its table resized to each image's grid, read at (row, column).
     table = model.decoder.pos_embed.reshape(16, 16, W).permute(2, 0, 1)[None]
     rows = []
-    for (h, w_), (t, x, y, _) in [((3, 5), c) for c in batch.coords[:15].tolist()] + \
+    for (h, w_), (_t, x, y, _) in [((3, 5), c) for c in batch.coords[:15].tolist()] + \
                                  [((2, 2), c) for c in batch.coords[15:].tolist()]:
         grid = F.interpolate(table, size=(h, w_), mode="bilinear", align_corners=False, antialias=True)[0]
         rows.append(grid[:, x, y])
@@ -349,7 +349,7 @@ def test_gaussian_decoder_import_export_round_trip_is_bit_identical(tmp_path):
     assert dec.cfg.window == 4 and dec.cfg.gaussians_per_voxel == GS_K and dec.cfg.lr["_rotation"] == 0.1
     # The release's fused QKV rows are [3, heads, head_dim]: head 1's key is rows W + D : W + 2D.
     d = GS_W // GS_HEADS
-    q, k, v = dec.blocks[0].attn.qkv.weight.view(GS_HEADS, 3, d, GS_W).unbind(1)
+    _q, k, _v = dec.blocks[0].attn.qkv.weight.view(GS_HEADS, 3, d, GS_W).unbind(1)
     assert torch.equal(k[1], gs_state["blocks.0.attn.to_qkv.weight"][GS_W + d:GS_W + 2 * d])
     assert torch.equal(dec.offset_perturbation, gs_state["offset_perturbation"])  # our formula, the release's values
     # A real decode through the imported weights (pixel decoder, then the Gaussian decoder).
@@ -389,7 +389,7 @@ def test_gaussian_decoder_import_refuses_by_name(tmp_path):
     gs_model, gs_config = write_gs_release(tmp_path, good)
     out = import_official(model, config, tmp_path / "imported", gs_model, gs_config)
     (out / "gs_lpips.pt").unlink()
-    with pytest.raises(FormatError, match="gs_lpips.pt not found"):
+    with pytest.raises(FormatError, match=r"gs_lpips.pt not found"):
         export_official(out, tmp_path / "x")
 
 
@@ -422,7 +422,7 @@ def test_export_refuses_what_the_release_cannot_hold(tmp_path):
     state = load_file(str(out / "model.safetensors"))
     state["understanding.logit_scale"] = torch.tensor([5.0])
     save_file(state, str(out / "model.safetensors"))
-    with pytest.raises(FormatError, match="logit_scale is \\[5.0\\], but the release fixes it at 4.8438"):
+    with pytest.raises(FormatError, match=r"logit_scale is \[5.0\], but the release fixes it at 4.8438"):
         export_official(out, tmp_path / "x")
     # A model without the MAP head: the release always holds one.
     meta = json.loads((out / "config.json").read_text())
@@ -458,12 +458,12 @@ def test_fine_tuning_from_imported_release_weights(tmp_path, shards):  # noqa: F
     step0 = next(r for r in records if r["step"] == 0 and "eval_psnr_per_image" in r)
     assert step0["eval_psnr_per_image"]["chelsea.png"] == pytest.approx(expected, abs=1e-4)
     assert sorted(r["step"] for r in records if "loss" in r) == [1, 2]
-    events = [json.loads(line) for line in open(run / "events.jsonl")]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events][:2] == ["start", "init_from"] and events[1]["init_from"] == str(imported)
     # Run again, longer: it resumes its own checkpoint (not the release) and continues.
     records = train(run, shards, *extra[:-1], "steps=3")
     assert sorted(r["step"] for r in records if "loss" in r) == [1, 2, 3]
-    events = [json.loads(line)["event"] for line in open(run / "events.jsonl")]
+    events = [json.loads(line)["event"] for line in (run / "events.jsonl").read_text().splitlines()]
     assert events.count("init_from") == 1 and "resume" in events
 
 
@@ -475,5 +475,5 @@ def test_fine_tuning_refuses_a_stage_without_the_release_heads(tmp_path):
         handoff.initial_state(dataclasses.replace(narrow, latent_channels=6), imported)
     with pytest.raises(ValueError, match="encoder differs"):
         handoff.initial_state(preset("tiny"), imported)
-    with pytest.raises(ValueError, match="has the MAP head .* set model.understanding=true"):
+    with pytest.raises(ValueError, match=r"has the MAP head .* set model.understanding=true"):
         handoff.initial_state(dataclasses.replace(narrow, understanding=False), imported)

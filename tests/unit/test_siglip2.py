@@ -135,7 +135,7 @@ def test_full_siglip2_checkpoint_and_refusals(hf_dir, tmp_path):
         load_siglip2(AToken(narrow), hf_dir)
     with pytest.raises(ValueError, match="understanding=True"):
         load_siglip2(AToken(dataclasses.replace(model_config(hf_dir), understanding=False)), hf_dir)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config.json"):
         load_siglip2(model, tmp_path / "nowhere")
 
 

@@ -182,5 +182,5 @@ def test_text_tower_from_local_directory(tmp_path):
     torch.testing.assert_close(tower2.embed_ids(ids), emb, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="without a tokenizer"):
         tower2.embed(texts)
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"config.json not found"):
         TextTower.from_pretrained(tmp_path / "missing")

@@ -164,7 +164,7 @@ def test_auto_without_dali_is_pyav(monkeypatch, bikes_vp9):
     dec = make_video_decoder("auto")
     dec.decode(bikes_vp9, [0, 1, 2, 3])
     assert dec.counts() == {"pyav": 1}
-    with pytest.raises(ImportError, match="backend 'dali-cpu' needs nvidia.dali"):
+    with pytest.raises(ImportError, match=r"backend 'dali-cpu' needs nvidia.dali"):
         make_video_decoder("dali-cpu")
 
 

@@ -92,7 +92,7 @@ def test_metrics_on_constructed_scores():
         if i in above:
             others.remove(above[i])
             others.insert(0, above[i])
-        order = others[:r - 1] + [y] + others[r - 1:]  # best first
+        order = [*others[:r - 1], y, *others[r - 1:]]  # best first
         scores[i, order] = np.linspace(1, -1, k)
     ranks = ranking.true_ranks(scores, labels)
     assert ranks.tolist() == want_rank.tolist()
@@ -385,8 +385,8 @@ def test_cli_on_image_shards_names_bad_items(models, tmp_path, stream_env, capsy
 
 @pytest.mark.slow
 def test_cli_on_video_shards_and_model_errors(models, clips, tmp_path, stream_env, capsys):
-    model_dir, text_dir, model = models
-    root, items = clips
+    model_dir, text_dir, _model = models
+    _root, items = clips
     videos = tmp_path / "videos"
     videos.mkdir()
     for p, _, _, _ in items[:4]:
