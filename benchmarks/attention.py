@@ -130,7 +130,7 @@ def main(argv=None) -> None:
         try:
             err = (f(q, k, v).float() - ref).abs().max().item()
             ts = timed(run(f), args.warmup, args.reps)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a kernel that fails is reported, the others still run
             results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             print(f"{name}: {results[name]['error']}")
             continue

@@ -85,7 +85,8 @@ def main(argv=None) -> None:
         print(f"teacher {name:>7}: rest {rest:.3f} s, with the CLIP term {with_clip:.3f} s: "
               f"+{with_clip - rest:.3f} s per micro-batch ({(with_clip - rest) / rest:.1f}x the rest)", flush=True)
         del teacher
-    report = {"benchmark": "clip_term", "device": info, "load_average": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
+    report = {"benchmark": "clip_term", "device": info, "load_average": os.getloadavg(), "torch": torch.__version__,
+              "python": platform.python_version(),
               **git_state(), "command": shlex.join([sys.executable, *sys.argv]),
               "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "settings": {"tokens": args.tokens, "images": len(sizes), "sizes": sizes, "size": args.size,

@@ -122,13 +122,15 @@ def reference(args) -> None:
 def trainer_command(args, run_dir: Path) -> list[str]:
     m = MODES[args.mode]
     sets = [f"model={m['model']}", "model.understanding=false", "data.streams.image_und=null",
-            f"data.streams.image_rec.remote={args.work / 'shards'}", f"data.streams.image_rec.token_budget={args.budget}",
+            f"data.streams.image_rec.remote={args.work / 'shards'}",
+            f"data.streams.image_rec.token_budget={args.budget}",
             f"data.streams.image_rec.min_res={m['min_res']}", f"data.streams.image_rec.max_res={m['max_res']}",
             f"loss.trunk_weights={args.trunk_weights}", f"model.attention={args.attention}", "loss.clip_weight=0",
             "mix_rounds=1",
             f"steps={args.steps}", f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep=1", "log.every=1",
             "log.wandb_mode=disabled", f"run_dir={run_dir}", *m["train"], *args.set]
-    return [sys.executable, "-m", "atoken.training.train", "--config", "stage1", *[a for s in sets for a in ("--set", s)]]
+    return [sys.executable, "-m", "atoken.training.train", "--config", "stage1",
+            *[a for s in sets for a in ("--set", s)]]
 
 
 def records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
@@ -169,7 +171,8 @@ def resume(args) -> None:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         metrics = run_dir / "metrics.jsonl"
         while proc.poll() is None:  # kill once the step after the checkpoint is logged
-            if metrics.exists() and any(json.loads(line).get("step", 0) > cut for line in metrics.read_text().splitlines()):
+            if metrics.exists() and any(json.loads(line).get("step", 0) > cut
+                                        for line in metrics.read_text().splitlines()):
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)

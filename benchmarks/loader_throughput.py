@@ -166,7 +166,8 @@ def transfer(samples: list[dict], stream: StreamConfig, budget: int) -> dict:
         packer.add(s)
     if len(packer):
         count()
-    return {"token_budget": budget, "micro_batches": batches, "tokens": tokens, "before_bytes_per_token": old / tokens if tokens else None,
+    return {"token_budget": budget, "micro_batches": batches, "tokens": tokens,
+            "before_bytes_per_token": old / tokens if tokens else None,
             "after_bytes_per_token": sent / tokens if tokens else None,
             "reduction": old / sent if sent else None}
 

@@ -13,7 +13,8 @@ of mixed-resolution images per data-parallel rank (``--tokens`` tokens exactly; 
 group share it). A step is the trainer's own ``training.train.micro_step`` (what ``train_step`` runs once per
 micro-batch) with ``mix_rounds=1``: forward, the trainer's ``Objective`` (by default with LPIPS
 and Gram weighted 0, so 0.2 * L1 + 1e-8 * KL, though the perceptual net still runs; ``--lpips``
-gives them the paper's weights), backward, the optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed, each between barriers; with
+gives them the paper's weights), backward, the optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed,
+each between barriers; with
 ``--rounds R`` the whole list of layouts runs R times and the timed steps are pooled.
 
 Measured per layout:

@@ -147,7 +147,7 @@ def main() -> None:
     if gpu and HAVE_GSPLAT:
         results["gsplat"] = measure(render_gsplat, g, cams, size, target, args.repeats, device)
     for tile in [int(t) for t in args.tiles.split(",")]:
-        fn = lambda g_, vm, k, w, h, bg, tile=tile: render_torch(g_, vm, k, w, h, bg, tile=tile)  # noqa: E731
+        fn = lambda g_, vm, k, w, h, bg, tile=tile: render_torch(g_, vm, k, w, h, bg, tile=tile)  # noqa: E731 - a one-line local helper
         results[f"torch_tile{tile}"] = measure(fn, g, cams, size, target, args.repeats, device)
     ref_name = next(iter(results))
     for name, res in results.items():

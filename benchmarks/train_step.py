@@ -296,7 +296,8 @@ def bench_packed_vs_padded(model, batch: PackedBatch, args, device) -> dict:
         tp += timeit(packed)
         tq += timeit(padded)
     mp, mq = statistics.median(tp), statistics.median(tq)
-    probe = torch.empty(1, cfg.head_dim, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    probe = torch.empty(1, cfg.head_dim, device=device,
+                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     return {"scope": "encoder Transformer blocks (attention + MLP, RoPE), forward + backward",
             "packed_attention_backend": get_attention_backend(probe, model.cfg.attention)[0],
             "padded_attention": "F.scaled_dot_product_attention, bool key-padding mask [B, 1, 1, Lmax]",
@@ -312,7 +313,8 @@ def bench_packed_vs_padded(model, batch: PackedBatch, args, device) -> dict:
 def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": p.name, "memory_gib": p.total_memory / 2**30, "count": torch.cuda.device_count()}
+        return {"type": "cuda", "name": p.name, "memory_gib": p.total_memory / 2**30,
+                "count": torch.cuda.device_count()}
     return cpu_info()
 
 
@@ -363,8 +365,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="device peak, TFLOP/s (default: 989 on CUDA = H100 bf16 dense; CPU: measured fp32 matmul)")
     p.add_argument("--no-padded", action="store_true", help="skip the packed vs padded comparison")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (training.parallelize.compile_blocks), as parallel.compile=true "
-                        "does in training; the padded comparison compiles its function too")
+                   help="torch.compile the transformer blocks (training.parallelize.compile_blocks), as "
+                        "parallel.compile=true does in training; the padded comparison compiles its function too")
     p.add_argument("--attention", default="auto", help="model.attention: auto, cudnn, flash_attn, torch_varlen or sdpa")
     p.add_argument("--fused-qk-rope", action="store_true", help="model.fused_qk_rope: the Triton QK-norm + RoPE kernel")
     p.add_argument("--activation-checkpointing", action="store_true",

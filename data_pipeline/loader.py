@@ -76,7 +76,8 @@ class _Positions(Sampler):
                 yield epoch, p, int(ids[p])
             empty = 0 if start < len(ids) else empty + 1
             if empty > 1:  # one is normal: resumed exactly at an epoch's end
-                raise RuntimeError(f"stream {self.loader.stream.name!r} ({self.loader.stream.remote}) yields no samples")
+                raise RuntimeError(f"stream {self.loader.stream.name!r} ({self.loader.stream.remote}) "
+                                   "yields no samples")
             epoch, start = epoch + 1, 0
 
 

@@ -128,7 +128,8 @@ def check_stream(stream: StreamConfig, retry: RetryConfig) -> None:
     client = s3_client(retry)
     for ask, missing in ((lambda: client.head_bucket(Bucket=bucket), "the bucket does not exist"),
                          (lambda: client.head_object(Bucket=bucket, Key=key),
-                          f"no s3://{bucket}/{key}: {remote} is not an MDS dataset (wrong prefix, or no shards written)")):
+                          f"no s3://{bucket}/{key}: {remote} is not an MDS dataset "
+                          "(wrong prefix, or no shards written)")):
         try:
             with_retries(ask, retry, f"{where}: start-up check")
         except Exception as e:  # every failure becomes one clear message

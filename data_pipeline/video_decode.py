@@ -246,7 +246,8 @@ class VideoDecoder:
             return "dali-cpu" if codec in DALI_CPU_CODECS else "pyav"
         supported = DALI_GPU_CODECS if self.backend == "dali-gpu" else DALI_CPU_CODECS
         if codec not in supported:
-            raise ValueError(f"backend {self.backend!r} cannot decode {codec!r} (it decodes {', '.join(sorted(supported))})")
+            raise ValueError(f"backend {self.backend!r} cannot decode {codec!r} (it decodes "
+                             f"{', '.join(sorted(supported))})")
         return self.backend
 
     def decode(self, data: bytes, frame_indices: Sequence[int] | np.ndarray) -> torch.Tensor:

@@ -160,7 +160,8 @@ def sdpa_loop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     return torch.cat(outs) if outs else q.new_empty(q.shape)
 
 
-def dense_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def dense_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Slow reference: full [N, N] scores with an explicit block-diagonal mask (tests only)."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     ids = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens.to(q.device))  # [N]

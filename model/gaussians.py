@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GAUSSIAN_ATTRIBUTES, GaussianDecoderConfig, TransformerConfig, gaussian_decoder_preset  # noqa: F401
+from .config import GAUSSIAN_ATTRIBUTES, GaussianDecoderConfig, TransformerConfig, gaussian_decoder_preset  # noqa: F401 - re-exported
 from .transformer import Attention, Block, init_weights
 
 try:
@@ -82,7 +82,7 @@ class Gaussians:
                          self.colors[s:e])
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Gaussians:
-        f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731 - a one-line local helper
         return replace(self, means=f(self.means), scales=f(self.scales), quats=f(self.quats),
                        opacities=f(self.opacities), colors=f(self.colors),
                        cu_seqlens=self.cu_seqlens.to(device))

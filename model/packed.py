@@ -145,7 +145,7 @@ class PackedBatch:
         lens = torch.tensor([spans[i][1] - spans[i][0] for i in samples], dtype=torch.int32)
         cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lens, 0)
-        pick = lambda xs: [xs[i] for i in samples] if xs else []  # noqa: E731
+        pick = lambda xs: [xs[i] for i in samples] if xs else []  # noqa: E731 - a one-line local helper
         return PackedBatch(features=self.features[rows], coords=self.coords[rows],
                            cu_seqlens=cu.to(self.cu_seqlens.device), grids=pick(self.grids),
                            modalities=pick(self.modalities), frames=pick(self.frames), names=pick(self.names),

@@ -55,7 +55,7 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1, pad: int = 1) -> nn.Conv
 
 
 def _alex_layers(shift_tolerant: bool) -> tuple[list[nn.Module], tuple[int, ...]]:
-    relu = lambda: nn.ReLU(inplace=True)  # noqa: E731
+    relu = lambda: nn.ReLU(inplace=True)  # noqa: E731 - a one-line local helper
     if not shift_tolerant:  # torchvision alexnet().features[:12]
         layers = [_conv(3, 64, 11, 4, 2), relu(), nn.MaxPool2d(3, 2), _conv(64, 192, 5, 1, 2), relu(),
                   nn.MaxPool2d(3, 2), _conv(192, 384, 3), relu(), _conv(384, 256, 3), relu(),

@@ -7,7 +7,8 @@ is decoded fully with PIL first; files that fail are listed with the reason and 
 sample stores the file's original bytes untouched plus its size and name (columns:
 ``data_pipeline.images.IMAGE_WRITER_COLUMNS``), its caption (the text of ``<stem>.txt`` beside it, or
 "") and its label (with ``--labels-from-folders``: the index of its top-level folder among the
-sorted folder names, as in ImageNet-style class folders; else -1). An s3:// output is uploaded by MDSWriter itself (boto3:
+sorted folder names, as in ImageNet-style class folders; else -1). An s3:// output is uploaded by MDSWriter itself
+(boto3:
 S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
 """
 from __future__ import annotations

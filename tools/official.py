@@ -179,7 +179,8 @@ def arch_config(cfg: ModelConfig) -> dict:
     problems = []
     enc, dec = cfg.encoder, cfg.decoder
     if (enc.norm, enc.qk_norm, enc.bias) != ("layernorm", False, True):
-        problems.append(f"the encoder must be LayerNorm, no QK-norm, with biases (is {enc.norm}, {enc.qk_norm}, {enc.bias})")
+        problems.append(f"the encoder must be LayerNorm, no QK-norm, with biases (is {enc.norm}, {enc.qk_norm}, "
+                        f"{enc.bias})")
     if dec.norm != "rmsnorm":
         problems.append(f"the decoder must use RMSNorm (is {dec.norm})")
     if not cfg.encoder_rope:
@@ -202,7 +203,8 @@ def arch_config(cfg: ModelConfig) -> dict:
     if cfg.quantizer == "fsq":
         size = {v: k for k, v in FSQ_CODEBOOKS.items()}.get((cfg.fsq_levels, cfg.fsq_group_dims))
         if size is None:
-            problems.append(f"FSQ with {cfg.fsq_levels} levels x {cfg.fsq_group_dims} dims has no release codebook size")
+            problems.append(f"FSQ with {cfg.fsq_levels} levels x {cfg.fsq_group_dims} dims "
+                            "has no release codebook size")
         arch.update(use_quantizer=True, quantizer_type="fsq", quantizer_codebook_size=size,
                     quantizer_feature_dim=cfg.latent_channels,
                     quantizer_num_codebooks=cfg.latent_channels // cfg.fsq_group_dims, quantizer_chunk_size=1)
@@ -268,7 +270,8 @@ def _refuse(state: dict[str, torch.Tensor], want: dict[str, tuple], unexpected: 
                    if tuple(state[n].shape) != want[n])
     if missing or unexpected or wrong:
         parts = [f"{label}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)})"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if items]
         raise FormatError(f"{what} does not fit the model its config describes: " + "; ".join(parts))
 
 
@@ -451,13 +454,14 @@ def export_official(src: str | Path, out: str | Path, weights: str = "ema") -> P
         extra_file = Path(src) / GS_EXTRA_FILE
         if not extra_file.is_file():
             raise FormatError(f"{extra_file} not found: the release's SLatGaussianDecoderTrain loads strictly, "
-                              f"with the LPIPS-VGG tensors of its training loss ({GS_EXTRA_PREFIX}*), which only an inference "
-                              "directory imported from 3d_decode_gs.pt holds")
+                              f"with the LPIPS-VGG tensors of its training loss ({GS_EXTRA_PREFIX}*), which only an "
+                              "inference directory imported from 3d_decode_gs.pt holds")
         gs_official = {**cast(gs_to_official(gs, g), "gs_dtype"), **_read_state(extra_file)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(cast(official, "release_dtype"), out / "model.pt")
-    (out / "config.yaml").write_text(yaml.safe_dump({"model": {"class_name": CLASS_NAME, "model_cfg": {"arch_cfg": arch}}},
+    (out / "config.yaml").write_text(yaml.safe_dump({"model": {"class_name": CLASS_NAME,
+                                                               "model_cfg": {"arch_cfg": arch}}},
                                                      sort_keys=False))
     if gs_official is not None:
         torch.save(gs_official, out / "3d_decode_gs.pt")

@@ -73,7 +73,8 @@ def build_engine(model: nn.Module, cfg, mpu=None):
         "gradient_clipping": o.grad_clip,
         # Buckets of 5e7 elements (200 MB in fp32) instead of DeepSpeed's 5e8: the default buffer
         # alone is 1.9 GiB per rank whatever the model size (benchmarks/README.md).
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": 5e7,
+                              "allgather_bucket_size": 5e7},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
     }

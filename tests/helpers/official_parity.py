@@ -1,7 +1,9 @@
 """Our model against the released AToken inference code, on real photos and a real video (CPU, fp32).
 
-    python tests/helpers/official_parity.py --official /path/to/ml-atoken --blocks 4 --out benchmarks/results/official_parity_cpu_blocks4.json
-    python tests/helpers/official_parity.py --official /path/to/ml-atoken --gs --blocks 2 --out benchmarks/results/official_parity_3d_cpu.json
+    python tests/helpers/official_parity.py --official /path/to/ml-atoken --blocks 4 \
+        --out benchmarks/results/official_parity_cpu_blocks4.json
+    python tests/helpers/official_parity.py --official /path/to/ml-atoken --gs --blocks 2 \
+        --out benchmarks/results/official_parity_3d_cpu.json
 
 Not part of the suite: the release's code is not ours to ship, so point ``--official`` at a checkout
 of ``apple/ml-atoken`` (it needs ``diffusers`` and ``einops`` importable). Its attention needs
@@ -184,7 +186,8 @@ def main() -> None:
         sys.modules["flash_attn"] = flash_attn_shim()
     if args.gs:
         report = {"official": str(Path(args.official).resolve()), "device": "cpu", "dtype": "float32",
-                  "command": " ".join(sys.argv), "results": {"3d": gaussian_parity(Path(args.official), args.blocks or 2)}}
+                  "command": " ".join(sys.argv),
+                  "results": {"3d": gaussian_parity(Path(args.official), args.blocks or 2)}}
         print(json.dumps(report, indent=1), flush=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         return

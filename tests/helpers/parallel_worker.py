@@ -4,7 +4,8 @@
 
 One launch runs every case (the imports cost more than the checks). A case builds the plain model,
 parallelizes it at a layout and takes one optimizer step through its DeepSpeed engine
-(``training.parallelize.parallelize``, torch AdamW, clipping on) on packed batches of 3 images with odd token counts (13 and 11: sequence
+(``training.parallelize.parallelize``, torch AdamW, clipping on) on packed batches of 3 images with odd token counts
+(13 and 11: sequence
 parallelism pads them), and compares with a plain single-process TP=1 reference computed here, on
 every rank, from the same seed:
 
@@ -280,7 +281,7 @@ def sem_data() -> dict:
     parts = [[(*patchify(torch.rand(3, h, w, generator=g) * 2 - 1), "image", 1) for h, w in sizes]
              for sizes in ([(32, 48), (16, 32), (48, 16)], [(32, 32), (16, 16)])]
     width = model_config().encoder.width
-    unit = lambda n: F.normalize(torch.randn(n, width, generator=g), dim=-1)  # noqa: E731
+    unit = lambda n: F.normalize(torch.randn(n, width, generator=g), dim=-1)  # noqa: E731 - a one-line local helper
     return {"batches": [PackedBatch.cat(p) for p in parts], "union": PackedBatch.cat(parts[0] + parts[1]),
             "txt": [unit(len(p)) for p in parts], "tea": [unit(len(p)) for p in parts]}
 
@@ -345,7 +346,8 @@ def run_semantic_case(case: tuple, cfg, data, ref: dict, ref_steps: dict, run: R
     want = ref[key]
     got = dp_mean(torch.tensor([losses[k].item() for k in SEM_KEYS], dtype=torch.float64))
     res = {"losses": [losses[k].item() for k in SEM_KEYS],
-           "loss_err": max(abs(g - want["losses"][k]) / abs(want["losses"][k]) for g, k in zip(got.tolist(), SEM_KEYS, strict=True)),
+           "loss_err": max(abs(g - want["losses"][k]) / abs(want["losses"][k])
+                           for g, k in zip(got.tolist(), SEM_KEYS, strict=True)),
            "reached_match": set(captured) == want["reached"]}
     params = dict(model.named_parameters())
     errs = {n: rel(gather_tp(dims, dp_mean(captured[n]), params[n]), want["mean_grad"][n]) for n in sorted(captured)}

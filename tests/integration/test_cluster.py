@@ -96,7 +96,8 @@ def submit(slurm: SlurmCluster, run_dir: Path, shards: Path, holdout: Path, stag
 def finished(slurm: SlurmCluster, job: int, run_dir: Path, timeout: float = 600) -> dict:
     info = slurm.wait(job, timeout=timeout)
     out = "\n".join(p.read_text()[-6000:] for p in run_dir.glob("slurm-*.out"))
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info['JobState']} {info['ExitCode']}:\n{out}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"{info['JobState']} {info['ExitCode']}:\n{out}"
     return info
 
 

@@ -50,4 +50,5 @@ def test_demo_losses_match_golden_file(tmp_path):
     golden = json.loads(GOLDEN.read_text())
     for want, got in zip(golden, records, strict=True):
         assert got == want, f"step {want['step']}: " + ", ".join(
-            f"{k} {want.get(k)!r} -> {got.get(k)!r}" for k in sorted(want.keys() | got.keys()) if want.get(k) != got.get(k))
+            f"{k} {want.get(k)!r} -> {got.get(k)!r}" for k in sorted(want.keys() | got.keys())
+            if want.get(k) != got.get(k))

@@ -172,7 +172,8 @@ def test_tiny_trains_on_every_task_and_each_loss_falls(tmp_path):
             "data.streams.image_rec=null", *[f"data.streams.{k}={json.dumps(v)}" for k, v in streams.items()],
             f"loss.text_tower={siglip}", f"loss.teacher={siglip}", "loss.perceptual_size=32",
             "loss.lpips_weight=1.0", "loss.gram_weight=10.0", "model.gaussian.render_backend=torch",
-            "data.shuffle=false", "optim.lr=2e-3", "optim.warmup_steps=1", "optim.encoder_lr_mult=1.0", "precision=fp32",
+            "data.shuffle=false", "optim.lr=2e-3", "optim.warmup_steps=1", "optim.encoder_lr_mult=1.0",
+            "precision=fp32",
             "log.every=1", "log.eval_every=100000", "checkpoint.every=100000", f"steps={steps}", f"run_dir={run}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-m", "atoken.training.train", "--config", "demo",

@@ -25,7 +25,8 @@ def test_wheel_holds_every_module(tmp_path):
         shutil.copytree(ROOT / top, src / top, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "setup.py", src)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-cache-dir", "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+                           "--no-cache-dir", "-w", str(tmp_path), str(src)], capture_output=True, text=True,
+                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("atoken-*.whl")
     held = set(zipfile.ZipFile(wheel).namelist())

@@ -133,7 +133,8 @@ def test_reconstruct_reports_the_good_files_and_names_the_bad_one(model_dir, tmp
     proc = run("atoken.tools.reconstruct", str(model_dir), str(good[0]), str(bad), str(good[1]),
                "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert [line.split(":")[0] for line in proc.stdout.splitlines() if "PSNR" in line] == ["astronaut.png", "coffee.png"]
+    psnr_lines = [line.split(":")[0] for line in proc.stdout.splitlines() if "PSNR" in line]
+    assert psnr_lines == ["astronaut.png", "coffee.png"]
     assert "2 reconstructed, 1 unreadable" in proc.stdout
     assert proc.stderr.strip().startswith("error: ") and str(bad) in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.png", "coffee.png"]

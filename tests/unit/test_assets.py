@@ -151,7 +151,8 @@ def box_part(extents) -> MeshPart:
 
 def shell(lo: tuple[int, int, int], hi: tuple[int, int, int]) -> set[tuple[int, int, int]]:
     """Voxels of the box of voxel indices lo..hi (inclusive) with at least one index on its border."""
-    idx = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1).reshape(-1, 3)
+    idx = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi, strict=True)], indexing="ij"),
+                   -1).reshape(-1, 3)
     border = ((idx == lo) | (idx == hi)).any(1)
     return set(map(tuple, idx[border].tolist()))
 

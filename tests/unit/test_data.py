@@ -103,10 +103,12 @@ def test_shards_round_trip(shards):
     assert {(r["caption"], int(r["label"])) for r in rows} == {("", -1)}  # no sidecars, no labels
 
     # an explicit file list: named relative to the files' common folder
-    pick = [next(p for n, p in sorted(files.items()) if "/" in n), next(p for n, p in sorted(files.items()) if "/" not in n)]
+    pick = [next(p for n, p in sorted(files.items()) if "/" in n),
+            next(p for n, p in sorted(files.items()) if "/" not in n)]
     assert write_image_shards(pick, str(out.parent / "listed"), progress=False) == (2, [])
     listed = StreamingDataset(local=str(out.parent / "listed"), batch_size=1)
-    assert [listed[i]["name"] for i in range(2)] == sorted(p.relative_to(out.parent / "photos").as_posix() for p in pick)
+    names = sorted(p.relative_to(out.parent / "photos").as_posix() for p in pick)
+    assert [listed[i]["name"] for i in range(2)] == names
 
 
 def test_captions_and_labels_from_class_folders(photos, tmp_path, capsys):
@@ -234,7 +236,8 @@ def test_packing_one_epoch(shards, tmp_path):
     assert loader.stats()["tokens"] == sum(b.num_tokens for b in batches)
     loader.close()
 
-    with pytest.raises(ValueError, match=r"token_budget=1000 cannot hold its largest sample \(image at max_res=512: 1024 tokens"):
+    with pytest.raises(ValueError,
+                       match=r"token_budget=1000 cannot hold its largest sample \(image at max_res=512: 1024 tokens"):
         build_image_loader(cfg_for(out, max_res=512, token_budget=1000))
 
 
@@ -327,7 +330,8 @@ def test_bad_samples(photos, tmp_path, caplog):
         next(junk)
     junk.close()
     # Mostly garbage: the fraction rule fires once bad_check_min_samples (100) were seen, epochs rolling over.
-    _write_raw_shards(tmp_path / "mostly", [("ok.jpg", jpgs["coffee"])] + [(f"junk{i}.jpg", bytes(i)) for i in range(20)])
+    _write_raw_shards(tmp_path / "mostly",
+                      [("ok.jpg", jpgs["coffee"])] + [(f"junk{i}.jpg", bytes(i)) for i in range(20)])
     mostly = build_image_loader(cfg_for(tmp_path / "mostly", shuffle=False))  # one good sample first
     with pytest.raises(UserError, match=r"(9\d|100) of 10\d samples seen were undecodable"):
         for _ in range(10):

@@ -303,7 +303,7 @@ def test_ply_round_trip_in_the_standard_layout(tmp_path):
                      "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
     assert all(v[n].dtype == np.float32 for n in names) and len(v[names[0]]) == g.num_gaussians
     # The stored encodings, checked from the file with plyfile alone.
-    col = lambda *ns: torch.from_numpy(np.stack([np.asarray(v[n]) for n in ns], -1))  # noqa: E731
+    col = lambda *ns: torch.from_numpy(np.stack([np.asarray(v[n]) for n in ns], -1))  # noqa: E731 - a one-line local helper
     torch.testing.assert_close(col("x", "y", "z"), g.means)
     torch.testing.assert_close(col("f_dc_0", "f_dc_1", "f_dc_2"), (g.colors - 0.5) / SH_C0)
     torch.testing.assert_close(torch.sigmoid(col("opacity")[:, 0]), g.opacities)

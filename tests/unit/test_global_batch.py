@@ -48,4 +48,4 @@ def test_accumulation_follows_the_world_size():
     assert cfg.with_rounds(8).mix_rounds == 3  # an explicit value is kept
     cfg.mix_rounds = 0
     with pytest.raises(ValueError, match="resolved at start"):
-        cfg.micro_batches_per_step  # noqa: B018
+        cfg.micro_batches_per_step  # noqa: B018 - the property raises when read

@@ -82,7 +82,8 @@ def case(mode: str, rgb: np.ndarray) -> tuple[Image.Image, np.ndarray | None, fl
         return Image.fromarray(np.dstack([grey, alpha]), "LA"), np.repeat(over_white(grey[..., None], alpha), 3, -1), 1
     if mode == "La":  # premultiplied: the stored grey is L * alpha
         la = np.dstack([np.rint(grey * (alpha / 255.0)), alpha]).astype(np.uint8)
-        return Image.frombytes("La", (SIDE, SIDE), la.tobytes()), np.repeat(over_white(grey[..., None], alpha), 3, -1), 1
+        return (Image.frombytes("La", (SIDE, SIDE), la.tobytes()),
+                np.repeat(over_white(grey[..., None], alpha), 3, -1), 1)
     if mode in ("RGBA", "RGBa"):
         img = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
         return img.convert(mode) if mode == "RGBa" else img, over_white(rgb, alpha), 1

@@ -71,7 +71,8 @@ def test_engine_groups_follow_the_declaration():
     names = {id(p): n for n, p in model.named_parameters()}
     by_name = {names[id(p)]: g for g in groups for p in g["params"]}
     assert {g["name"]: (g["lr"], g["weight_decay"]) for g in groups} == {
-        "encoder_decay": (0.1, 0.5), "encoder_no_decay": (0.1, 0.0), "rest_decay": (1.0, 0.5), "rest_no_decay": (1.0, 0.0)}
+        "encoder_decay": (0.1, 0.5), "encoder_no_decay": (0.1, 0.0), "rest_decay": (1.0, 0.5),
+        "rest_no_decay": (1.0, 0.0)}
     assert by_name["encoder.pos_embed"]["weight_decay"] == 0.0
     assert by_name["understanding.logit_scale"]["weight_decay"] == 0.0
     assert "decoder.head.weight" not in by_name and len(by_name) == sum(p.requires_grad for p in model.parameters())

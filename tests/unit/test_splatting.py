@@ -172,7 +172,7 @@ def test_culled_gaussians_contribute_nothing():
 
 def random_scene(n: int, seed: int, dtype=torch.float32) -> Gaussians:
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
+    r = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731 - a one-line local helper
     means = torch.cat([(r(n, 2) - 0.5) * 0.6, 1.5 + r(n, 1)], -1)
     return Gaussians(means, 0.01 + 0.05 * r(n, 3), torch.randn(n, 4, generator=g, dtype=dtype),
                      0.3 + 0.69 * r(n), r(n, 3))

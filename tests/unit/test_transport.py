@@ -140,7 +140,8 @@ def test_made_ahead_does_not_move_the_resume_point(shards, tmp_path):
     ref = [next(straight) for _ in range(8)]
     straight.close()
     for k in (2, 5):
-        first = MixedLoader(DataConfig(streams={"img": StreamConfig(**{**vars(stream), "local": str(tmp_path / f"a{k}")})},
+        first = MixedLoader(DataConfig(streams={"img": StreamConfig(**{**vars(stream),
+                                                                       "local": str(tmp_path / f"a{k}")})},
                                        seed=1, prefetch=3, num_workers=0))
         got = [next(first) for _ in range(k)]
         state = first.state_dict()

@@ -159,7 +159,8 @@ def test_text_tower_from_local_directory(tmp_path):
     words = ["<pad>", "<unk>", "a", "photo", "of", "cat", "dog", "bird"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(tmp_path / "full")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "full")
 
     tower = TextTower.from_pretrained(tmp_path / "full", max_length=12)
     assert tower.logit_scale == pytest.approx(LOGIT_SCALE_INIT) and tower.logit_bias == LOGIT_BIAS_INIT

@@ -147,7 +147,7 @@ def test_dali_cpu_errors_clearly_and_recovers(bikes_vp9, bikes):
 
 
 def test_auto_routes_by_codec(bikes, bikes_vp9):
-    dali = pytest.importorskip("nvidia.dali")  # noqa: F841
+    dali = pytest.importorskip("nvidia.dali")  # noqa: F841 - skips without DALI
     dec = make_video_decoder("auto")
     dec.decode(bikes, [0, 1, 2, 3])
     h264_backend = dec.last_backend
@@ -250,7 +250,8 @@ def test_video_sample_tokens_land_at_their_coordinates(bikes):
     k = int(((s["coords"][:, :3] == torch.tensor([1, 2, 3])).all(1)).nonzero())
     patch = clip[:, 4:8, 32:48, 48:64].permute(1, 2, 3, 0).reshape(-1)  # (t, h, w, c) order
     assert torch.equal(features[k], patch)
-    assert (s["frames"], s["modality"], s["name"], s["caption"], s["decoder"]) == (4, "video", "bikes.mp4", "bikes", "pyav")
+    assert ((s["frames"], s["modality"], s["name"], s["caption"], s["decoder"])
+            == (4, "video", "bikes.mp4", "bikes", "pyav"))
     # Deterministic for a seed; another seed gives another clip.
     again = video_sample(raw, np.random.default_rng(3), cfg, decoder=dec)
     assert torch.equal(again["values"], s["values"])

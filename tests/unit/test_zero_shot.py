@@ -119,7 +119,8 @@ def test_metrics_on_constructed_scores():
     assert r.tolist() == [4, 4, 4]
     assert ranking.top1_predictions(flat, np.array([0, 2, 3]), r).tolist() != [0, 2, 3]
     # Fewer classes than 5: top-5 is top-3, which every item reaches.
-    m3, _ = ranking.classification_metrics(np.array([1, 3, 2]), np.array([0, 0, 1]), np.array([0, 1, 2]), ["a", "b", "c"])
+    m3, _ = ranking.classification_metrics(np.array([1, 3, 2]), np.array([0, 0, 1]), np.array([0, 1, 2]),
+                                           ["a", "b", "c"])
     assert m3["top5_k"] == 3 and m3["top5"] == 1.0 and m3["top1"] == pytest.approx(1 / 3)
 
 

@@ -71,7 +71,8 @@ def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: tor
     psnrs = [psnr(a, b) for a, b in zip(ref, renders, strict=True)]
     ssims = ssim_pairs(ref, renders, dev)
     lps = lpips_pairs(lpips, ref, renders)
-    per_view = [{"view": i, "psnr": p, "ssim": s, "lpips": lp} for i, (p, s, lp) in enumerate(zip(psnrs, ssims, lps, strict=True))]
+    per_view = [{"view": i, "psnr": p, "ssim": s, "lpips": lp}
+                for i, (p, s, lp) in enumerate(zip(psnrs, ssims, lps, strict=True))]
     record = {"views": n_views, "height": h, "width": w, "gaussians": gaussians.num_gaussians,
               "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "lpips": float(np.mean(lps)),
               "per_view": per_view}

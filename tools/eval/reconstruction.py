@@ -224,7 +224,8 @@ def evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
     return {
         "source": {"images": spec, "kind": kind, "items": total, "limit": limit},
         "n": n,
-        "means": {"psnr": mean_or_none([p["psnr"] for p in per_image]), "ssim": mean_or_none([p["ssim"] for p in per_image]),
+        "means": {"psnr": mean_or_none([p["psnr"] for p in per_image]),
+                  "ssim": mean_or_none([p["ssim"] for p in per_image]),
                   "lpips": mean_or_none([p["lpips"] for p in per_image])},
         "rfid": {"value": rfid, "n": n, "note": FID_NOTE if n >= 2 else "needs at least 2 images"},
         "bicubic": {"means": {k: mean_or_none([p["bicubic"][k] for p in per_image]) for k in ("psnr", "ssim", "lpips")},

@@ -119,7 +119,7 @@ def captioned_videos(spec: str, res: int, und_fps: float, max_frames: int,
             try:
                 caption = sidecar_caption(p)
                 data = p.read_bytes()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - any unreadable file: name it, go on
                 yield failed(name, reason(e))
                 continue
             if not caption:
@@ -272,7 +272,7 @@ def classify(model_dir: str, text_tower: str, images: str, out: str | Path, *, c
         bar.set_postfix(top1=f"{correct / len(per_item):.3f}")
     bar.close()
 
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731 - a one-line local helper
     metrics, confusion = classification_metrics(cat(ranks), cat(preds), cat(labels), names, worst_k)
     per_class, worst = metrics.pop("per_class"), metrics.pop("worst_classes")
     out = Path(out)
