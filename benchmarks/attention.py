@@ -31,6 +31,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from atoken.model import attention as attn
 from atoken.model.attention import sdpa_loop_attention
@@ -99,7 +101,6 @@ def main(argv=None) -> None:
     if attn.flash_attn_varlen_func is not None:
         variants["flash_attn"] = lambda q_, k_, v_: attn.flash_attn_varlen_func(q_, k_, v_, cu, cu, lmax, lmax)
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention, dynamic=False)
         block_mask = create_block_mask(lambda _b, _h, qi, ki: ids[qi] == ids[ki], None, None, n, n, device=dev)
         variants["flex"] = lambda q_, k_, v_: flex(q_.transpose(0, 1)[None], k_.transpose(0, 1)[None],
@@ -107,7 +108,6 @@ def main(argv=None) -> None:
     except Exception as e:  # noqa: BLE001 - recorded, the others still run
         print(f"flex unavailable: {type(e).__name__}: {e}")
     # Nested (jagged) tensors: SDPA picks a varlen kernel itself; each backend forced in turn.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     offsets = cu.long()
 
     def njt(backend):
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         try:
             err = (f(q, k, v).float() - ref).abs().max().item()
             ts = timed(run(f), args.warmup, args.reps)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a kernel that fails is reported, the others still run
             results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             print(f"{name}: {results[name]['error']}")
             continue

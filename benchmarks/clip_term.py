@@ -26,7 +26,7 @@ import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -79,15 +79,16 @@ def main(argv=None) -> None:
     for name in args.teachers.split(","):
         cfg = dataclasses.replace(preset(name), encoder_rope=False)
         teacher = Siglip2ImageTower(cfg).to(device)
-        with_clip = timed(lambda: step(clip_loss, teacher), args.warmup, args.steps, device)
+        with_clip = timed(lambda: step(clip_loss, teacher), args.warmup, args.steps, device)  # noqa: B023, F821 - run now
         rows.append({"teacher": name, "teacher_params": sum(p.numel() for p in teacher.parameters()),
                      "with_clip_s": with_clip, "clip_s": with_clip - rest, "clip_over_rest": (with_clip - rest) / rest})
         print(f"teacher {name:>7}: rest {rest:.3f} s, with the CLIP term {with_clip:.3f} s: "
               f"+{with_clip - rest:.3f} s per micro-batch ({(with_clip - rest) / rest:.1f}x the rest)", flush=True)
         del teacher
-    report = {"benchmark": "clip_term", "device": info, "load_average": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version(),
+    report = {"benchmark": "clip_term", "device": info, "load_average": os.getloadavg(), "torch": torch.__version__,
+              "python": platform.python_version(),
               **git_state(), "command": shlex.join([sys.executable, *sys.argv]),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "settings": {"tokens": args.tokens, "images": len(sizes), "sizes": sizes, "size": args.size,
                            "warmup": args.warmup, "steps": args.steps},
               "rest_s": rest, "teachers": rows}

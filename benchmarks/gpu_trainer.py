@@ -52,7 +52,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -111,15 +111,13 @@ VOLATILE = {"tokens_per_s", "data_wait", "peak_memory_gib"}
 # ---------------------------------------------------------------- phases
 
 def shards(args) -> None:
-    import shutil
+    import skimage.data  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
 
-    import skimage.data
-
-    from atoken.tools.make_image_shards import write_image_shards
+    from atoken.tools.make_image_shards import write_image_shards  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
 
     photos = [Path(skimage.data.data_dir) / n for n in SKIMAGE_PHOTOS]
     try:
-        import sklearn.datasets
+        import sklearn.datasets  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
         photos += [Path(f) for f in sklearn.datasets.load_sample_images().filenames]
     except ImportError:
         pass
@@ -136,9 +134,9 @@ def shards(args) -> None:
 
 
 def attention(args) -> None:
-    import torch
+    import torch  # noqa: PLC0415 - the driver script runs its parts as subprocesses: torch only in those
 
-    from atoken.model import attention as attn
+    from atoken.model import attention as attn  # noqa: PLC0415 - likewise
 
     probe = torch.empty(1, 16, 72, device="cuda" if torch.cuda.is_available() else "cpu",
                         dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
@@ -197,12 +195,13 @@ def trainer_command(args, run_dir: Path, budget: int | None = None, steps: int |
             "loss.clip_weight=0", "mix_rounds=1",
             f"steps={steps}", f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep=1", "log.every=1",
             "log.wandb_mode=disabled", f"run_dir={run_dir}", *m["train"], *args.set, *extra]
-    return [sys.executable, "-m", "atoken.training.train", "--config", "stage1", *[a for s in sets for a in ("--set", s)]]
+    return [sys.executable, "-m", "atoken.training.train", "--config", "stage1",
+            *[a for s in sets for a in ("--set", s)]]
 
 
 def records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
-    steps = {r["step"]: r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r}
-    return steps, [json.loads(line) for line in open(run_dir / "events.jsonl")]
+    steps = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    return steps, [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def train(args) -> None:
@@ -242,7 +241,8 @@ def resume(args) -> None:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         metrics = run_dir / "metrics.jsonl"
         while proc.poll() is None:  # kill once the step after the checkpoint is logged
-            if metrics.exists() and any(json.loads(line).get("step", 0) > cut for line in open(metrics)):
+            if metrics.exists() and any(json.loads(line).get("step", 0) > cut
+                                        for line in metrics.read_text().splitlines()):
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
@@ -312,11 +312,11 @@ def drift(args) -> None:
 
 
 def convert(args) -> None:
-    import torch
+    import torch  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
 
-    from atoken.model import Tokenizer
-    from atoken.tools.convert import convert as convert_run
-    from atoken.tools.reconstruct import reconstruct_files
+    from atoken.model import Tokenizer  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
+    from atoken.tools.convert import convert as convert_run  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
+    from atoken.tools.reconstruct import reconstruct_files  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
 
     out = args.work / "inference"
     convert_run(args.work / "run_straight", out)
@@ -328,9 +328,9 @@ def convert(args) -> None:
 
 def report(args) -> None:
     sys.path.insert(0, str(HERE))
-    from common import device_slug, git_state, write_report
+    import torch  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
 
-    import torch
+    from common import device_slug, git_state, write_report  # noqa: PLC0415 - benchmarks/ is put on sys.path just above
 
     ref, tr = read(args, "reference"), read(args, "train")
     done = {p: read(args, p) for p in ("resume", "convert", "attention", "determinism", "drift")
@@ -340,7 +340,7 @@ def report(args) -> None:
     info = {"type": "cuda", "name": torch.cuda.get_device_name()} if torch.cuda.is_available() else {"type": "cpu"}
     device = info.get("name", "cpu")
     result = {
-        "benchmark": "gpu_trainer", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "gpu_trainer", "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device, "mode": args.mode,
         "command": shlex.join(["benchmarks/gpu_trainer.sh", *sys.argv[1:]]),
         "token_budget": args.budget, "reference_tokens_per_s": at["tokens_per_s"], "reference_mfu": at["mfu"],
@@ -395,7 +395,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, m[default])
     if args.trunk_weights is None:
-        from atoken.model.perceptual import stlpips_file
+        from atoken.model.perceptual import stlpips_file  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
         args.trunk_weights = stlpips_file("alex")
     if not args.trunk_weights or not Path(args.trunk_weights).is_file():
         p.error(f"no perceptual trunk file ({args.trunk_weights}): pass --trunk-weights or set ATOKEN_TRUNK_WEIGHTS")

@@ -109,7 +109,7 @@ case "${1:-all}" in
                --trunk-weights "$WHL/alex_shift_tolerant.pth" "${@:3}"; }
     if [ "$part" = check ] || [ "$part" = all ]; then
       # Values and gradients first (packed mixed lengths, head_dim 72; the kernel against the eager path).
-      "$PY" -m pytest -q -m gpu tests/test_model.py tests/test_fused_qk_rope.py
+      "$PY" -m pytest -q -m gpu tests/unit/test_model.py tests/unit/test_fused_qk_rope.py
       "$PY" benchmarks/attention.py
     fi
     if [ "$part" = step ] || [ "$part" = all ]; then  # each change against the baseline, in this call

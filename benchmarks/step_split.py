@@ -104,9 +104,7 @@ def split(prof, cuda: bool) -> dict:
             part = "optimizer"
         elif EMA_RANGE in names:
             part = "ema"
-        elif node is not None and "AccumulateGrad" in node.name:
-            part = "deepspeed"
-        elif node is None and (BWD in names or STEP in names):
+        elif (node is not None and "AccumulateGrad" in node.name) or (node is None and (BWD in names or STEP in names)):
             part = "deepspeed"
         else:
             kernels = " ".join(k.name for k in e.kernels) if cuda else ""

@@ -38,19 +38,22 @@ Writes ``benchmarks/results/train_step_<device>.json`` (``--out`` changes it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
+import warnings
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from atoken.model import AToken, PackedBatch, preset
 from atoken.model.attention import get_attention_backend
@@ -61,9 +64,9 @@ from atoken.model.rope import apply_rope
 from atoken.training import distributed
 from atoken.training.checkpoint.deepspeed_internals import torch_optimizer
 from atoken.training.config import RunConfig
-from atoken.training.parallelize import init_parallel, parallelize, prepare_loss
-from atoken.training.engine import precision
 from atoken.training.ema import EMA
+from atoken.training.engine import precision
+from atoken.training.parallelize import init_parallel, parallelize, prepare_loss
 from atoken.training.train import micro_step
 from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync, write_report
 from step_split import labels, split
@@ -114,10 +117,8 @@ def autocast(device: torch.device):
 
 
 def _reset_hwm() -> None:
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    except OSError:
-        pass
 
 
 class Memory:
@@ -147,7 +148,6 @@ def count_host_syncs(step, device) -> dict:
     device warns. Returns the count and the distinct call sites."""
     if device.type != "cuda":
         return {"checked": False, "why": "CUDA only"}
-    import warnings
     sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -164,7 +164,6 @@ def count_host_syncs(step, device) -> dict:
 def profile_step(step, device, out_dir: Path, name: str) -> dict:
     """One step under torch.profiler: the top kernels by device time, a Chrome trace, and the split of
     the step's time into parts (``step_split.split``: perceptual loss, optimizer, ...)."""
-    from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     with profile(activities=acts, record_shapes=False) as prof:
@@ -308,7 +307,8 @@ def bench_packed_vs_padded(model, batch: PackedBatch, args, device) -> dict:
         tp += timeit(packed)
         tq += timeit(padded)
     mp, mq = statistics.median(tp), statistics.median(tq)
-    probe = torch.empty(1, cfg.head_dim, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    probe = torch.empty(1, cfg.head_dim, device=device,
+                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     return {"scope": "encoder Transformer blocks (attention + MLP, RoPE), forward + backward",
             "packed_attention_backend": get_attention_backend(probe, model.cfg.attention)[0],
             "padded_attention": "F.scaled_dot_product_attention, bool key-padding mask [B, 1, 1, Lmax]",
@@ -324,7 +324,8 @@ def bench_packed_vs_padded(model, batch: PackedBatch, args, device) -> dict:
 def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": p.name, "memory_gib": p.total_memory / 2**30, "count": torch.cuda.device_count()}
+        return {"type": "cuda", "name": p.name, "memory_gib": p.total_memory / 2**30,
+                "count": torch.cuda.device_count()}
     return cpu_info()
 
 
@@ -333,9 +334,9 @@ def versions() -> dict:
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
     try:
-        import flash_attn
+        import flash_attn  # noqa: PLC0415 - flash-attn, an optional GPU kernel
         out["flash_attn"] = flash_attn.__version__
-    except Exception:
+    except Exception:  # noqa: BLE001 - not installed, or a build for another torch/CUDA
         pass
     return out
 
@@ -377,8 +378,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="device peak, TFLOP/s (default: 989 on CUDA = H100 bf16 dense; CPU: measured fp32 matmul)")
     p.add_argument("--no-padded", action="store_true", help="skip the packed vs padded comparison")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (training.parallelize.compile_blocks), as parallel.compile=true "
-                        "does in training; the padded comparison compiles its function too")
+                   help="torch.compile the transformer blocks (training.parallelize.compile_blocks), as "
+                        "parallel.compile=true does in training; the padded comparison compiles its function too")
     p.add_argument("--attention", default="auto", help="model.attention: auto, cudnn, flash_attn, torch_varlen or sdpa")
     p.add_argument("--fused-qk-rope", action="store_true", help="model.fused_qk_rope: the Triton QK-norm + RoPE kernel")
     p.add_argument("--activation-checkpointing", action="store_true",
@@ -397,7 +398,7 @@ def main(argv=None) -> None:
                           ("cpu" if args.device == "auto" else args.device))
     distributed.init()  # a world of one: the trainer's DeepSpeed engine needs a process group
     dims = init_parallel(seed=args.seed)
-    started, load_start = datetime.now(timezone.utc), os.getloadavg()
+    started, load_start = datetime.now(UTC), os.getloadavg()
     dev = device_info(device)
     if args.peak_tflops:
         peak, peak_src = args.peak_tflops * 1e12, "--peak-tflops"
@@ -463,7 +464,7 @@ def main(argv=None) -> None:
 
     report = {
         "benchmark": "train_step", "timestamp": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "device": dev,
         "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
         "versions": versions(),

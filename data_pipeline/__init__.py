@@ -7,7 +7,8 @@ import importlib
 _EXPORTS = {
     **dict.fromkeys(["DataConfig", "RetryConfig", "StreamConfig"], "config"),
     **dict.fromkeys(["PositionedSamples", "StreamDataset", "epoch_order", "is_bad"], "dataset"),
-    **dict.fromkeys(["IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "IMAGE_WRITER_COLUMNS", "OPTIONAL_COLUMNS", "decode_image", "open_rgb", "resize_for_training", "sample_resolution", "training_size"], "images"),
+    **dict.fromkeys(["IMAGE_COLUMNS", "IMAGE_EXTENSIONS", "IMAGE_WRITER_COLUMNS", "OPTIONAL_COLUMNS", "decode_image",
+                     "open_rgb", "resize_for_training", "sample_resolution", "training_size"], "images"),
     **dict.fromkeys(["StreamLoader"], "loader"),
     **dict.fromkeys(["MixedLoader", "mix_order"], "mixing"),
     **dict.fromkeys(["GreedyPacker", "MicroBatch", "check_budget"], "packing"),

@@ -29,6 +29,7 @@ from trimesh.visual.material import PBRMaterial
 
 from atoken.model.config import PATCH_DIM, PATCH_HW
 from atoken.model.packed import ASSET3D
+
 from .config import StreamConfig
 from .render import MeshPart, render_views, sphere_cameras
 from .samples import caption_of
@@ -63,7 +64,7 @@ def load_mesh(path: str | Path) -> list[MeshPart]:
     try:
         scene = trimesh.load(str(path), force="scene", process=False)
         meshes = [g for g in scene.dump(concatenate=False) if isinstance(g, trimesh.Trimesh)]
-    except Exception as e:  # noqa: BLE001 - trimesh raises many types for a bad file
+    except Exception as e:  # trimesh raises many types for a bad file
         raise ValueError(f"unreadable mesh file {str(path)!r}: {type(e).__name__}: {e}") from e
     parts = [trimesh_part(g) for g in meshes if len(g.faces)]
     if not parts:

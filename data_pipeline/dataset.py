@@ -29,7 +29,7 @@ from .config import DataConfig, StreamConfig
 from .samples import decoder_for
 from .storage import RetryingStream, resolve_location
 
-__all__ = ["StreamDataset", "PositionedSamples", "epoch_order", "is_bad", "resolve_location"]
+__all__ = ["PositionedSamples", "StreamDataset", "epoch_order", "is_bad", "resolve_location"]
 
 
 def is_bad(sample: dict[str, Any]) -> bool:

@@ -23,11 +23,15 @@ At inference nothing is resized: ``model.patches.pad_to_patches`` pads and the o
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from atoken.model.config import PATCH_HW
+
+if TYPE_CHECKING:  # annotations only: the shard writers run without torch
+    import torch
 
 # The MDS schema of image shards, the one place it is defined (writer and reader share it).
 # ``image`` holds the file's original encoded bytes; width/height are after EXIF orientation.
@@ -78,8 +82,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ValueError(f"{img.format or 'image'} with {kind} pixels (PIL mode {mode}) has no defined white "
                          "level: save it as 8- or 16-bit")
     elif mode == "LAB":
-        from PIL import ImageCms
-
         lab_to_srgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
                                               "LAB", "RGB")
         return ImageCms.applyTransform(img, lab_to_srgb)
@@ -99,14 +101,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def to_pixels(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 [3, H, W] (what training samples carry: ``model.patches.patchify_values``)."""
-    import torch  # NOTE: here, not at the top: the shard writer and --help do not need torch
+    import torch  # noqa: PLC0415 - the shard writers and --help run without torch
 
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, H, W]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [3, H, W] float32 in [-1, 1] (v / 127.5 - 1, ``model.patches.unit_table``)."""
-    from atoken.model.patches import unit_table
+    from atoken.model.patches import unit_table  # noqa: PLC0415 - torch: the shard writers run without it
 
     return unit_table()[to_pixels(img).long()]
 
@@ -144,6 +146,6 @@ def resize_pixels(img: Image.Image, target: int) -> torch.Tensor:
 
 def resize_for_training(img: Image.Image, target: int) -> torch.Tensor:
     """RGB PIL image -> [3, h, w] float in [-1, 1], h and w multiples of 16 (policy above)."""
-    from atoken.model.patches import unit_table
+    from atoken.model.patches import unit_table  # noqa: PLC0415 - torch: the shard writers run without it
 
     return unit_table()[resize_pixels(img, target).long()]

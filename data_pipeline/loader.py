@@ -25,14 +25,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from atoken.model.errors import UserError
+
 from .config import DataConfig, StreamConfig
 from .dataset import PositionedSamples, StreamDataset, epoch_order, is_bad
 from .packing import GreedyPacker, MicroBatch, check_budget
@@ -63,7 +65,7 @@ class _Positions(Sampler):
     """Keys (epoch, position, sample index) of this rank's samples from ``state``'s position on,
     epoch after epoch, forever."""
 
-    def __init__(self, loader: "StreamLoader", epoch: int, pos: int):
+    def __init__(self, loader: StreamLoader, epoch: int, pos: int):
         self.loader, self.epoch, self.pos = loader, epoch, pos
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
@@ -74,7 +76,8 @@ class _Positions(Sampler):
                 yield epoch, p, int(ids[p])
             empty = 0 if start < len(ids) else empty + 1
             if empty > 1:  # one is normal: resumed exactly at an epoch's end
-                raise RuntimeError(f"stream {self.loader.stream.name!r} ({self.loader.stream.remote}) yields no samples")
+                raise RuntimeError(f"stream {self.loader.stream.name!r} ({self.loader.stream.remote}) "
+                                   "yields no samples")
             epoch, start = epoch + 1, 0
 
 
@@ -104,7 +107,7 @@ class StreamLoader:
             return self.__dict__["_state"][name]
         raise AttributeError(name)
 
-    def __iter__(self) -> "StreamLoader":
+    def __iter__(self) -> StreamLoader:
         return self
 
     def __next__(self) -> MicroBatch:

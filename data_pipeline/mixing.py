@@ -73,7 +73,7 @@ class MixedLoader:
     def micro_batches_per_step(self) -> int:
         return len(self.order)
 
-    def __iter__(self) -> "MixedLoader":
+    def __iter__(self) -> MixedLoader:
         return self
 
     def __next__(self) -> MicroBatch:
@@ -156,5 +156,5 @@ def _restart_oldest_epoch(name: str, ranks: list[dict[str, Any]], rank: int, wor
     log.warning("stream %r: checkpoint of %d data-parallel ranks resumed on %d: restarting epoch %d, "
                 "%d+ samples of it (and any the faster ranks read of later epochs) are read again",
                 name, len(ranks), world, oldest, repeated)
-    base = ranks[rank] if rank < len(ranks) else {k: 0 for k in ("samples_seen", "samples_bad", "tokens", "batches")}
+    base = ranks[rank] if rank < len(ranks) else dict.fromkeys(("samples_seen", "samples_bad", "tokens", "batches"), 0)
     return {**base, "epoch": oldest, "pos": 0, "rank": rank, "world": world}

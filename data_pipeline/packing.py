@@ -16,6 +16,7 @@ import torch
 
 from atoken.model.config import PATCH_HW, PATCH_T
 from atoken.model.packed import PackedBatch
+
 from .config import StreamConfig
 
 # Sample keys the packed token stream holds; any other key but "idx" travels in ``extras``.

@@ -115,8 +115,8 @@ def sphere_cameras(n: int, resolution: int, radius: float = CAMERA_RADIUS,
 @lru_cache(maxsize=1)
 def _mitsuba():
     """Mitsuba with its variant set (once per process; the variant is process-global)."""
-    import drjit as dr
-    import mitsuba as mi
+    import drjit as dr  # noqa: PLC0415 - Mitsuba, heavy: only 3D streams render
+    import mitsuba as mi  # noqa: PLC0415 - Mitsuba, heavy: only 3D streams render
 
     mi.set_variant("llvm_ad_rgb" if dr.has_backend(dr.JitBackend.LLVM) else "scalar_rgb")
     return mi

@@ -14,12 +14,14 @@ an undecodable sample (the dataset turns that into a counted bad-sample marker).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from atoken.model.packed import ASSET3D, IMAGE, VIDEO
 from atoken.model.patches import patchify_values
+
 from .config import StreamConfig
 from .images import open_rgb, resize_pixels, sample_resolution
 
@@ -41,13 +43,13 @@ def image_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamCo
 
 
 def _video() -> Decoder:
-    from .video import video_sample
+    from .video import video_sample  # noqa: PLC0415 - PyAV: imported when a video stream exists
 
     return video_sample
 
 
 def _asset() -> Decoder:
-    from .assets import asset_sample
+    from .assets import asset_sample  # noqa: PLC0415 - trimesh and Mitsuba: imported when a 3D stream exists
 
     return asset_sample
 

@@ -20,11 +20,16 @@ import os
 import tempfile
 import time
 import urllib.parse
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 from streaming import Stream
 
 from atoken.model.errors import UserError
+
 from .config import DataConfig, RetryConfig, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -57,8 +62,6 @@ def endpoint() -> str:
 
 def is_permanent(e: BaseException) -> bool:
     """An S3 answer that no retry will change (missing object, denied access), or a local error."""
-    from botocore.exceptions import ClientError, NoCredentialsError
-
     if isinstance(e, ClientError):
         return str(e.response.get("Error", {}).get("Code")) in PERMANENT_CODES
     return isinstance(e, (NoCredentialsError, FileNotFoundError, PermissionError, ValueError))
@@ -69,7 +72,7 @@ def with_retries(fn: Callable[[], T], retry: RetryConfig, what: str, on_failure:
     for attempt in range(1, retry.attempts + 1):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - classified below; permanent ones re-raise at once
+        except Exception as e:  # classified below; permanent ones re-raise at once
             if on_failure is not None:
                 on_failure()
             if is_permanent(e) or attempt == retry.attempts:
@@ -102,9 +105,6 @@ class RetryingStream(Stream):
 
 def s3_client(retry: RetryConfig):
     """A boto3 S3 client for the configured endpoint; its own retries off (``with_retries`` decides)."""
-    import boto3
-    from botocore.config import Config
-
     return boto3.session.Session().client(
         "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
         config=Config(connect_timeout=min(10.0, retry.timeout), read_timeout=retry.timeout,
@@ -128,16 +128,15 @@ def check_stream(stream: StreamConfig, retry: RetryConfig) -> None:
     client = s3_client(retry)
     for ask, missing in ((lambda: client.head_bucket(Bucket=bucket), "the bucket does not exist"),
                          (lambda: client.head_object(Bucket=bucket, Key=key),
-                          f"no s3://{bucket}/{key}: {remote} is not an MDS dataset (wrong prefix, or no shards written)")):
+                          f"no s3://{bucket}/{key}: {remote} is not an MDS dataset "
+                          "(wrong prefix, or no shards written)")):
         try:
             with_retries(ask, retry, f"{where}: start-up check")
-        except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        except Exception as e:  # every failure becomes one clear message
             raise UserError(f"{where}: {_explain(e, missing)}") from e
 
 
 def _explain(e: BaseException, missing: str) -> str:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
     root = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ is not None else e  # retries exhausted
     if isinstance(root, NoCredentialsError):
         return "no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"

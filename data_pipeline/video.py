@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from atoken.model.config import PATCH_T
 from atoken.model.packed import VIDEO
 from atoken.model.patches import patchify_values, unit_table
+
 from .clips import clip_frame_indices
 from .config import StreamConfig
 from .images import sample_resolution, training_size
@@ -79,7 +80,7 @@ def video_sample(raw: dict[str, Any], rng: np.random.Generator, stream: StreamCo
         target = sample_resolution(rng, stream.min_res, stream.max_res)
         dec = decoder or process_decoder()
         frames = dec.decode(raw["video"], indices)  # uint8 [T, H, W, 3]
-    except Exception as e:  # noqa: BLE001 - name the sample whatever failed
+    except Exception as e:  # name the sample whatever failed
         raise ValueError(f"video {name!r}: {type(e).__name__}: {e}") from e
     h, w = training_size(frames.shape[1], frames.shape[2], target)
     values, coords, grid = patchify_values(resize_clip_pixels(frames, h, w))

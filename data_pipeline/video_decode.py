@@ -160,14 +160,14 @@ _dali_lock = threading.Lock()
 
 def dali_available() -> bool:
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali  # noqa: F401, PLC0415 - optional GPU decoder: is it installed?
     except ImportError:
         return False
     return True
 
 
 def _build_dali_pipeline(device: str):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types  # noqa: PLC0415 - DALI, an optional GPU decoder
 
     # batch_size 1: the dataset decodes one sample at a time. exec_dynamic keeps the pipeline
     # usable after a sample raised (checked with DALI 2.4; we rebuild anyway, see _dali_decode).
@@ -246,7 +246,8 @@ class VideoDecoder:
             return "dali-cpu" if codec in DALI_CPU_CODECS else "pyav"
         supported = DALI_GPU_CODECS if self.backend == "dali-gpu" else DALI_CPU_CODECS
         if codec not in supported:
-            raise ValueError(f"backend {self.backend!r} cannot decode {codec!r} (it decodes {', '.join(sorted(supported))})")
+            raise ValueError(f"backend {self.backend!r} cannot decode {codec!r} (it decodes "
+                             f"{', '.join(sorted(supported))})")
         return self.backend
 
     def decode(self, data: bytes, frame_indices: Sequence[int] | np.ndarray) -> torch.Tensor:

@@ -20,6 +20,7 @@ The backend is part of the model config (``ModelConfig.attention``, like transfo
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import torch
@@ -31,12 +32,12 @@ logger = logging.getLogger(__name__)
 
 try:
     from flash_attn import flash_attn_varlen_func
-except Exception:  # ImportError, or a build that does not match the installed torch/CUDA
+except Exception:  # noqa: BLE001 - ImportError, or a build that does not match the installed torch/CUDA
     flash_attn_varlen_func = None
 
 try:
     from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
-except Exception:  # older torch
+except Exception:  # noqa: BLE001 - older torch
     torch_varlen_attn = None
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -63,10 +64,10 @@ def auto_order() -> tuple[str, ...]:
 def _cudnn_sdpa():
     """cuDNN's differentiable varlen SDPA op, or None (imported on first use: it loads cuDNN)."""
     try:
-        import cudnn
+        import cudnn  # noqa: PLC0415 - the cuDNN frontend, an optional GPU kernel
 
         return cudnn.sdpa_torch
-    except Exception:  # not installed, or a build without the torch op (before 1.32)
+    except Exception:  # noqa: BLE001 - not installed, or a build without the torch op (before 1.32)
         return None
 
 
@@ -76,11 +77,11 @@ def _fa4():
     CuTe DSL (MLIR, seconds) and needs nvidia-cutlass-dsl; the installed version is the pinned one
     (benchmarks/gpu_trainer.sh), since its ``_flash_attn_fwd`` / ``_flash_attn_bwd`` are not public."""
     try:
-        from flash_attn.cute import interface
+        from flash_attn.cute import interface  # noqa: PLC0415 - optional GPU package; loads the CuTe DSL (seconds)
 
         interface._flash_attn_fwd, interface._flash_attn_bwd  # noqa: B018 - the entry points the ops call
         return interface
-    except Exception:  # not installed, no CUDA driver for the DSL, or another version's internals
+    except Exception:  # noqa: BLE001 - not installed, no CUDA driver for the DSL, or another version's internals
         return None
 
 
@@ -255,14 +256,15 @@ def sdpa_loop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     """The portable path: one ``F.scaled_dot_product_attention`` per sample."""
     bounds = cu_seqlens.tolist()  # NOTE: a host sync on CUDA; the fused backends avoid it
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         # [n_i, heads, D] -> [heads, n_i, D]
         qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))
         outs.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))
     return torch.cat(outs) if outs else q.new_empty(q.shape)
 
 
-def dense_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def dense_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Slow reference: full [N, N] scores with an explicit block-diagonal mask (tests only)."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     ids = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens.to(q.device))  # [N]

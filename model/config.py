@@ -70,7 +70,7 @@ class GaussianDecoderConfig:
     def __post_init__(self):
         if set(self.lr) != set(GAUSSIAN_ATTRIBUTES):
             raise ValueError(f"lr must give {list(GAUSSIAN_ATTRIBUTES)}, got {sorted(self.lr)}")
-        if not (0 < self.scaling_bias and 0 < self.opacity_bias < 1 and self.voxel_size > 0):
+        if not (self.scaling_bias > 0 and 0 < self.opacity_bias < 1 and self.voxel_size > 0):
             raise ValueError(f"need scaling_bias > 0, 0 < opacity_bias < 1, voxel_size > 0; got "
                              f"{self.scaling_bias}, {self.opacity_bias}, {self.voxel_size}")
         if self.window < 1 or self.gaussians_per_voxel < 1 or self.resolution < 1 or self.in_channels < 1:
@@ -83,7 +83,7 @@ class GaussianDecoderConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GaussianDecoderConfig":
+    def from_dict(cls, d: dict) -> GaussianDecoderConfig:
         d = dict(d)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:  # e.g. max_offset, scale_range: atoken's own decoder before it became the release's
@@ -162,7 +162,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         gaussian = d.pop("gaussian", None)
         return cls(encoder=TransformerConfig(**d.pop("encoder")), decoder=TransformerConfig(**d.pop("decoder")),

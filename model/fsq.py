@@ -69,4 +69,5 @@ class FSQ(nn.Module):
         return self.levels ** torch.arange(self.group_dims, dtype=torch.int64, device=device)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, groups={self.groups}, levels={self.levels}, codebook_size={self.codebook_size}"
+        return (f"channels={self.channels}, groups={self.groups}, levels={self.levels}, "
+                f"codebook_size={self.codebook_size}")

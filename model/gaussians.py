@@ -29,12 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GAUSSIAN_ATTRIBUTES, GaussianDecoderConfig, TransformerConfig, gaussian_decoder_preset  # noqa: F401
+from .config import GAUSSIAN_ATTRIBUTES, GaussianDecoderConfig, TransformerConfig, gaussian_decoder_preset  # noqa: F401 - re-exported
 from .transformer import Attention, Block, init_weights
 
 try:
     from flash_attn import flash_attn_varlen_func
-except Exception:  # ImportError, or a build that does not match the installed torch/CUDA
+except Exception:  # noqa: BLE001 - ImportError, or a build that does not match the installed torch/CUDA
     flash_attn_varlen_func = None
 
 SH_C0 = 0.28209479177387814  # the degree-0 real spherical harmonic, 1 / (2 sqrt(pi))
@@ -75,19 +75,19 @@ class Gaussians:
         lens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
         return torch.repeat_interleave(torch.arange(self.num_samples, device=lens.device), lens)
 
-    def sample(self, i: int) -> "Gaussians":
+    def sample(self, i: int) -> Gaussians:
         """The Gaussians of sample ``i`` alone (views of the rows, gradients flow)."""
         s, e = int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])
         return Gaussians(self.means[s:e], self.scales[s:e], self.quats[s:e], self.opacities[s:e],
                          self.colors[s:e])
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "Gaussians":
-        f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Gaussians:
+        f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731 - a one-line local helper
         return replace(self, means=f(self.means), scales=f(self.scales), quats=f(self.quats),
                        opacities=f(self.opacities), colors=f(self.colors),
                        cu_seqlens=self.cu_seqlens.to(device))
 
-    def detach(self) -> "Gaussians":
+    def detach(self) -> Gaussians:
         return replace(self, means=self.means.detach(), scales=self.scales.detach(), quats=self.quats.detach(),
                        opacities=self.opacities.detach(), colors=self.colors.detach())
 
@@ -243,7 +243,7 @@ class GaussianDecoder(nn.Module):
         self._check(pixels, coords, cu_seqlens)
         x = self.up(pixels[:, :self.cfg.in_channels])  # [M, width]
         x = x + sinusoidal_positions(coords[:, 1:], x.shape[1]).to(x.dtype)
-        for block, part in zip(self.blocks, self.partitions(coords, cu_seqlens)):
+        for block, part in zip(self.blocks, self.partitions(coords, cu_seqlens), strict=True):
             x = block(x[part.order], part.cu_seqlens, part.max_seqlen, None)[part.inverse]
         x = F.layer_norm(x, x.shape[-1:])  # no affine parameters, eps 1e-5: as released
         return self.activate(self.head(x).float(), coords, cu_seqlens)
@@ -253,7 +253,7 @@ class GaussianDecoder(nn.Module):
         cfg, m, k = self.cfg, raw.shape[0], self.cfg.gaussians_per_voxel
         r = {name: part.reshape(m, k, -1) * cfg.lr[name]  # [M, K, n] each
              for (name, n), part in zip(GAUSSIAN_ATTRIBUTES.items(),
-                                        raw.split([k * n for n in GAUSSIAN_ATTRIBUTES.values()], dim=-1))}
+                                        raw.split([k * n for n in GAUSSIAN_ATTRIBUTES.values()], dim=-1), strict=True)}
         centre = (coords[:, 1:].float() + 0.5) / cfg.resolution  # [M, 3] in the unit cube
         offset = torch.tanh(r["_xyz"] + self.offset_perturbation) / cfg.resolution * 0.5 * cfg.voxel_size
         means = (centre[:, None, :] + offset) - 0.5  # TRELLIS' aabb [-0.5, -0.5, -0.5, 1, 1, 1]

@@ -54,7 +54,7 @@ class KVCache:
         self._next_coords[:, 0] -= first
         return query
 
-    def block(self, index: int) -> "BlockCache":
+    def block(self, index: int) -> BlockCache:
         while len(self.blocks) <= index:
             self.blocks.append(BlockCache(self))
         return self.blocks[index]

@@ -84,7 +84,7 @@ def gram_matrix(f: torch.Tensor) -> torch.Tensor:
 
 def gram_loss(feats_x: list[torch.Tensor], feats_y: list[torch.Tensor]) -> torch.Tensor:
     """sum over layers of ||G(x) - G(y)||_F^2 -> [B]."""
-    return sum((gram_matrix(a) - gram_matrix(b)).pow(2).sum((1, 2)) for a, b in zip(feats_x, feats_y))
+    return sum((gram_matrix(a) - gram_matrix(b)).pow(2).sum((1, 2)) for a, b in zip(feats_x, feats_y, strict=True))
 
 
 def image_pairs(batch: PackedBatch, recon: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -50,7 +50,7 @@ class Objective(nn.Module):
         self.group = group  # data-parallel process group of the semantic losses (None: this process only)
 
     @classmethod
-    def from_config(cls, cfg: LossConfig, group=None) -> "Objective":
+    def from_config(cls, cfg: LossConfig, group=None) -> Objective:
         """Loads the text tower and the teacher from their local paths when the config names them."""
         tower = TextTower.from_pretrained(cfg.text_tower) if cfg.text_tower else None
         teacher = None
@@ -75,7 +75,7 @@ class Objective(nn.Module):
     def forward(self, model: AToken, batch: PackedBatch, out: Outputs, extras: list[dict[str, Any]],
                 tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
         cfg, zero = self.cfg, batch.features.new_zeros((), dtype=torch.float32)
-        terms = {k: zero for k in ("l1", "lpips", "gram", "clip", "l1_3d", "kl", "rec", "distill", "sigmoid", "sem")}
+        terms = dict.fromkeys(("l1", "lpips", "gram", "clip", "l1_3d", "kl", "rec", "distill", "sigmoid", "sem"), zero)
         if "rec" in tasks:
             pixels = [i for i, m in enumerate(batch.modalities) if m != ASSET3D]
             if pixels:

@@ -70,7 +70,7 @@ class PackedBatch:
         cu = self.cu_seqlens.tolist()
         if len(cu) != b + 1 or cu[0] != 0 or cu[-1] != n:
             raise ValueError(f"cu_seqlens {cu} does not cover {n} tokens of {b} samples")
-        self._lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+        self._lengths = [e - s for s, e in itertools.pairwise(cu)]
         if len(self.modalities) != b:
             raise ValueError(f"{len(self.modalities)} modalities for {b} samples")
         if not self.frames:
@@ -93,7 +93,7 @@ class PackedBatch:
     def spans(self) -> list[tuple[int, int]]:
         """Per sample, its (start, end) rows in the token stream."""
         ends = list(itertools.accumulate(self._lengths))
-        return list(zip([0, *ends[:-1]], ends))
+        return list(zip([0, *ends[:-1]], ends, strict=True))
 
     @property
     def max_seqlen(self) -> int:
@@ -121,7 +121,7 @@ class PackedBatch:
         return AttentionLayout(cu.to(device, non_blocking=True), max(lens), coords, [hw for _, _, hw in flat],
                                chunk_ids.to(device, non_blocking=True))
 
-    def to(self, device, dtype: torch.dtype | None = None) -> "PackedBatch":
+    def to(self, device, dtype: torch.dtype | None = None) -> PackedBatch:
         """The same batch on ``device``; no validation again, so no device -> host sync. A batch in
         transport form gets its float [N, 3072] features (``dtype``, default float32) and int64
         coords built on ``device``; copies from pinned memory are asynchronous (non_blocking)."""
@@ -137,7 +137,7 @@ class PackedBatch:
         out.cu_seqlens = move(self.cu_seqlens)
         return out
 
-    def select(self, samples: list[int]) -> tuple["PackedBatch", torch.Tensor]:
+    def select(self, samples: list[int]) -> tuple[PackedBatch, torch.Tensor]:
         """The sub-batch of the given samples (in that order) and its rows in this batch: [n] int64."""
         spans = self.spans()
         rows = torch.cat([torch.arange(*spans[i]) for i in samples]) if samples else torch.zeros(0, dtype=torch.long)
@@ -145,7 +145,7 @@ class PackedBatch:
         lens = torch.tensor([spans[i][1] - spans[i][0] for i in samples], dtype=torch.int32)
         cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lens, 0)
-        pick = lambda xs: [xs[i] for i in samples] if xs else []  # noqa: E731
+        pick = lambda xs: [xs[i] for i in samples] if xs else []  # noqa: E731 - a one-line local helper
         return PackedBatch(features=self.features[rows], coords=self.coords[rows],
                            cu_seqlens=cu.to(self.cu_seqlens.device), grids=pick(self.grids),
                            modalities=pick(self.modalities), frames=pick(self.frames), names=pick(self.names),
@@ -153,7 +153,7 @@ class PackedBatch:
 
     @staticmethod
     def cat(parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int], str, int]],
-            names: list[str] | None = None) -> "PackedBatch":
+            names: list[str] | None = None) -> PackedBatch:
         """Pack samples given as (features [n_i, 3072], coords [n_i, 4], grid, modality, frames)."""
         lens = torch.tensor([p[0].shape[0] for p in parts], dtype=torch.int32)
         cu = torch.zeros(len(parts) + 1, dtype=torch.int32)

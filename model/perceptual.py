@@ -58,7 +58,7 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1, pad: int = 1) -> nn.Conv
 
 
 def _alex_layers(shift_tolerant: bool) -> tuple[list[nn.Module], tuple[int, ...]]:
-    relu = lambda: nn.ReLU(inplace=True)  # noqa: E731
+    relu = lambda: nn.ReLU(inplace=True)  # noqa: E731 - a one-line local helper
     if not shift_tolerant:  # torchvision alexnet().features[:12]
         layers = [_conv(3, 64, 11, 4, 2), relu(), nn.MaxPool2d(3, 2), _conv(64, 192, 5, 1, 2), relu(),
                   nn.MaxPool2d(3, 2), _conv(192, 384, 3), relu(), _conv(384, 256, 3), relu(),
@@ -127,7 +127,7 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         # NOTE: always eval: a parent's .train() must not change the metric.
         return super().train(False)
 
@@ -139,7 +139,7 @@ class LPIPS(nn.Module):
         """LPIPS from precomputed features -> [B]: per layer, squared difference of channel-unit
         features, weighted over channels by the lin layer, averaged over space; summed over layers."""
         d = 0.0
-        for lin, a, b in zip(self.lins, fx, fy):
+        for lin, a, b in zip(self.lins, fx, fy, strict=True):
             d = d + lin((_unit_channels(a) - _unit_channels(b)) ** 2).mean((1, 2, 3))
         return d
 

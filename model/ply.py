@@ -63,7 +63,7 @@ def load_ply(path: str | os.PathLike) -> Gaussians:
     missing = [n for n in need if n not in names]
     if missing:
         raise ValueError(f"{path}: not a 3DGS .ply, missing vertex properties {missing}")
-    col = lambda *ns: torch.from_numpy(np.stack([np.asarray(v[n], dtype=np.float32) for n in ns], -1))  # noqa: E731
+    col = lambda *ns: torch.from_numpy(np.stack([np.asarray(v[n], dtype=np.float32) for n in ns], -1))  # noqa: E731 - a one-line local helper
     return Gaussians(
         means=col("x", "y", "z"),
         scales=torch.exp(col("scale_0", "scale_1", "scale_2")),

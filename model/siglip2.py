@@ -44,7 +44,7 @@ FRAME_DIM = CHANNELS * PATCH_HW * PATCH_HW  # 768 values of one frame of a token
 
 def vision_config(path: str | Path):
     """The checkpoint's ``Siglip2VisionConfig`` (from a vision-only or a full SigLIP2 directory)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 - transformers takes seconds to import: SigLIP2 paths only
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -178,7 +178,7 @@ class Siglip2ImageTower(nn.Module):
         self.eval().requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Siglip2ImageTower":
+    def from_pretrained(cls, path: str | Path) -> Siglip2ImageTower:
         tower = cls(model_config(path, rope=False))
         tc = tower.cfg.encoder
         state = convert_state_dict(read_safetensors(path, PREFIX), tc.heads, tc.depth)
@@ -198,5 +198,5 @@ class Siglip2ImageTower(nn.Module):
         (the CLIP/feature term's gradient reaches the decoder through it); the weights stay frozen."""
         return self.encoder(batch.features, batch.attention_layout(), None)
 
-    def train(self, mode: bool = True) -> "Siglip2ImageTower":
+    def train(self, mode: bool = True) -> Siglip2ImageTower:
         return super().train(False)  # frozen: stays in eval mode

@@ -37,8 +37,8 @@ import dataclasses
 import importlib.util
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +242,7 @@ def render_torch(g: Gaussians, viewmats: torch.Tensor, Ks: torch.Tensor, width: 
 def render_gsplat(g: Gaussians, viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int,
                   background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``gsplat.rasterization`` with the conventions above -> (images [V, 3, H, W], alphas [V, 1, H, W])."""
-    import gsplat
+    import gsplat  # noqa: PLC0415 - gsplat, an optional GPU rasterizer
 
     f = lambda t: t.float().contiguous()  # noqa: E731  (gsplat's kernels are fp32)
     colors, alphas, _ = gsplat.rasterization(

@@ -102,7 +102,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "Tokenizer":
+                        dtype: torch.dtype | None = None) -> Tokenizer:
         state, cfg, meta = load_inference_dir(path)
         model = AToken(cfg)
         try:
@@ -137,7 +137,7 @@ class Tokenizer:
         batch = self._pack(images)
         mean = self._latent(batch)  # [N, C]
         out = []
-        for img, (a, b), (_, h, w, _) in zip(images, batch.spans(), batch.grids):
+        for img, (a, b), (_, h, w, _) in zip(images, batch.spans(), batch.grids, strict=True):
             out.append(ImageLatent(mean[a:b].reshape(h, w, -1), tuple(img.shape[-2:])))
         return out
 
@@ -153,7 +153,7 @@ class Tokenizer:
         batch = PackedBatch.cat(parts).to(self.device, self.dtype)
         recon = self.model.decode(torch.cat(zs).to(self.device, self.dtype), batch).float().cpu()
         out = []
-        for lat, (a, b), grid in zip(latents, batch.spans(), batch.grids):
+        for lat, (a, b), grid in zip(latents, batch.spans(), batch.grids, strict=True):
             img = unpatchify(recon[a:b], grid, frames=1)[:, 0]  # [3, H', W']
             out.append(((img[:, :lat.size[0], :lat.size[1]] + 1) / 2).clamp(0, 1))
         return out
@@ -250,14 +250,14 @@ class Tokenizer:
         """images -> per image its FSQ ids [h, w, G] int64 (G = 8 for C = 48); FSQ models only."""
         batch = self._pack(images)
         ids = self.model.encode_ids(batch).cpu()
-        return [ids[a:b].reshape(h, w, -1) for (a, b), (_, h, w, _) in zip(batch.spans(), batch.grids)]
+        return [ids[a:b].reshape(h, w, -1) for (a, b), (_, h, w, _) in zip(batch.spans(), batch.grids, strict=True)]
 
     @torch.no_grad()
     def decode_ids(self, ids: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """FSQ ids [h, w, G] per image (and each image's (H, W) to crop to) -> images [3, H, W]."""
         fsq = self.model._require_fsq()
         return self.decode([ImageLatent(fsq.dequantize(i.reshape(-1, i.shape[-1])).reshape(*i.shape[:2], -1), s)
-                            for i, s in zip(ids, sizes)])
+                            for i, s in zip(ids, sizes, strict=True)])
 
     @torch.no_grad()
     def embed(self, images: list[torch.Tensor]) -> torch.Tensor:

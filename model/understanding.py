@@ -22,8 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TransformerConfig
@@ -125,7 +125,7 @@ class _GatherRows(torch.autograd.Function):
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=group)
         ctx.group, ctx.sizes, ctx.rank, ctx.peak = group, sizes, dist.get_rank(group), peak
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -240,8 +240,8 @@ class TextTower(nn.Module):
         self.logit_scale, self.logit_bias = logit_scale, logit_bias  # log t and b, or None (text-only dir)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_length: int = 64) -> "TextTower":
-        from transformers import AutoTokenizer, Siglip2TextModel  # only the understanding branch needs it
+    def from_pretrained(cls, path: str | Path, max_length: int = 64) -> TextTower:
+        from transformers import AutoTokenizer, Siglip2TextModel  # noqa: PLC0415 - transformers takes seconds to import: the understanding branch only
 
         path = Path(path)
         if not (path / "config.json").exists():
@@ -275,6 +275,6 @@ class TextTower(nn.Module):
                              return_tensors="pt").input_ids
         return self.embed_ids(ids)
 
-    def train(self, mode: bool = True) -> "TextTower":
+    def train(self, mode: bool = True) -> TextTower:
         return super().train(False)  # frozen: stays in eval mode
 

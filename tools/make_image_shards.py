@@ -7,7 +7,8 @@ is decoded fully with PIL first; files that fail are listed with the reason and 
 sample stores the file's original bytes untouched plus its size and name (columns:
 ``data_pipeline.images.IMAGE_WRITER_COLUMNS``), its caption (the text of ``<stem>.txt`` beside it, or
 "") and its label (with ``--labels-from-folders``: the index of its top-level folder among the
-sorted folder names, as in ImageNet-style class folders; else -1). An s3:// output is uploaded by MDSWriter itself (boto3:
+sorted folder names, as in ImageNet-style class folders; else -1). An s3:// output is uploaded by MDSWriter itself
+(boto3:
 S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
 """
 from __future__ import annotations
@@ -16,10 +17,12 @@ import argparse
 import functools
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from atoken.data_pipeline.images import IMAGE_EXTENSIONS, IMAGE_WRITER_COLUMNS, open_rgb
+
 from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, sidecar_caption, write_shards
 
 
@@ -53,7 +56,7 @@ def write_image_shards(paths_or_dir: str | os.PathLike | Iterable[str | os.PathL
         return write_shards(paths, names, out, IMAGE_WRITER_COLUMNS, check_image, desc="images",
                             size_limit=size_limit, overwrite=overwrite, workers=workers, progress=progress)
     classes = class_names(names)
-    items = [(p, classes.index(n.split("/")[0])) for p, n in zip(paths, names)]
+    items = [(p, classes.index(n.split("/")[0])) for p, n in zip(paths, names, strict=True)]
     return write_shards(items, names, out, IMAGE_WRITER_COLUMNS, _check_labelled, desc="images",
                         size_limit=size_limit, overwrite=overwrite, workers=workers, progress=progress)
 

@@ -31,7 +31,7 @@ from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, side
 
 def check_video(path: Path) -> tuple[dict[str, Any] | None, str]:
     """The sample for a video that decodes fully, else (None, reason)."""
-    from atoken.data_pipeline.video_decode import inspect_video  # NOTE: here, not at the top: --help stays fast
+    from atoken.data_pipeline.video_decode import inspect_video  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     try:
         data = path.read_bytes()
@@ -51,7 +51,7 @@ def write_video_shards(paths_or_dir: str | os.PathLike | Iterable[str | os.PathL
     ``paths_or_dir``: a folder (searched recursively) or a list of files, named relative to ``root``
     (default: the folder, or the files' common parent folder).
     """
-    from atoken.data_pipeline.video import VIDEO_COLUMNS, VIDEO_EXTENSIONS
+    from atoken.data_pipeline.video import VIDEO_COLUMNS, VIDEO_EXTENSIONS  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     paths, names = resolve_inputs(paths_or_dir, VIDEO_EXTENSIONS, root)
     return write_shards(paths, names, out, VIDEO_COLUMNS, check_video, desc="videos", size_limit=size_limit,

@@ -31,14 +31,17 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from atoken.model import AToken, ModelConfig, TransformerConfig
 from atoken.model.config import GaussianDecoderConfig
+from atoken.model.errors import UserError, cli
 from atoken.model.gaussians import GaussianDecoder
 from atoken.model.splatting import FILTER_2D
-from atoken.model.errors import UserError, cli
 from atoken.model.tokenizer import load_inference_dir, save_inference_dir
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
+
+from .convert import find_checkpoint, load_weights
 
 # The release's class, kept in the YAML we write (its loader reads only arch_cfg).
 CLASS_NAME = "models.pretrained.autoencoder_kl.AutoencoderKLTrain"
@@ -176,7 +179,8 @@ def arch_config(cfg: ModelConfig) -> dict:
     problems = []
     enc, dec = cfg.encoder, cfg.decoder
     if (enc.norm, enc.qk_norm, enc.bias) != ("layernorm", False, True):
-        problems.append(f"the encoder must be LayerNorm, no QK-norm, with biases (is {enc.norm}, {enc.qk_norm}, {enc.bias})")
+        problems.append(f"the encoder must be LayerNorm, no QK-norm, with biases (is {enc.norm}, {enc.qk_norm}, "
+                        f"{enc.bias})")
     if dec.norm != "rmsnorm":
         problems.append(f"the decoder must use RMSNorm (is {dec.norm})")
     if not cfg.encoder_rope:
@@ -199,7 +203,8 @@ def arch_config(cfg: ModelConfig) -> dict:
     if cfg.quantizer == "fsq":
         size = {v: k for k, v in FSQ_CODEBOOKS.items()}.get((cfg.fsq_levels, cfg.fsq_group_dims))
         if size is None:
-            problems.append(f"FSQ with {cfg.fsq_levels} levels x {cfg.fsq_group_dims} dims has no release codebook size")
+            problems.append(f"FSQ with {cfg.fsq_levels} levels x {cfg.fsq_group_dims} dims "
+                            "has no release codebook size")
         arch.update(use_quantizer=True, quantizer_type="fsq", quantizer_codebook_size=size,
                     quantizer_feature_dim=cfg.latent_channels,
                     quantizer_num_codebooks=cfg.latent_channels // cfg.fsq_group_dims, quantizer_chunk_size=1)
@@ -265,7 +270,8 @@ def _refuse(state: dict[str, torch.Tensor], want: dict[str, tuple], unexpected: 
                    if tuple(state[n].shape) != want[n])
     if missing or unexpected or wrong:
         parts = [f"{label}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)})"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if items]
         raise FormatError(f"{what} does not fit the model its config describes: " + "; ".join(parts))
 
 
@@ -352,7 +358,6 @@ def _read_state(model: Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"{model}: no such file")
     try:
         if model.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state = load_file(str(model))
         else:
             state = torch.load(model, map_location="cpu", weights_only=True)
@@ -425,7 +430,6 @@ def read_ours(src: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Te
     if (src / "config.json").is_file():
         state, cfg, _ = load_inference_dir(src)
         return state, cfg
-    from .convert import find_checkpoint, load_weights
 
     ckpt = find_checkpoint(src)
     state, client = load_weights(ckpt, weights)
@@ -450,13 +454,14 @@ def export_official(src: str | Path, out: str | Path, weights: str = "ema") -> P
         extra_file = Path(src) / GS_EXTRA_FILE
         if not extra_file.is_file():
             raise FormatError(f"{extra_file} not found: the release's SLatGaussianDecoderTrain loads strictly, "
-                              f"with the LPIPS-VGG tensors of its training loss ({GS_EXTRA_PREFIX}*), which only an inference "
-                              "directory imported from 3d_decode_gs.pt holds")
+                              f"with the LPIPS-VGG tensors of its training loss ({GS_EXTRA_PREFIX}*), which only an "
+                              "inference directory imported from 3d_decode_gs.pt holds")
         gs_official = {**cast(gs_to_official(gs, g), "gs_dtype"), **_read_state(extra_file)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(cast(official, "release_dtype"), out / "model.pt")
-    (out / "config.yaml").write_text(yaml.safe_dump({"model": {"class_name": CLASS_NAME, "model_cfg": {"arch_cfg": arch}}},
+    (out / "config.yaml").write_text(yaml.safe_dump({"model": {"class_name": CLASS_NAME,
+                                                               "model_cfg": {"arch_cfg": arch}}},
                                                      sort_keys=False))
     if gs_official is not None:
         torch.save(gs_official, out / "3d_decode_gs.pt")

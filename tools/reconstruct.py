@@ -15,26 +15,32 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
+from PIL import Image
+
+from atoken.data_pipeline.images import decode_image
 from atoken.model.errors import UserError, cli
 from atoken.tools.shard_writer import reason
 
-# NOTE: torch, PIL and the model are imported where used: --help stays fast.
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+    from atoken.model.tokenizer import Tokenizer
+
+# NOTE: torch and the model are imported where used: --help stays fast.
 
 
 def save_png(img: torch.Tensor, path: Path) -> None:
     """[3, H, W] in [0, 1] -> 8-bit PNG."""
-    import numpy as np
-    from PIL import Image
-
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(np.ascontiguousarray(arr)).save(path)
 
 
 def reconstruct_files(tokenizer: Tokenizer, paths: list[Path], out: Path) -> dict[str, float]:
     """Reconstruct each file into ``out``; returns name -> PSNR (dB, against the decoded original)."""
-    from atoken.data_pipeline.images import decode_image
-    from atoken.tools.eval.metrics import psnr
+    from atoken.tools.eval.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -51,10 +57,10 @@ def reconstruct_files(tokenizer: Tokenizer, paths: list[Path], out: Path) -> dic
 
 def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_frames: int, stride_frames: int = 16,
                            cache_frames: int = 0) -> float:
-    import torch
+    import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
-    from atoken.data_pipeline.video_decode import decode_all, encode_video, inspect_video
-    from atoken.tools.eval.metrics import psnr
+    from atoken.data_pipeline.video_decode import decode_all, encode_video, inspect_video  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.tools.eval.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     data = path.read_bytes()
     try:
@@ -69,12 +75,12 @@ def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_fra
 
 
 def reconstruct_asset_file(tokenizer: Tokenizer, path: Path, out: Path, views: int, resolution: int) -> float:
-    import torch
+    import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
-    from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens
-    from atoken.tools.eval.metrics import psnr
-    from atoken.model.ply import save_ply
-    from atoken.model.splatting import render
+    from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.ply import save_ply  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.splatting import render  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.tools.eval.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     try:
         raw = prepare_asset(path, views=views, resolution=resolution)
@@ -110,9 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=8, help="3D: rendered views (default 8)")
     p.add_argument("--resolution", type=int, default=256, help="3D: render resolution (default 256)")
     args = p.parse_args(argv)
-    from atoken.data_pipeline.assets import ASSET_EXTENSIONS
-    from atoken.data_pipeline.video import VIDEO_EXTENSIONS
-    from atoken.model.tokenizer import Tokenizer
+    from atoken.data_pipeline.assets import ASSET_EXTENSIONS  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.data_pipeline.video import VIDEO_EXTENSIONS  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.tokenizer import Tokenizer  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     missing = [str(f) for f in args.inputs if not f.is_file()]
     if missing:

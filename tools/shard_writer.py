@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -72,7 +73,7 @@ def write_shards(paths: list[Path], names: list[str], out: str, columns: dict[st
     """
     if "://" not in out and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"output {out!r} is an existing file, not a folder: choose another output path")
-    from streaming import MDSWriter  # NOTE: imported here, it is slow to import (CLIs' --help)
+    from streaming import MDSWriter  # noqa: PLC0415 - streaming takes seconds to import: the CLIs' --help stays fast
 
     written, rejected = 0, []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -80,7 +81,7 @@ def write_shards(paths: list[Path], names: list[str], out: str, columns: dict[st
         # Checking (decoding, rendering: the slow part) may run in worker processes; map keeps order.
         checked = pool.map(check, paths, chunksize=4) if pool else map(check, paths)
         with MDSWriter(columns=columns, out=out, size_limit=size_limit, exist_ok=overwrite) as writer:
-            for name, (sample, why) in tqdm(zip(names, checked), total=len(paths), desc=desc,
+            for name, (sample, why) in tqdm(zip(names, checked, strict=True), total=len(paths), desc=desc,
                                             unit="file", disable=not progress):
                 if sample is None:
                     rejected.append((name, why))

@@ -51,6 +51,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from atoken.model.errors import UserError
 from atoken.tools.eval.ranking import DEFAULT_TEMPLATE
 
 
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "atoken.tools.zero_shot", *argv])
-    from atoken.model.errors import UserError
-    from atoken.tools.eval.understanding import classify, retrieve
+    from atoken.tools.eval.understanding import classify, retrieve  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     try:
         if args.task == "classify":

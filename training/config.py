@@ -16,6 +16,8 @@ from atoken.data_pipeline.config import DataConfig, StreamConfig
 from atoken.model.config import GaussianDecoderConfig, ModelConfig, gaussian_decoder_preset, preset
 from atoken.model.losses import LossConfig
 
+from .batch import rounds_per_step
+
 
 @dataclass
 class OptimConfig:
@@ -98,10 +100,8 @@ class RunConfig:
             raise ValueError("mix_rounds=0 (auto) is resolved at start: use RunConfig.with_rounds(dp)")
         return self.mix_rounds * self.data.micro_batches_per_round
 
-    def with_rounds(self, dp: int) -> "RunConfig":
+    def with_rounds(self, dp: int) -> RunConfig:
         """This config with ``mix_rounds`` resolved for ``dp`` data-parallel ranks (training/batch.py)."""
-        from .batch import rounds_per_step
-
         return dataclasses.replace(self, mix_rounds=rounds_per_step(self.mix_rounds, self.reference_gpus, dp))
 
     def check(self) -> None:
@@ -163,7 +163,7 @@ def _typed(t, v):
     if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
         return {key: _typed(args[1], item) for key, item in (v or {}).items()}
     if origin is tuple and v is not None:
-        inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis or len(set(args)) == 1) else None
+        inner = args[0] if args and ((len(args) == 2 and args[1] is Ellipsis) or len(set(args)) == 1) else None
         return tuple(_typed(inner, x) for x in v) if inner is not None else tuple(v)
     return v
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def enable() -> None:
     """Deterministic kernels for the rest of the process. Call before building anything."""
-    import torch
-
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS at its first use
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False

@@ -35,8 +35,8 @@ def make_optimizer(groups, lr: float, betas: tuple[float, float], weight_decay: 
     cuda = torch.cuda.is_available()
     if cuda:
         try:
-            from apex.optimizers import FusedAdam
-        except Exception as e:  # ImportError, or an apex built for another torch / CUDA
+            from apex.optimizers import FusedAdam  # noqa: PLC0415 - apex, optional (fused Adam on GPU)
+        except Exception as e:  # noqa: BLE001 - ImportError, or an apex built for another torch / CUDA
             why = f"apex unavailable: {type(e).__name__}: {e}"
         else:
             logger.info("optimizer: apex.optimizers.FusedAdam (adam_w_mode)")
@@ -58,7 +58,7 @@ def build_engine(model: nn.Module, cfg, mpu=None):
 
     The optimizer is ``make_optimizer``'s (not DeepSpeed's JIT-compiled Adam kernels: no build step).
     """
-    import deepspeed  # here, after distributed.init() has chosen DeepSpeed's accelerator
+    import deepspeed  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     o = cfg.optim
     opt = make_optimizer(param_groups(model, o), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -73,7 +73,8 @@ def build_engine(model: nn.Module, cfg, mpu=None):
         "gradient_clipping": o.grad_clip,
         # Buckets of 5e7 elements (200 MB in fp32) instead of DeepSpeed's 5e8: the default buffer
         # alone is 1.9 GiB per rank whatever the model size (benchmarks/README.md).
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": 5e7,
+                              "allgather_bucket_size": 5e7},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
     }

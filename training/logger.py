@@ -5,6 +5,7 @@ same wandb run.
 """
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,6 @@ def git_commit() -> str:
 def environment() -> dict:
     """What ran where: the code's commit, library versions, the device, and the launch (Slurm job,
     its restart count, nodes, world size). Written with every start and resume to events.jsonl."""
-    import importlib.metadata as md
-
     def version(pkg: str) -> str | None:
         try:
             return md.version(pkg)
@@ -63,10 +63,10 @@ class RunLogger:
             return
         if start_step:
             _drop_after(run_dir / "metrics.jsonl", start_step)
-        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run: close() closes it
         self.event("resume" if start_step else "start", step=start_step, **environment())
         if cfg.log.wandb_mode != "disabled":
-            import wandb
+            import wandb  # noqa: PLC0415 - wandb takes seconds to import: the main rank only
 
             id_file = run_dir / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
@@ -117,7 +117,7 @@ class RunLogger:
         log.info("step %d: held-out PSNR %.2f dB (%s)", step, mean,
                  ", ".join(f"{k} {v:.2f}" for k, v in psnrs.items()))
         if self.wandb:
-            import wandb
+            import wandb  # noqa: PLC0415 - wandb takes seconds to import: the main rank only
 
             self.wandb.log({"eval/psnr": mean,
                             "eval/reconstructions": wandb.Image(grid_pixels(originals, recons),
@@ -151,8 +151,6 @@ def grid_pixels(originals: list[torch.Tensor], recons: list[torch.Tensor], side:
 
     NOTE: 8-bit, because wandb.Image casts a float array to uint8 without scaling (a [0, 1] grid
     came out black)."""
-    import torchvision
-
     resize = torchvision.transforms.functional.resize
     tiles = [resize(x.float().cpu(), [side, side], antialias=True) for x in originals + recons]
     grid = torchvision.utils.make_grid(tiles, nrow=len(originals), padding=2)  # [3, 2s + 6, n*(s + 2) + 2]

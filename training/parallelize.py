@@ -56,6 +56,7 @@ group (``mpu_for``): the true global norm.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -64,12 +65,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from atoken.model.transformer import Angles, Block, SequenceSharding, Transformer
 
 from . import megatron_cpu
+from .engine import build_engine
 from .shards import merge, partition_dim, split
 
 log = logging.getLogger(__name__)
@@ -110,9 +120,6 @@ def init_parallel(tp: int = 1, sequence_parallel: bool = False, seed: int = 0) -
     data-parallel replicas but match within a TP group (the posterior's noise: the decoder input is
     replicated on the TP ranks) must be seeded from ``dims.dp_rank``, never the global rank.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
     if not dist.is_initialized():
         raise RuntimeError("init_parallel needs torch.distributed: call training.distributed.init() first")
     world = dist.get_world_size()
@@ -163,8 +170,6 @@ def _megatron_forward(layer, forward, x: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _column_row_classes():
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     class ColumnLinear(ColumnParallelLinear):
         """``[..., in] -> [..., out / tp]`` (gather_output=False), bias added; returns a tensor.
         With sequence parallelism its input is this rank's token shard, all-gathered inside."""
@@ -214,8 +219,6 @@ class MegatronSequenceSharding(SequenceSharding):
         of cu_seqlens: no real sample attends to them, and ``unshard`` drops them again (so no
         loss, and exactly zero gradient, comes from them).
         """
-        from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
-
         n = x.shape[0]
         pad = -n % self.tp_size
         if pad:
@@ -228,8 +231,6 @@ class MegatronSequenceSharding(SequenceSharding):
 
     def unshard(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """This rank's [N_pad / tp, width] -> the full [N, width] on every TP rank."""
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
         # What follows the stack (final norm, heads, loss) runs replicated on every TP rank, so the
         # gradient arriving here is already whole: backward keeps this rank's rows, no reduction.
         full = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.tp_group)
@@ -242,8 +243,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, device: torch.device)
     """``model`` (a plain ``AToken``, built once on the CPU, the same weights on every rank) ->
     this rank's DeepSpeed engine. ``cfg``: the ``RunConfig`` (``cfg.parallel`` and, for the
     engine, ``cfg.optim`` and ``cfg.steps``). Every rank calls it."""
-    from .engine import build_engine
-
     p = cfg.parallel
     shard_model(model, dims)  # 1. TP / SP (before the move: the slices are cut on the CPU)
     model.to(device)
@@ -273,7 +272,6 @@ def shard_model(model: nn.Module, dims: ParallelDims) -> nn.Module:
     if not dims.tensor_parallel:
         _set_replicated_defaults(model)
         return model
-    from megatron.core import ModelParallelConfig
 
     # NOTE: parameters are allocated on the CPU, like the plain model's (parallelize moves the
     # model); weights are copied in from the plain layers, not drawn by megatron.
@@ -359,7 +357,7 @@ def _check_replicated(model: nn.Module, dims: ParallelDims) -> None:
     high, low = local.clone(), local.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=dims.tp_group)
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=dims.tp_group)
-    bad = [n for n, h, lo in zip(names, high.tolist(), low.tolist()) if h != lo]
+    bad = [n for n, h, lo in zip(names, high.tolist(), low.tolist(), strict=True) if h != lo]
     if bad:
         raise RuntimeError(f"replicated parameters differ across tensor-parallel ranks (seeded differently?): "
                            f"{bad[:5]} ({len(bad)} in all)")
@@ -424,12 +422,10 @@ def prepare_loss(objective: nn.Module, cfg, device: torch.device) -> None:
 
 def _zero3_gathered(model: nn.Module):
     """DeepSpeed ZeRO-3 keeps only a DP partition of each parameter: gather them for reading."""
-    import contextlib
-
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 

@@ -10,8 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from atoken.data_pipeline.images import IMAGE_EXTENSIONS, open_rgb
+from atoken.data_pipeline.packing import check_budget
+from atoken.data_pipeline.storage import check_streams
+from atoken.model.attention import check_backend
 from atoken.model.errors import UserError
 
+from . import checkpoint
 from .config import RunConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -21,11 +26,6 @@ def check_run(cfg: RunConfig) -> Path | None:
     """Raise ``UserError`` for the first mistake found; returns the checkpoint to resume from (None:
     a fresh start). Cheap: reads configs, index files and the held-out images, asks S3 for the
     buckets; builds nothing."""
-    from atoken.data_pipeline.packing import check_budget
-    from atoken.data_pipeline.storage import check_streams
-
-    from . import checkpoint
-
     try:  # the config's own consistency checks (they raise ValueError)
         cfg.data.check()  # first: every stream's fields, after --set overrides (no data at all, say)
         cfg.check()
@@ -36,7 +36,6 @@ def check_run(cfg: RunConfig) -> Path | None:
     if cfg.precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.model.attention != "auto":  # a forced kernel whose package is missing: say so now
-        from atoken.model.attention import check_backend
         try:
             check_backend(cfg.model.attention)
         except ValueError as e:
@@ -60,7 +59,7 @@ def check_run(cfg: RunConfig) -> Path | None:
 
 
 def _check_init_from(cfg: RunConfig) -> None:
-    from . import handoff
+    from . import handoff  # noqa: PLC0415 - it imports the model: only for init_from, so a refused run builds none
 
     if cfg.checkpoint.init_weights not in ("ema", "raw"):
         raise UserError(f"checkpoint.init_weights must be 'ema' or 'raw', got {cfg.checkpoint.init_weights!r}")
@@ -73,8 +72,6 @@ def _check_init_from(cfg: RunConfig) -> None:
 
 def _check_images(folder: Path) -> None:
     """log.eval_images: a folder of images that all decode (the held-out set)."""
-    from atoken.data_pipeline.images import IMAGE_EXTENSIONS, open_rgb
-
     if not folder.is_dir():
         raise UserError(f"log.eval_images={str(folder)!r}: no such folder")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -83,5 +80,5 @@ def _check_images(folder: Path) -> None:
     for p in paths:
         try:
             open_rgb(p.read_bytes())
-        except Exception as e:  # noqa: BLE001 - any decode failure: name the file
-            raise UserError(f"log.eval_images: cannot read {p} ({type(e).__name__}: {e}); remove or replace it")
+        except Exception as e:  # any decode failure: name the file
+            raise UserError(f"log.eval_images: cannot read {p} ({type(e).__name__}: {e}); remove or replace it") from e

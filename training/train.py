@@ -105,13 +105,13 @@ def memory_metrics(device) -> dict:
 
 def evaluate(model, ema, images: dict, device, amp) -> tuple[dict, list]:
     """Held-out PSNR of the EMA weights (what atoken-convert exports by default)."""
-    from atoken.tools.eval.metrics import psnr
     from atoken.model.tokenizer import Tokenizer
+    from atoken.tools.eval.metrics import psnr
 
     with ema.applied_to(model), amp:
         recons = Tokenizer(model, device).reconstruct(list(images.values()))
     model.train()
-    return {name: psnr(x, y) for (name, x), y in zip(images.items(), recons)}, recons
+    return {name: psnr(x, y) for (name, x), y in zip(images.items(), recons, strict=True)}, recons
 
 
 @cli  # a UserError (preflight's, or any later one) is one line on stderr and exit status 2
@@ -134,8 +134,8 @@ def main(argv=None) -> None:
     from .ema import EMA
     from .engine import precision
     from .holdout import load_images
-    from .parallelize import init_parallel, parallelize, prepare_loss
     from .logger import RunLogger
+    from .parallelize import init_parallel, parallelize, prepare_loss
     from .preemption import StopSignals
 
     dist_info = distributed.init()

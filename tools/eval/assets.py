@@ -2,13 +2,18 @@
 Gaussians -> rendered at the reference cameras, scored per view (``atoken-evaluate --assets``)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from atoken.data_pipeline.assets import ASSET_EXTENSIONS, asset_sample, prepare_asset
+from atoken.data_pipeline.config import StreamConfig
+from atoken.model.patches import features_from_values
+from atoken.model.splatting import get_render_backend, render
 from atoken.tools.shard_writer import reason
 
 from .grid import Extremes
@@ -32,9 +37,6 @@ class AssetSettings:
 def asset_item(name: str, raw: Callable[[], dict]) -> Item:
     """An asset's reference renders, cameras and voxel tokens (``data_pipeline.assets.asset_sample``
     with every stored view as a target), or the reason it cannot be had."""
-    from atoken.data_pipeline.assets import asset_sample
-    from atoken.data_pipeline.config import StreamConfig
-
     try:
         sample = asset_sample({**raw(), "name": name}, np.random.default_rng(0), StreamConfig(modality="3d"))
     except Exception as e:  # noqa: BLE001 - a mesh or sample that fails to load, render or voxelise
@@ -46,7 +48,6 @@ def asset_items(spec: str, settings: AssetSettings) -> Source:
     """(kind, count, items) of ``--assets``: mesh files (rendered here), or MDS 3D shards."""
     if is_mds(spec):
         return ("mds", *mds_items(spec, lambda name, sample: asset_item(name, lambda: dict(sample))))
-    from atoken.data_pipeline.assets import ASSET_EXTENSIONS, prepare_asset
 
     def prepared(path: Path) -> Callable[[], dict]:
         return lambda: prepare_asset(path, views=settings.views, resolution=settings.resolution,
@@ -61,18 +62,17 @@ def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: tor
     """Render ``gaussians`` at each camera and compare with the reference ``views`` [V, 3, H, W] in
     [0, 1] -> (record: per-view PSNR/SSIM/LPIPS and their means over views, renders [V, 3, H, W]
     rounded to 8 bits, on the CPU). Rendered over black, as the references are."""
-    from atoken.model.splatting import render
-
     dev = next(lpips.parameters()).device
     n_views, _, h, w = views.shape
     with torch.no_grad():
         images, _ = render(gaussians.to(dev), viewmats.to(dev), Ks.to(dev), w, h, backend=backend)
     renders = to_8bit(images.float()).cpu()
     ref = views.float().cpu()
-    psnrs = [psnr(a, b) for a, b in zip(ref, renders)]
+    psnrs = [psnr(a, b) for a, b in zip(ref, renders, strict=True)]
     ssims = ssim_pairs(ref, renders, dev)
     lps = lpips_pairs(lpips, ref, renders)
-    per_view = [{"view": i, "psnr": p, "ssim": s, "lpips": lp} for i, (p, s, lp) in enumerate(zip(psnrs, ssims, lps))]
+    per_view = [{"view": i, "psnr": p, "ssim": s, "lpips": lp}
+                for i, (p, s, lp) in enumerate(zip(psnrs, ssims, lps, strict=True))]
     record = {"views": n_views, "height": h, "width": w, "gaussians": gaussians.num_gaussians,
               "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "lpips": float(np.mean(lps)),
               "per_view": per_view}
@@ -82,9 +82,6 @@ def asset_record(gaussians, views: torch.Tensor, viewmats: torch.Tensor, Ks: tor
 def evaluate_assets(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out: Path, limit: int | None,
                      settings: AssetSettings, grid_k: int, grid_cell: int, progress: bool) -> dict:
     """The report's ``assets`` section; writes ``grid_3d.png``."""
-    from atoken.model.patches import features_from_values
-    from atoken.model.splatting import get_render_backend
-
     kind, total, items = source
     extremes = Extremes(grid_k, grid_cell)
     backend = tok.model.cfg.gaussian.render_backend

@@ -49,7 +49,7 @@ class Extremes:
         block_h = 20 + 2 * cell + label + pad
         grid = Image.new("RGB", (width, len(blocks) * block_h + pad), (255, 255, 255))
         draw = ImageDraw.Draw(grid)
-        for bi, ((_, entries), title) in enumerate(zip(blocks, titles)):
+        for bi, ((_, entries), title) in enumerate(zip(blocks, titles, strict=True)):
             top = pad + bi * block_h
             draw.text((pad, top + 2), title, fill=(0, 0, 0))
             for ci, (_, _, name, value, orig, rec) in enumerate(entries):

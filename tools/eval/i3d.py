@@ -73,7 +73,7 @@ class I3DFeatures(nn.Module):
         self.eval()
         logger.info("I3D FVD features from %s", self.path)
 
-    def train(self, mode: bool = True) -> "I3DFeatures":
+    def train(self, mode: bool = True) -> I3DFeatures:
         return super().train(False)
 
     @torch.no_grad()

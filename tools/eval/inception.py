@@ -73,7 +73,7 @@ class InceptionFeatures(nn.Module):
         self.eval()
         logger.info("Inception FID features from %s (%s)", self.path, source)
 
-    def train(self, mode: bool = True) -> "InceptionFeatures":
+    def train(self, mode: bool = True) -> InceptionFeatures:
         return super().train(False)
 
     @torch.no_grad()

@@ -7,15 +7,23 @@ where it is (shard file and index in it): reports count and list such items; the
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from streaming import StreamingDataset
 from tqdm import tqdm
 
+from atoken.data_pipeline.images import open_rgb, resize_for_training, to_tensor, training_size
+from atoken.data_pipeline.storage import resolve_location
+from atoken.data_pipeline.video import resize_clip
+from atoken.data_pipeline.video_decode import inspect_video, make_video_decoder
 from atoken.tools.shard_writer import list_files, reason
+
+from .metrics import to_8bit
 
 MIN_SIDE = 11  # the SSIM window: smaller images and frames cannot be scored
 
@@ -68,9 +76,6 @@ def mds_items(spec: str, decode: Callable[[str, dict], Item], columns: tuple[str
     """(samples, items) of MDS shards: ``decode(name, sample) -> Item`` per sample, the name being the
     sample's ``name`` column or where it is. Every shard must have ``columns``, else a ValueError
     naming the shard (and ``hint``); an item's error is suffixed with where the sample is."""
-    from streaming import StreamingDataset  # NOTE: imported here, it is slow to import
-
-    from atoken.data_pipeline.storage import resolve_location
 
     remote, local = resolve_location(spec, None)
     ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=1)
@@ -106,8 +111,6 @@ def mds_items(spec: str, decode: Callable[[str, dict], Item], columns: tuple[str
 def read_image(data: bytes, res: int = 0) -> torch.Tensor:
     """Encoded bytes -> [3, H, W] in [0, 1]: at native size (``res`` 0), or resized as in training
     (longer side ``res``, aspect kept, sides multiples of 16, never upscaled)."""
-    from atoken.data_pipeline.images import open_rgb, resize_for_training, to_tensor
-
     img = open_rgb(data)
     return ((resize_for_training(img, res) if res else to_tensor(img)) + 1) / 2
 
@@ -120,8 +123,6 @@ def read_clip(data: bytes, frame_indices: Callable[[int, float], np.ndarray], de
     them and to check it (``data_pipeline.video_decode.inspect_video``). ``decoder``: a
     ``VideoDecoder`` (default PyAV). Raises ValueError for an unreadable video.
     """
-    from atoken.data_pipeline.video_decode import inspect_video, make_video_decoder
-
     if frames is None or fps is None:
         info = inspect_video(data)
         frames, fps = info.frames, info.fps
@@ -132,10 +133,6 @@ def resized_clip(frames: torch.Tensor, res: int = 0, max_side: int | None = None
     """uint8 [T, H, W, 3] -> [3, T, h, w] in [0, 1]: native size, or resized like images by the
     training policy (``res``), or downscaled so that the longer side is at most ``max_side`` (aspect
     kept, bicubic, antialiased, rounded to 8 bits)."""
-    from atoken.data_pipeline.images import training_size
-    from atoken.data_pipeline.video import resize_clip
-
-    from .metrics import to_8bit
 
     h, w = frames.shape[1:3]
     if res:

@@ -20,6 +20,7 @@ import logging
 import math
 
 import numpy as np
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -116,7 +117,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics of different shapes: mu {mu1.shape} / {mu2.shape}, "
                          f"sigma {sigma1.shape} / {sigma2.shape}")
-    import scipy.linalg  # NOTE: here, so that importing the image metrics stays light
 
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 TIES = "rank = number of candidates scoring >= the true one (itself included): ties count against the model"

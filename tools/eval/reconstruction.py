@@ -6,21 +6,39 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from atoken.data_pipeline.images import IMAGE_EXTENSIONS
+from atoken.data_pipeline.video import VIDEO_EXTENSIONS
 from atoken.model.config import PATCH_HW, PATCH_T
+from atoken.model.perceptual import load_perceptual
+from atoken.model.tokenizer import Tokenizer
 from atoken.tools.shard_writer import reason
 
 from .assets import AssetSettings, asset_items, evaluate_assets
 from .grid import Extremes
-from .inputs import (MIN_SIDE, Item, Source, each_readable, failed, input_files, is_mds, mds_items, read_clip,
-                     read_image, resized_clip)
+from .i3d import I3D_SIZE, I3DFeatures
+from .inception import InceptionFeatures
+from .inputs import (
+    MIN_SIDE,
+    Item,
+    Source,
+    each_readable,
+    failed,
+    input_files,
+    is_mds,
+    mds_items,
+    read_clip,
+    read_image,
+    resized_clip,
+)
 from .metrics import fid_from_features, lpips_pairs, psnr, ssim, ssim_pairs, to_8bit
 from .report import mean_or_none, versions, write_report
 
@@ -94,8 +112,6 @@ def image_item(name: str, data: bytes) -> Item:
 
 def image_items(spec: str) -> Source:
     """(kind, count, items) of ``--images``: image files, or MDS shards of ``IMAGE_COLUMNS``."""
-    from atoken.data_pipeline.images import IMAGE_EXTENSIONS
-
     if is_mds(spec):
         return ("mds", *mds_items(spec, lambda name, sample: image_item(name, sample["image"]), ("image",)))
     root, paths = input_files(spec, IMAGE_EXTENSIONS, "--images", "image")
@@ -120,8 +136,6 @@ def video_item(name: str, data: bytes, settings: VideoSettings) -> Item:
 
 def video_items(spec: str, settings: VideoSettings) -> Source:
     """(kind, count, items) of ``--videos``: video files, or MDS shards of ``VIDEO_COLUMNS``."""
-    from atoken.data_pipeline.video import VIDEO_EXTENSIONS
-
     if is_mds(spec):
         return ("mds", *mds_items(spec, lambda name, sample: video_item(name, sample["video"], settings), ("video",)))
     root, paths = input_files(spec, VIDEO_EXTENSIONS, "--videos", "video")
@@ -135,7 +149,7 @@ def video_record(name: str, x: torch.Tensor, r: torch.Tensor, lpips: LPIPS) -> d
     """The metrics of one video [3, T, H, W] in [0, 1] against its reconstruction ``r`` (already 8-bit):
     per-frame PSNR, SSIM and LPIPS, and their means over the frames."""
     frames_x, frames_r = x.transpose(0, 1), r.transpose(0, 1)  # [T, 3, H, W]
-    psnrs = [psnr(a, b) for a, b in zip(frames_x, frames_r)]
+    psnrs = [psnr(a, b) for a, b in zip(frames_x, frames_r, strict=True)]
     ssims = ssim_pairs(frames_x, frames_r, next(lpips.parameters()).device)
     lps = lpips_pairs(lpips, frames_x, frames_r)
     return {"name": name, "frames": int(x.shape[1]), "height": int(x.shape[2]), "width": int(x.shape[3]),
@@ -147,8 +161,6 @@ def evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
                      batch_size: int, grid_k: int, grid_cell: int, inception_weights: str | None,
                      progress: bool) -> dict:
     """The image results (the report's top-level keys); writes ``grid.png``."""
-    from .inception import InceptionFeatures
-
     dev = tok.device
     inception = InceptionFeatures(inception_weights).to(dev)
     kind, total, items = source
@@ -165,7 +177,7 @@ def evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
         originals = [it.data for it in batch]
         recons = [to_8bit(r) for r in tok.reconstruct(originals)]  # 8-bit, as saved
         fid_in = []
-        for it, x, r in zip(batch, originals, recons):
+        for it, x, r in zip(batch, originals, recons, strict=True):
             xd, rd = x.to(dev), r.to(dev)
             with torch.no_grad():
                 lp = lpips(xd[None] * 2 - 1, rd[None] * 2 - 1).item()
@@ -212,7 +224,8 @@ def evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
     return {
         "source": {"images": spec, "kind": kind, "items": total, "limit": limit},
         "n": n,
-        "means": {"psnr": mean_or_none([p["psnr"] for p in per_image]), "ssim": mean_or_none([p["ssim"] for p in per_image]),
+        "means": {"psnr": mean_or_none([p["psnr"] for p in per_image]),
+                  "ssim": mean_or_none([p["ssim"] for p in per_image]),
                   "lpips": mean_or_none([p["lpips"] for p in per_image])},
         "rfid": {"value": rfid, "n": n, "note": FID_NOTE if n >= 2 else "needs at least 2 images"},
         "bicubic": {"means": {k: mean_or_none([p["bicubic"][k] for p in per_image]) for k in ("psnr", "ssim", "lpips")},
@@ -231,8 +244,6 @@ def evaluate_images(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out
 def evaluate_videos(tok: Tokenizer, lpips: LPIPS, spec: str, source: Source, out: Path, limit: int | None,
                      settings: VideoSettings, grid_k: int, grid_cell: int, progress: bool) -> dict:
     """The report's ``video`` section; writes ``grid_video.png``."""
-    from .i3d import I3D_SIZE, I3DFeatures
-
     i3d = I3DFeatures(settings.i3d_weights).to(tok.device) if settings.i3d_weights else None
     kind, total, items = source
     extremes = Extremes(grid_k, grid_cell)
@@ -314,8 +325,6 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
                             f"{asset.views}, {asset.resolution}, {asset.spp}")
     if video.i3d_weights and not Path(video.i3d_weights).is_file():
         raise FileNotFoundError(f"--i3d-weights {video.i3d_weights!r}: no such file")
-    from atoken.model.perceptual import load_perceptual
-    from atoken.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if assets and tok.model.gaussian_decoder is None:

@@ -2,6 +2,7 @@
 there), means, and the versions of what ran."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -36,10 +37,8 @@ def versions(extra: tuple[str, ...] = ()) -> dict:
     """Python's and these packages' versions, for reports."""
     out = {"python": platform.python_version()}
     for pkg in ("atoken", "torch", "numpy", "scipy", "pillow", "mosaicml-streaming", *extra):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return out
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,13 +15,28 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atoken.data_pipeline.clips import und_frame_indices
+from atoken.data_pipeline.images import IMAGE_EXTENSIONS
+from atoken.data_pipeline.video import VIDEO_EXTENSIONS
+from atoken.data_pipeline.video_decode import make_video_decoder
 from atoken.model.config import PATCH_T
+from atoken.model.tokenizer import Tokenizer
+from atoken.model.understanding import TextTower
 from atoken.tools.shard_writer import reason, sidecar_caption
 
-from .inputs import (NO_CAPTION, NO_LABEL, OUT_OF_RANGE, Item, failed, input_files, is_mds, mds_items, read_clip,
-                     read_image, resized_clip)
-from .ranking import (DEFAULT_TEMPLATE, TIES, classification_metrics, retrieval_metrics, top1_predictions,
-                      true_ranks)
+from .inputs import (
+    NO_CAPTION,
+    NO_LABEL,
+    OUT_OF_RANGE,
+    Item,
+    failed,
+    input_files,
+    is_mds,
+    mds_items,
+    read_clip,
+    read_image,
+    resized_clip,
+)
+from .ranking import DEFAULT_TEMPLATE, TIES, classification_metrics, retrieval_metrics, top1_predictions, true_ranks
 from .report import versions, write_report
 
 if TYPE_CHECKING:
@@ -33,8 +49,6 @@ if TYPE_CHECKING:
 def labelled_images(spec: str, res: int) -> tuple[str, int, list[str] | None, Iterator[Item]]:
     """(kind, items, folder class names or None, items) of ``--images``: MDS image shards with a
     ``label`` column, or a folder of class subfolders (label = index of the top-level folder)."""
-    from atoken.data_pipeline.images import IMAGE_EXTENSIONS
-
     def item(name: str, data: bytes, label: int) -> Item:
         try:
             return Item(name, read_image(data, res), label=label)
@@ -60,7 +74,7 @@ def labelled_images(spec: str, res: int) -> tuple[str, int, list[str] | None, It
         raise ValueError(f"--images {spec!r}: no class subfolders (expected FOLDER/<class>/<image>)")
 
     def folder_items() -> Iterator[Item]:
-        for p, name in zip(paths, names):
+        for p, name in zip(paths, names, strict=True):
             if "/" not in name:
                 yield failed(name, "not inside a class folder (labels come from the top-level folder)", NO_LABEL)
             else:
@@ -74,9 +88,6 @@ def captioned_videos(spec: str, res: int, und_fps: float, max_frames: int,
     """(kind, items, items) of ``--videos``: MDS video shards, or video files with ``<stem>.txt``
     captions. Each clip is training's understanding clip with its window centred
     (``data_pipeline.clips.und_frame_indices`` without a generator)."""
-    from atoken.data_pipeline.video import VIDEO_EXTENSIONS
-    from atoken.data_pipeline.video_decode import make_video_decoder
-
     decoder = make_video_decoder(backend)
 
     def frames_of(frames: int, fps: float) -> np.ndarray:
@@ -108,7 +119,7 @@ def captioned_videos(spec: str, res: int, und_fps: float, max_frames: int,
             try:
                 caption = sidecar_caption(p)
                 data = p.read_bytes()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - any unreadable file: name it, go on
                 yield failed(name, reason(e))
                 continue
             if not caption:
@@ -138,9 +149,6 @@ def read_classes(path: str | Path) -> list[str]:
 
 def load_models(model_dir: str, text_tower: str, device: str | None, max_length: int) -> tuple[Tokenizer, TextTower]:
     """The tokenizer (must have the understanding head) and the text tower, on one device; widths checked."""
-    from atoken.model.tokenizer import Tokenizer
-    from atoken.model.understanding import TextTower
-
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if tok.model.understanding is None:
         raise ValueError(f"{model_dir}: this model has no understanding head (its config.json has "
@@ -253,7 +261,7 @@ def classify(model_dir: str, text_tower: str, images: str, out: str | Path, *, c
         r = true_ranks(scores, lab)
         p = top1_predictions(scores, lab, r)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, len(names))]
-        for it, ri, pi, ti in zip(batch, r, p, top):
+        for it, ri, pi, ti in zip(batch, r, p, top, strict=True):
             per_item.append({"name": it.name, "label": it.label, "rank": int(ri), "pred": int(pi),
                              "top5": ti.tolist()})
         ranks.append(r)
@@ -264,7 +272,7 @@ def classify(model_dir: str, text_tower: str, images: str, out: str | Path, *, c
         bar.set_postfix(top1=f"{correct / len(per_item):.3f}")
     bar.close()
 
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731 - a one-line local helper
     metrics, confusion = classification_metrics(cat(ranks), cat(preds), cat(labels), names, worst_k)
     per_class, worst = metrics.pop("per_class"), metrics.pop("worst_classes")
     out = Path(out)
@@ -319,7 +327,7 @@ def retrieve(model_dir: str, text_tower: str, videos: str, out: str | Path, *, v
         txt_emb = embed_texts(tower, [k["caption"] for k in kept])
         metrics = retrieval_metrics((torch.cat(vid_emb) @ txt_emb.T).numpy())
         for name in ("t2v", "v2t"):
-            for k, r in zip(kept, metrics[name].pop("ranks")):
+            for k, r in zip(kept, metrics[name].pop("ranks"), strict=True):
                 k[f"{name}_rank"] = r
     report = {
         "task": "text-video retrieval",

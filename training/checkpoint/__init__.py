@@ -34,8 +34,19 @@ another layout ``load`` reshards (reshard.py). Nothing to configure: the saved l
 the checkpoint.
 """
 from .export import consolidate
-from .layout import (LAYOUT, Layout, client_state, find, is_checkpoint, latest_tag, partition, rank_file, read_layout,
-                     resolve, tag_for)
+from .layout import (
+    LAYOUT,
+    Layout,
+    client_state,
+    find,
+    is_checkpoint,
+    latest_tag,
+    partition,
+    rank_file,
+    read_layout,
+    resolve,
+    tag_for,
+)
 from .reshard import to_universal
 from .save_load import load, save
 

@@ -2,7 +2,7 @@
 
 NOTE: these lean on DeepSpeed internals (attribute names, the layout of its files, a script's
 ``main``) that may change in any release: setup.py pins the DeepSpeed version they were tested with
-(0.19.8). On an upgrade, re-run tests/test_checkpoint_dist.py and check each function below.
+(0.19.8). On an upgrade, re-run tests/integration/test_checkpoint_dist.py and check each function below.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
+
+from .layout import unpartition
 
 
 def torch_optimizer(engine) -> torch.optim.Optimizer:
@@ -33,7 +35,7 @@ def universal_loading(engine):
 def run_ds_to_universal(src: Path, out: Path) -> None:
     """DeepSpeed's ``ds_to_universal`` script, called through its ``main(args)``.
     ``inject_missing_state``: saves from before ``universal_checkpoint_info`` was set (all at TP=1)."""
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     ds_to_universal.main(Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=1,
                                    num_merge_workers=1, keep_temp_folder=False, strict=True,
@@ -46,9 +48,8 @@ def zero3_fp32_weights(ckpt: Path, tp_rank: int, dp: int) -> dict[str, torch.Ten
     DeepSpeed keeps them only in its optimizer shards: each DP rank's ``fp32_flat_groups``, one flat
     tensor per parameter group holding, in the order of the model states' ``param_shapes``, a
     ``ceil(numel / dp)`` partition of every parameter."""
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_SHAPES
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_SHAPES  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
-    from .layout import unpartition
 
     shapes = torch.load(ckpt / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu",
                         weights_only=False)[PARAM_SHAPES]
@@ -68,7 +69,7 @@ def zero3_fp32_weights(ckpt: Path, tp_rank: int, dp: int) -> dict[str, torch.Ten
 def optimizer_common_state(optim: dict, ds_version: str) -> dict:
     """A universal checkpoint's ``optimizer_state.pt`` without its per-parameter tensors (the
     ``fp32_flat_groups`` a ZeRO-3 source leaves in it), as both of DeepSpeed's loaders read it."""
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     common = {k: v for k, v in optim.items() if k not in (OPTIMIZER_STATE_DICT, "fp32_flat_groups")}
     common.setdefault("ds_version", ds_version)

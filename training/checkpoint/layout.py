@@ -121,14 +121,17 @@ class Layout:
                           indent=1)
 
     @classmethod
-    def read(cls, ckpt: Path) -> "Layout":
+    def read(cls, ckpt: Path) -> Layout:
         d = json.loads((ckpt / LAYOUT).read_text())
         return cls(d["tp"], d["dp"], d["zero_stage"],
                    {n: (p["shape"], p["partition_dim"]) for n, p in d["params"].items()})
 
 
 def tp_rank_size(engine) -> tuple[int, int]:
-    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank, bwc_tensor_model_parallel_world_size
+    from deepspeed.utils.bwc import (  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
+        bwc_tensor_model_parallel_rank,
+        bwc_tensor_model_parallel_world_size,
+    )
 
     return bwc_tensor_model_parallel_rank(engine.mpu), bwc_tensor_model_parallel_world_size(engine.mpu)
 
@@ -147,7 +150,7 @@ def read_layout(ckpt: Path) -> Layout:
     """A checkpoint's layout; checkpoints written before ``layout.json`` existed were one TP rank."""
     if (ckpt / LAYOUT).exists():
         return Layout.read(ckpt)
-    from deepspeed.checkpoint.constants import PARAM_SHAPES
+    from deepspeed.checkpoint.constants import PARAM_SHAPES  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     files = sorted(ckpt.glob("*model_states.pt"))
     if not files:

@@ -31,7 +31,7 @@ def universal_checkpoint_info(layout: Layout) -> dict:
     """What ``ds_to_universal`` needs to merge TP shards (``model.universal_checkpoint_info``, set
     before every save): row-parallel weights are joined on dim 1, column-parallel ones on dim 0 (its
     default), and replicated parameters are averaged over the TP ranks (as ``shards.merge``)."""
-    from deepspeed.checkpoint import constants as c
+    from deepspeed.checkpoint import constants as c  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     other = {dim for _, dim in layout.params.values()} - {None, 0, 1}
     if other:
@@ -85,7 +85,7 @@ def to_universal(ckpt: Path) -> Path:
 def _read_universal(path: Path, shape: list[int]) -> torch.Tensor:
     """One state tensor of a universal checkpoint (a dict from ZeRO 1/2 and TP merges, a flat tensor
     from plain ZeRO-3) at the parameter's whole shape."""
-    from deepspeed.checkpoint.constants import PARAM
+    from deepspeed.checkpoint.constants import PARAM  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     t = torch.load(path, map_location="cpu", weights_only=False)
     return (t[PARAM] if isinstance(t, dict) else t).reshape(shape)
@@ -96,8 +96,8 @@ def _write_view(uc: Path, view: Path, saved: Layout, now: Layout, tp_rank: int) 
     DeepSpeed's universal format with tensors already at this rank's shapes. DeepSpeed's loader then
     only re-partitions them over the DP ranks, identically for ZeRO 1, 2 and 3 (its own TP slicing
     needs AutoTP's metadata and groups)."""
-    from deepspeed import __version__
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS
+    from deepspeed import __version__  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM, PARAM_GROUPS  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
     tmp = view.with_name(view.name + ".tmp")
     for stale in (tmp, view):  # left by a load that crashed
@@ -151,7 +151,7 @@ def load_resharded(engine, path: Path, saved: Layout, now: Layout) -> dict:
     # once per group and step. Put our hyperparameters back (the lr is the restored scheduler's) and
     # give each state its own step.
     if now.zero_stage == 3:
-        for g, b, lr in zip(optimizer.param_groups, before, engine.lr_scheduler.get_last_lr()):
+        for g, b, lr in zip(optimizer.param_groups, before, engine.lr_scheduler.get_last_lr(), strict=True):
             g.update({k: v for k, v in b.items() if k != "params"}, lr=lr)
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):

@@ -10,8 +10,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .layout import (LAYOUT, STAGING, UNIVERSAL, atomic_write, client_state, current_layout, dp_rank, ema_file,
-                     rank_file, read_layout, tag_for, tp_rank_size)
+from .layout import (
+    LAYOUT,
+    STAGING,
+    UNIVERSAL,
+    atomic_write,
+    client_state,
+    current_layout,
+    dp_rank,
+    ema_file,
+    rank_file,
+    read_layout,
+    tag_for,
+    tp_rank_size,
+)
 from .reshard import check_same_model, load_ema_resharded, load_resharded, universal_checkpoint_info
 from .rng import rng_state, set_rng_state
 

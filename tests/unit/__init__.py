@@ -1,0 +1,1 @@
+"""Fast, in-process tests (make test-fast runs those not marked slow)."""
