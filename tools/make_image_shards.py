@@ -1,14 +1,29 @@
-"""Turn a folder of images into MDS shards for training.
+"""Turn images into MDS shards for training: a folder of files, WebDataset tars or Parquet files.
 
-    python -m atoken.tools.make_image_shards PHOTOS/ OUT        # OUT: a folder or s3://bucket/prefix
+    atoken-make-image-shards PHOTOS/ OUT                 # OUT: a folder or s3://bucket/prefix
+    atoken-make-image-shards s3://laion/wds/ OUT --part 3/64 --min-side 64 --require-captions
+    atoken-make-image-shards hf/cc12m/data/ OUT --caption-column caption
 
-Every image file under the folder (recursively, by extension, in sorted order of its relative path)
-is decoded fully with PIL first; files that fail are listed with the reason and left out. Each
-sample stores the file's original bytes untouched plus its size and name (columns:
-``data_pipeline.images.IMAGE_WRITER_COLUMNS``), its caption (the text of ``<stem>.txt`` beside it, or
-"") and its label (with ``--labels-from-folders``: the index of its top-level folder among the
-sorted folder names, as in ImageNet-style class folders; else -1). An s3:// output is uploaded by MDSWriter itself (boto3:
-S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
+INPUT is a folder or s3:// prefix; what it holds decides the form (docs/data.md, tools/sources.py):
+``*.tar`` WebDataset shards (img2dataset's KEY.jpg + KEY.txt + KEY.json; its metadata .parquet files
+beside them are ignored), else ``*.parquet`` files (an image column, a struct with a ``bytes`` field
+as Hugging Face stores it, and a caption column), else image files. Tars and Parquet files are
+streamed, nothing is extracted to disk.
+
+Every image is decoded fully with PIL first; a sample that fails, is smaller than ``--min-side`` or
+lacks a caption under ``--require-captions`` is listed with its reason (``undecodable: ...``,
+``below --min-side: ...``) and left out; a damaged input file is named and the run goes on. Each
+sample stores the original bytes untouched plus its size and name (columns:
+``data_pipeline.images.IMAGE_WRITER_COLUMNS``; names: ``PATH``, ``00000.tar/KEY`` or
+``train-00000.parquet#ROW``), its caption (``<stem>.txt`` beside a file, the tar's .txt or json
+"caption", the Parquet column; or "") and its label (with ``--labels-from-folders``: the index of its
+top-level folder among the sorted folder names, as in ImageNet-style class folders; ``--label-column``
+for Parquet; else -1).
+
+``--part I/N`` converts part I (from 0) of the sorted input files into ``OUT/part-IIIII-of-NNNNN/``
+(a Slurm array task picks its part itself: cluster/make_shards.slurm); a rerun skips complete parts;
+``atoken-merge-shards OUT`` then writes the one index and the rejection totals (tools/parts.py).
+S3 (inputs and output) is boto3: S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.
 """
 from __future__ import annotations
 
