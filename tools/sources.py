@@ -39,7 +39,8 @@ NO_CAPTION = "no caption"
 TRUNCATED = "truncated tar member"
 NO_COLUMNS = "parquet file without the named columns"
 DAMAGED = "damaged input file"
-CATEGORIES = (UNDECODABLE, NO_IMAGE, TOO_SMALL, NO_CAPTION, TRUNCATED, NO_COLUMNS, DAMAGED)
+MISSING_FILE = "missing file"  # a video manifest's row whose clip cannot be read
+CATEGORIES = (UNDECODABLE, NO_IMAGE, TOO_SMALL, NO_CAPTION, TRUNCATED, NO_COLUMNS, DAMAGED, MISSING_FILE)
 
 Item = tuple[str, "dict[str, Any] | str"]
 
