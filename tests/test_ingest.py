@@ -85,10 +85,17 @@ def build_webdataset(folder: Path, photos: list[Path]) -> tuple[dict[str, tuple[
     # img2dataset's metadata beside each tar: not an input of the tar form.
     pq.write_table(pa.table({"key": ["000000000"], "status": ["success"]}), folder / "00000.parquet")
     with tarfile.open(folder / "00003.tar", "w") as tar:
-        for i, p in enumerate(photos[10:13]):
+        for i, p in enumerate(photos[10:14]):
             _add(tar, f"sub/{i:09d}.{p.suffix[1:]}", p.read_bytes())
             _add(tar, f"sub/{i:09d}.txt", f"third {i}".encode())
             good[f"00003.tar/sub/{i:09d}"] = (p.read_bytes(), f"third {i}")
+    with tarfile.open(folder / "00003.tar") as tar:
+        last = tar.getmembers()[-2]  # the last key's image: its header damaged (tarfile alone stops quietly there)
+    data = bytearray((folder / "00003.tar").read_bytes())
+    data[last.offset:last.offset + 8] = b"XXXXXXXX"
+    (folder / "00003.tar").write_bytes(bytes(data))
+    del good["00003.tar/sub/000000003"]
+    bad["00003.tar"] = "damaged input file"
     return good, bad
 
 

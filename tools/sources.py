@@ -113,7 +113,8 @@ def read_webdataset(url: str, name: str) -> Iterator[Item]:
     ends the file (nothing after it can be located), a file that is no tar is one rejection."""
     key, members = None, {}
     try:
-        with contextlib.closing(objects.open_stream(url)) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with contextlib.closing(objects.open_stream(url)) as raw, tarfile.open(fileobj=(f := _Tail(raw)),
+                                                                              mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -130,12 +131,41 @@ def read_webdataset(url: str, name: str) -> Iterator[Item]:
                     return
             if key is not None:
                 yield f"{name}/{key}", _tar_item(members)
+            # NOTE: tarfile's stream mode ends quietly at a damaged or cut header after the first one;
+            # an uncompressed tar must end in zeros only, at least the two blocks of its end marker.
+            after = f.after(tar.offset) if not url.lower().endswith((".gz", ".tgz")) else bytes(1024)
+            if after is None or any(after) or len(after) < 2 * tarfile.BLOCKSIZE:
+                yield name, rejection(DAMAGED, f"unreadable or cut tar header at byte {tar.offset} (after "
+                                      f"{key or 'no member'}): the rest of the file is not read")
     except (tarfile.TarError, EOFError, OSError) as e:
         if key is not None:  # the header after a complete key is cut: that key is whole, yield it
             yield f"{name}/{key}", _tar_item(members)
         yield name, rejection(DAMAGED, f"{reason(e)} (nothing after this point of the tar is read)")
     except Exception as e:  # noqa: BLE001 - an unreadable input (S3 error, ...) is named, the part goes on
         yield name, rejection(DAMAGED, reason(e))
+
+
+class _Tail:
+    """A file read through, counting bytes and keeping the last ``keep`` of them: what a tar reader
+    left unread can be checked afterwards."""
+
+    def __init__(self, f, keep: int = 1 << 16):
+        self.f, self.pos, self.tail, self.keep = f, 0, bytearray(), keep
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read() if n is None or n < 0 else self.f.read(n)
+        self.pos += len(data)
+        self.tail += data
+        del self.tail[:-self.keep]
+        return data
+
+    def after(self, offset: int) -> bytes | None:
+        """The bytes from ``offset`` to the end of the file (reading the rest), or None when over ``keep``."""
+        while self.read(self.keep):
+            if self.pos - offset > self.keep:
+                return None
+        start = self.pos - len(self.tail)
+        return bytes(self.tail[offset - start:]) if offset >= start else None
 
 
 def read_parquet(url: str, name: str, image_column: str = "image", caption_column: str | None = "text",
