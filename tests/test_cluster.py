@@ -272,7 +272,8 @@ def test_make_shards_array_job_writes_parts_that_merge(slurm, tmp_path):
                 names.append(f"{t:05d}.tar/{i:09d}")
     env = {"ATOKEN_HOME": str(REPO), "ATOKEN_VENV": sys.prefix, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     job = slurm.sbatch("--array=0-1", "--cpus-per-task=1", "--time=30", f"--output={tmp_path}/make-%A_%a.out",
-                       str(REPO / "cluster" / "make_shards.slurm"), str(src), str(out), "--size-limit", "256kb", env=env)
+                       str(REPO / "cluster" / "make_shards.slurm"), str(src), str(out), "--size-limit", "256kb",
+                       env=env)
     for task in (0, 1):
         info = slurm.wait(f"{job}_{task}")
         log = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("make-*.out"))

@@ -76,7 +76,8 @@ def build_webdataset(folder: Path, photos: list[Path]) -> tuple[dict[str, tuple[
             _add(tar, f"{i + 10:09d}.{p.suffix[1:]}", p.read_bytes())
             _add(tar, f"{i + 10:09d}.txt", f"caption {i}".encode())
     data = buf.getvalue()
-    (folder / "00001.tar").write_bytes(data[: len(data) - len(photos[9].read_bytes()) // 2 - 2048])  # cut in the last image
+    cut = len(data) - len(photos[9].read_bytes()) // 2 - 2048  # inside the last image
+    (folder / "00001.tar").write_bytes(data[:cut])
     for i, p in enumerate(photos[6:9]):
         good[f"00001.tar/{i + 10:09d}"] = (p.read_bytes(), f"caption {i}")
     bad["00001.tar/000000013"] = "truncated tar member"
@@ -259,7 +260,8 @@ def test_part_killed_midway_and_rerun_gives_the_same_dataset(tmp_path):
     (part / "shard.99999.mds").write_bytes(b"left over")  # a rerun must not keep anything of the killed try
     assert shards_main(args) == 0 and merge_main([str(tmp_path / "killed")]) == 0
     assert not (part / "shard.99999.mds").exists()
-    assert shards_main([str(src), str(tmp_path / "clean"), *args[2:]]) == 0 and merge_main([str(tmp_path / "clean")]) == 0
+    assert shards_main([str(src), str(tmp_path / "clean"), *args[2:]]) == 0
+    assert merge_main([str(tmp_path / "clean")]) == 0
     a = StreamingDataset(local=str(tmp_path / "killed"), batch_size=1)
     b = StreamingDataset(local=str(tmp_path / "clean"), batch_size=1)
     assert a.num_samples == b.num_samples == 3 * len(photos)
