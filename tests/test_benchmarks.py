@@ -75,3 +75,19 @@ def test_clip_term_script_on_cpu(tmp_path):
     (r,) = rep["teachers"]
     assert r["teacher"] == "tiny" and r["clip_s"] == pytest.approx(r["with_clip_s"] - rep["rest_s"])
     assert sum(h * w for h, w in rep["settings"]["sizes"]) == 64 * 256  # the micro-batch's 64 tokens of 16x16
+
+
+@pytest.mark.slow
+def test_ingest_throughput_script_on_cpu(tmp_path):
+    """benchmarks/ingest_throughput.py end to end, shrunk: both forms converted whole, the arithmetic of the day."""
+    out = tmp_path / "ingest.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "ingest_throughput.py"), "--samples", "34", "--files", "2",
+                           "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert set(rep["results"]) == {"webdataset", "parquet"} and rep["load_average_1_5_15"]["start"]
+    for r in rep["results"].values():
+        assert r["images"] == 34 and r["images_per_cpu_s"] == pytest.approx(34 / r["cpu_s"], rel=0.02)
+    slowest = min(r["images_per_cpu_s"] for r in rep["results"].values())
+    assert rep["cores_for_100M_per_day"] == pytest.approx(1e8 / 86400 / slowest, abs=0.06)
