@@ -130,13 +130,14 @@ def read_webdataset(url: str, name: str) -> Iterator[Item]:
                     key = None
                     return
             if key is not None:
-                yield f"{name}/{key}", _tar_item(members)
+                last, key = key, None  # yielded: an error from here on must not yield it again
+                yield f"{name}/{last}", _tar_item(members)
             # NOTE: tarfile's stream mode ends quietly at a damaged or cut header after the first one;
             # an uncompressed tar must end in zeros only, at least the two blocks of its end marker.
             after = f.after(tar.offset) if not url.lower().endswith((".gz", ".tgz")) else bytes(1024)
             if after is None or any(after) or len(after) < 2 * tarfile.BLOCKSIZE:
-                yield name, rejection(DAMAGED, f"unreadable or cut tar header at byte {tar.offset} (after "
-                                      f"{key or 'no member'}): the rest of the file is not read")
+                yield name, rejection(DAMAGED, f"unreadable or cut tar header at byte {tar.offset}: the rest "
+                                      "of the file is not read")
     except (tarfile.TarError, EOFError, OSError) as e:
         if key is not None:  # the header after a complete key is cut: that key is whole, yield it
             yield f"{name}/{key}", _tar_item(members)
