@@ -75,7 +75,7 @@ setup(
             "atoken-reconstruct=atoken.tools.reconstruct:main",
             "atoken-evaluate=atoken.tools.evaluate:main",
             "atoken-zero-shot=atoken.tools.zero_shot:main",
-            "atoken-merge-shards=atoken.tools.parts:merge_main",
+            "atoken-merge-shards=atoken.tools.merge_shards:main",
         ]
     },
 )

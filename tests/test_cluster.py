@@ -258,7 +258,7 @@ def test_make_shards_array_job_writes_parts_that_merge(slurm, tmp_path):
     from streaming import StreamingDataset
 
     from atoken.tools.demo import bundled_photos
-    from atoken.tools.parts import merge_main
+    from atoken.tools.merge_shards import main as merge_main
 
     src, out, names = tmp_path / "wds", tmp_path / "mds", []
     src.mkdir()

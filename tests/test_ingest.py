@@ -1,4 +1,4 @@
-"""Inputs at scale (tools/sources.py, tools/parts.py): WebDataset tars and Parquet files built here from
+"""Inputs at scale (tools/sources.py, tools/parts.py, tools/merge_shards.py): WebDataset tars and Parquet files built here from
 the bundled photos, some damaged, converted in two parts, merged, and read back: locally, with S3
 (SeaweedFS) on both ends through the training stream, and after a part killed midway."""
 from __future__ import annotations
@@ -26,7 +26,8 @@ from atoken.data_pipeline import DataConfig, StreamConfig, StreamLoader
 from atoken.data_pipeline.config import RetryConfig
 from atoken.tools.demo import bundled_photos
 from atoken.tools.make_image_shards import main as shards_main
-from atoken.tools.parts import merge_main
+from atoken.tools.merge_shards import main as merge_main
+from atoken.tools.parts import Part, part_from
 
 pytestmark = pytest.mark.usefixtures("stream_env")  # tests/conftest.py: own TMPDIR, shared memory cleaned
 
@@ -199,7 +200,6 @@ def test_merge_refuses_missing_and_unfinished_parts(inputs, tmp_path, capsys):
     assert shards_main([src, str(out), "--part", "3/3"]) == 2
     assert "--part '3/3'" in capsys.readouterr().err
     env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "3"}
-    from atoken.tools.parts import Part, part_from
     assert part_from(None, env) == Part(1, 3) and part_from("2/3", env) == Part(2, 3)
 
 

@@ -22,7 +22,7 @@ for Parquet; else -1).
 
 ``--part I/N`` converts part I (from 0) of the sorted input files into ``OUT/part-IIIII-of-NNNNN/``
 (a Slurm array task picks its part itself: cluster/make_shards.slurm); a rerun skips complete parts;
-``atoken-merge-shards OUT`` then writes the one index and the rejection totals (tools/parts.py).
+``atoken-merge-shards OUT`` then writes the one index and the rejection totals (tools/merge_shards.py).
 S3 (inputs and output) is boto3: S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from atoken.data_pipeline.images import IMAGE_EXTENSIONS, IMAGE_WRITER_COLUMNS, 
 from atoken.model.errors import UserError
 from .parts import Part, add_part_args, part_from, write_part
 from .shard_writer import add_common_args, reason, resolve_inputs, run_cli, sidecar_caption, write_samples
-from .sources import TOO_SMALL, NO_CAPTION, UNDECODABLE, list_inputs, read_parquet, read_webdataset, rejection
+from .sources import NO_CAPTION, TOO_SMALL, UNDECODABLE, list_inputs, read_parquet, read_webdataset, rejection
 
 
 def check_encoded(item: dict[str, Any], min_side: int = 0, require_caption: bool = False
