@@ -1,6 +1,7 @@
-"""Inputs at scale (tools/sources.py, tools/parts.py, tools/merge_shards.py): WebDataset tars and Parquet files built here from
-the bundled photos, some damaged, converted in two parts, merged, and read back: locally, with S3
-(SeaweedFS) on both ends through the training stream, and after a part killed midway."""
+"""Inputs at scale (tools/sources.py, tools/parts.py, tools/merge_shards.py): WebDataset tars and
+Parquet files built here from the bundled photos, some damaged, converted in two parts, merged, and
+read back: locally, with S3 (SeaweedFS) on both ends through the training stream, and after a part
+killed midway; video manifests likewise, locally."""
 from __future__ import annotations
 
 import importlib.util
