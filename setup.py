@@ -29,6 +29,7 @@ setup(
         "lpips>=0.1.4",
         "wandb>=0.18",
         "boto3>=1.34",
+        "pyarrow>=14",  # Parquet inputs of atoken-make-image-shards (tools/sources.py), read in batches
         "safetensors>=0.4",
         "transformers>=4.56",  # SigLIP2 import, frozen text tower and teacher (local weights only)
         "av>=12",  # PyAV: video probing, checking and the CPU decode path
@@ -75,6 +76,7 @@ setup(
             "atoken-reconstruct=atoken.tools.reconstruct:main",
             "atoken-evaluate=atoken.tools.evaluate:main",
             "atoken-zero-shot=atoken.tools.zero_shot:main",
+            "atoken-merge-shards=atoken.tools.merge_shards:main",
         ]
     },
 )

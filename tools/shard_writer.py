@@ -9,9 +9,11 @@ AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,19 @@ def write_shards(paths: list[Path], names: list[str], out: str, columns: dict[st
     Returns (samples written, [(name, reason)] rejected). ``check`` must be picklable (a module-level
     function or a functools.partial of one) when ``workers`` > 1.
     """
+    return write_samples(zip(names, paths, strict=True), out, columns, check, desc=desc, total=len(paths),
+                         size_limit=size_limit, overwrite=overwrite, workers=workers, progress=progress)
+
+
+def write_samples(items: Iterable[tuple[str, Any]], out: str, columns: dict[str, str], check: Callable, *,
+                  desc: str, total: int | None = None, size_limit: int | str = "64mb", overwrite: bool = False,
+                  workers: int = 1, progress: bool = True) -> tuple[int, list[tuple[str, str]]]:
+    """``write_shards`` over a stream of (name, item): ``check(item)`` makes the sample; an item that
+    is a string is a rejection reason already (its reader found it damaged), passed through.
+
+    Items are consumed as they are checked, at most a few per worker ahead: memory stays bounded
+    however long the stream.
+    """
     if "://" not in out and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"output {out!r} is an existing file, not a folder: choose another output path")
     from streaming import MDSWriter  # noqa: PLC0415 - streaming takes seconds to import: the CLIs' --help stays fast
@@ -78,11 +93,10 @@ def write_shards(paths: list[Path], names: list[str], out: str, columns: dict[st
     written, rejected = 0, []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        # Checking (decoding, rendering: the slow part) may run in worker processes; map keeps order.
-        checked = pool.map(check, paths, chunksize=4) if pool else map(check, paths)
+        # Checking (decoding, rendering: the slow part) may run in worker processes, in order.
+        checked = ordered_map(functools.partial(_check_or_pass, check), items, pool, ahead=8 * workers)
         with MDSWriter(columns=columns, out=out, size_limit=size_limit, exist_ok=overwrite) as writer:
-            for name, (sample, why) in tqdm(zip(names, checked, strict=True), total=len(paths), desc=desc,
-                                            unit="file", disable=not progress):
+            for name, (sample, why) in tqdm(checked, total=total, desc=desc, unit="sample", disable=not progress):
                 if sample is None:
                     rejected.append((name, why))
                     continue
@@ -90,8 +104,30 @@ def write_shards(paths: list[Path], names: list[str], out: str, columns: dict[st
                 written += 1
     finally:
         if pool:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
     return written, rejected
+
+
+def _check_or_pass(check: Callable, item: Any) -> tuple[dict[str, Any] | None, str]:
+    return (None, item) if isinstance(item, str) else check(item)
+
+
+def ordered_map(fn: Callable, items: Iterable[tuple[str, Any]], pool: ProcessPoolExecutor | None,
+                ahead: int) -> Iterator[tuple[str, Any]]:
+    """(name, fn(item)) for each (name, item), in order; with a pool, at most ``ahead`` in flight
+    (``Executor.map`` would read the whole input first)."""
+    if pool is None:
+        yield from ((name, fn(item)) for name, item in items)
+        return
+    window: collections.deque = collections.deque()
+    for name, item in items:
+        window.append((name, pool.submit(fn, item)))
+        if len(window) >= ahead:
+            done_name, future = window.popleft()
+            yield done_name, future.result()
+    while window:
+        done_name, future = window.popleft()
+        yield done_name, future.result()
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -102,8 +138,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run_cli(write: Callable[[], tuple[int, list[tuple[str, str]]]]) -> int:
-    """Run a writer for a CLI: clear errors (exit 2), every rejection listed, the final counts."""
+def run_cli(write: Callable[[], tuple[int, list[tuple[str, str]]]], empty_ok: bool = False) -> int:
+    """Run a writer for a CLI: clear errors (exit 2), every rejection listed, the final counts; exit 1
+    if nothing was written, unless ``empty_ok`` (a part of a split run may hold only rejected inputs)."""
     try:
         written, rejected = write()
     except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
@@ -113,4 +150,4 @@ def run_cli(write: Callable[[], tuple[int, list[tuple[str, str]]]]) -> int:
     for name, why in rejected:
         print(f"rejected {name}: {why}")
     print(f"wrote {written} samples, rejected {len(rejected)}")
-    return 0 if written else 1
+    return 0 if written or empty_ok else 1

@@ -116,3 +116,17 @@ def test_gpu_session_script_on_cpu(tmp_path):
     assert rep["drift"] is None and rep["default_mode_max_rel_loss_diff"] is None
     with tarfile.open(out / "session.tgz") as tar:
         assert tar.getnames()  # the packed logs and JSONs
+@pytest.mark.slow
+def test_ingest_throughput_script_on_cpu(tmp_path):
+    """benchmarks/ingest_throughput.py end to end, shrunk: both forms converted whole, the arithmetic of the day."""
+    out = tmp_path / "ingest.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "ingest_throughput.py"), "--samples", "34", "--files", "2",
+                           "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert set(rep["results"]) == {"webdataset", "parquet"} and rep["load_average_1_5_15"]["start"]
+    for r in rep["results"].values():
+        assert r["images"] == 34 and r["images_per_cpu_s"] == pytest.approx(34 / r["cpu_s"], rel=0.02)
+    slowest = min(r["images_per_cpu_s"] for r in rep["results"].values())
+    assert rep["cores_for_100M_per_day"] == pytest.approx(1e8 / 86400 / slowest, abs=0.06)

@@ -5,19 +5,24 @@ Jobs run ``cluster/stage1.slurm`` as users do, with CPU overrides on the sbatch 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 import skimage.data
+from streaming import StreamingDataset
 
+from atoken.tools.demo import bundled_photos
 from atoken.tools.make_image_shards import write_image_shards
 from atoken.tools.make_video_shards import write_video_shards
+from atoken.tools.merge_shards import main as merge_main
 from atoken.training.distributed import free_port
 from tests.helpers.slurm_cluster import SlurmCluster, missing
 
@@ -243,3 +248,31 @@ def test_a_stage_refuses_an_incompatible_checkpoint(shards, straight, tmp_path):
     assert proc.returncode != 0
     assert "cannot start this stage from" in proc.stderr and "encoder differs" in proc.stderr, proc.stderr[-3000:]
     assert not (run_dir / "checkpoints").exists()
+
+
+@needs_slurm
+def test_make_shards_array_job_writes_parts_that_merge(slurm, tmp_path):
+    """cluster/make_shards.slurm as a 2-task array over 3 WebDataset tars; the parts merge into one dataset."""
+    src, out, names = tmp_path / "wds", tmp_path / "mds", []
+    src.mkdir()
+    for t, photos in enumerate([bundled_photos()[i:i + 2] for i in (0, 2, 4)]):
+        with tarfile.open(src / f"{t:05d}.tar", "w") as tar:
+            for i, p in enumerate(photos):
+                for name, data in ((f"{i:09d}{p.suffix}", p.read_bytes()), (f"{i:09d}.txt", b"a photo")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                names.append(f"{t:05d}.tar/{i:09d}")
+    env = {"ATOKEN_HOME": str(REPO), "ATOKEN_VENV": sys.prefix, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    job = slurm.sbatch("--array=0-1", "--cpus-per-task=1", "--time=30", f"--output={tmp_path}/make-%A_%a.out",
+                       str(REPO / "cluster" / "make_shards.slurm"), str(src), str(out), "--size-limit", "256kb",
+                       env=env)
+    for task in (0, 1):
+        info = slurm.wait(f"{job}_{task}")
+        log = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("make-*.out"))
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    parts = [json.loads((out / f"part-0000{i}-of-00002" / "part.json").read_text()) for i in (0, 1)]
+    assert [p["inputs"] for p in parts] == [["00000.tar"], ["00001.tar", "00002.tar"]]
+    assert merge_main([str(out)]) == 0
+    ds = StreamingDataset(local=str(out), batch_size=1)
+    assert [ds[i]["name"] for i in range(ds.num_samples)] == names

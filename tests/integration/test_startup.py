@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fa
 
 LIGHT = ["atoken.tools.convert", "atoken.tools.reconstruct", "atoken.tools.make_image_shards",
          "atoken.tools.make_video_shards", "atoken.tools.make_3d_shards", "atoken.tools.import_siglip2",
-         "atoken.tools.evaluate", "atoken.tools.zero_shot"]
+         "atoken.tools.evaluate", "atoken.tools.zero_shot", "atoken.tools.merge_shards"]
 # These read the typed config (LossConfig lives with the losses, in torch) or report torch versions.
 WITH_TORCH = ["atoken.training.train", "atoken.tools.demo"]
 
