@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .autoencoder import AToken
-from .config import PATCH_DIM, PATCH_T, ModelConfig
+from .config import PATCH_DIM, PATCH_T, ModelConfig, from_dict
 from .errors import UserError
 from .gaussians import Gaussians
 from .kv_cache import KVCache
@@ -31,6 +31,9 @@ from .packed import ASSET3D, CHUNK_FRAMES, IMAGE, VIDEO, PackedBatch
 from .patches import pad_to_patches, patchify, unpatchify
 
 FORMAT = "atoken-inference"
+# An inference directory's two files. This module is the only one that names them: everything else
+# reads an inference directory through the functions below (or training/checkpoint/weights.py).
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 REMAKE = "make it again with atoken-convert or atoken-import-official"
 CHUNK_VIDEO_FRAMES = CHUNK_FRAMES * PATCH_T  # 16 video frames: the encoder's and decoder's chunk
 
@@ -41,18 +44,24 @@ def save_inference_dir(out: str | Path, state: dict[str, torch.Tensor], model_cf
     (the model config, which weights, and their provenance)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out / WEIGHTS_FILE))
     meta = {"format": FORMAT, "version": 1, "model": model_cfg, "dtype": str(dtype).removeprefix("torch."),
             "weights": weights, "source": source}
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def is_inference_dir(path: str | Path) -> bool:
+    """Whether ``path`` is meant as an inference directory (it holds a config.json; the readers below
+    say what else is wrong with it)."""
+    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def load_inference_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
     """(state dict as stored, model config, config.json) of an inference directory; a missing,
     unreadable or foreign file is a ``UserError`` naming it."""
     cfg, meta = read_inference_config(path)
-    weights = Path(path) / "model.safetensors"
+    weights = Path(path) / WEIGHTS_FILE
     try:  # a truncated or foreign file: safetensors' own message does not name it
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
@@ -64,7 +73,7 @@ def load_inference_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], Model
 def read_inference_config(path: str | Path) -> tuple[ModelConfig, dict]:
     """(model config, config.json) of an inference directory, without reading its weights."""
     path = Path(path)
-    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights):
         if not f.exists():
             raise UserError(f"{f} not found: {path} is not an atoken inference directory "
@@ -77,7 +86,7 @@ def read_inference_config(path: str | Path) -> tuple[ModelConfig, dict]:
         raise UserError(f"{cfg_file} is not an {FORMAT} config (format="
                         f"{meta.get('format') if isinstance(meta, dict) else None!r}); {REMAKE}")
     try:
-        return ModelConfig.from_dict(meta["model"]), meta
+        return from_dict(ModelConfig, meta["model"]), meta
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{cfg_file}: its model config does not fit this version ({e}); {REMAKE}") from None
 
@@ -108,7 +117,7 @@ class Tokenizer:
         try:
             model.load_state_dict({k: v.float() for k, v in state.items()})
         except RuntimeError as e:  # weights of another config
-            raise UserError(f"{Path(path) / 'model.safetensors'}: its weights do not fit its config.json "
+            raise UserError(f"{Path(path) / WEIGHTS_FILE}: its weights do not fit its {CONFIG_FILE} "
                             f"({str(e).splitlines()[0]}); make it again with atoken-convert") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or getattr(torch, meta.get("dtype", "float32"))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from atoken.data_pipeline import DataConfig, MixedLoader, StreamLoader
 from atoken.training import distributed
-from atoken.training.config import from_dict
+from atoken.model.config import from_dict
 
 
 def with_cache(data: DataConfig, root: str) -> DataConfig:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from atoken.model import (AToken, ModelConfig, PackedBatch, TransformerConfig, apply_rope, fuse_qkv,
+from atoken.model import (AToken, ModelConfig, PackedBatch, TransformerConfig, apply_rope, from_dict, fuse_qkv,
                           pad_to_patches, patchify, preset, rope_angles, split_qkv, unpatchify,
                           varlen_attention)
 from atoken.model import attention as attn_mod
@@ -272,7 +272,7 @@ def test_presets_and_parameter_count():
     assert (so.decoder.norm, so.decoder.qk_norm, so.decoder.bias) == ("rmsnorm", True, False)
     base = preset("base")
     assert (base.encoder.depth, base.encoder.width, base.encoder.heads) == (12, 768, 12)
-    assert ModelConfig.from_dict(so.to_dict()) == so
+    assert from_dict(ModelConfig, so.to_dict()) == so
     with pytest.raises(ValueError):
         preset("huge")
     with pytest.raises(ValueError, match="multiple of 8"):

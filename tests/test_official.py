@@ -20,6 +20,7 @@ from atoken.model import AToken, PackedBatch, Tokenizer, patchify
 from atoken.model.autoencoder import position_embedding
 from atoken.model.kv_cache import KVCache
 from atoken.model.rope import apply_rope, rope_angles
+from atoken.model.tokenizer import read_inference_config, save_inference_dir
 from atoken.model.transformer import MultiHeadRMSNorm
 from atoken.tools.official import FormatError, export_official, from_official, import_official, model_config
 from test_training import shards, train  # noqa: F401 - the real photos' shards and the trainer in a subprocess
@@ -416,10 +417,10 @@ def test_export_refuses_what_the_release_cannot_hold(tmp_path):
     with pytest.raises(FormatError, match="logit_scale is \\[5.0\\], but the release fixes it at 4.8438"):
         export_official(out, tmp_path / "x")
     # A model without the MAP head: the release always holds one.
-    meta = json.loads((out / "config.json").read_text())
-    meta["model"]["understanding"] = False
-    (out / "config.json").write_text(json.dumps(meta))
-    save_file({k: v for k, v in state.items() if not k.startswith("understanding.")}, str(out / "model.safetensors"))
+    cfg, meta = read_inference_config(out)
+    save_inference_dir(out, {k: v for k, v in state.items() if not k.startswith("understanding.")},
+                       {**cfg.to_dict(), "understanding": False}, meta["weights"], meta["source"],
+                       dtype=getattr(torch, meta["dtype"]))
     with pytest.raises(FormatError, match="always holds the MAP head"):
         export_official(out, tmp_path / "x")
 
@@ -435,7 +436,7 @@ def test_fine_tuning_from_imported_release_weights(tmp_path, shards):
     import skimage.data as sk
     from PIL import Image
 
-    from atoken.tools.eval.metrics import psnr
+    from atoken.model.metrics import psnr
 
     a = {**arch(latent=32), **{f"{s}_{k}": v for s in ("encoder", "decoder")
                                for k, v in (("model_channels", 192), ("num_heads", 4), ("mlp_channels", 768),
@@ -471,8 +472,8 @@ def test_fine_tuning_refuses_a_stage_without_the_release_heads(tmp_path):
     imported = import_official(model, config, tmp_path / "imported")
     narrow = model_config(arch())
     with pytest.raises(ValueError, match="cannot narrow"):
-        handoff.initial_state(dataclasses.replace(narrow, latent_channels=6), imported)
+        handoff.check(dataclasses.replace(narrow, latent_channels=6), imported)
     with pytest.raises(ValueError, match="encoder differs"):
-        handoff.initial_state(preset("tiny"), imported)
+        handoff.check(preset("tiny"), imported)
     with pytest.raises(ValueError, match="has the MAP head .* set model.understanding=true"):
-        handoff.initial_state(dataclasses.replace(narrow, understanding=False), imported)
+        handoff.check(dataclasses.replace(narrow, understanding=False), imported)

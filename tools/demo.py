@@ -73,14 +73,14 @@ def main(argv=None) -> None:
                 "--set", f"data.streams.image_rec.remote={run / 'shards'}",
                 "--set", f"log.eval_images={holdout}", *[a for o in args.overrides for a in ("--set", o)]])
 
-    from atoken.model.tokenizer import Tokenizer
+    from atoken.model.tokenizer import Tokenizer, read_inference_config
 
     inference = convert(run, run / "inference")
     tok = Tokenizer.from_pretrained(inference, device="cpu")
     after = reconstruct_files(tok, [holdout / HELD_OUT], run / "reconstructions")[HELD_OUT]
     evals = [json.loads(line) for line in open(run / "metrics.jsonl") if '"eval_psnr"' in line]
     before = evals[0]["eval_psnr_per_image"][HELD_OUT]
-    step = json.loads((inference / "config.json").read_text())["source"]["step"]
+    step = read_inference_config(inference)[1]["source"]["step"]
     print(f"\nheld-out {HELD_OUT}: PSNR {before:.2f} dB at step 0 -> {after:.2f} dB after {step} steps")
     print(f"inference model: {inference}/  reconstruction: {run / 'reconstructions' / 'chelsea.png'}")
 

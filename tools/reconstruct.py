@@ -34,7 +34,7 @@ def save_png(img: torch.Tensor, path: Path) -> None:
 def reconstruct_files(tokenizer: Tokenizer, paths: list[Path], out: Path) -> dict[str, float]:
     """Reconstruct each file into ``out``; returns name -> PSNR (dB, against the decoded original)."""
     from atoken.data_pipeline.images import decode_image
-    from atoken.tools.eval.metrics import psnr
+    from atoken.model.metrics import psnr
 
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -54,7 +54,7 @@ def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_fra
     import torch
 
     from atoken.data_pipeline.video_decode import decode_all, encode_video, inspect_video
-    from atoken.tools.eval.metrics import psnr
+    from atoken.model.metrics import psnr
 
     data = path.read_bytes()
     try:
@@ -72,7 +72,7 @@ def reconstruct_asset_file(tokenizer: Tokenizer, path: Path, out: Path, views: i
     import torch
 
     from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens
-    from atoken.tools.eval.metrics import psnr
+    from atoken.model.metrics import psnr
     from atoken.model.ply import save_ply
     from atoken.model.splatting import render
 

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from atoken.model.metrics import lpips_pairs, psnr, ssim_pairs, to_8bit
 from atoken.tools.shard_writer import reason
 
 from .grid import Extremes
 from .inputs import Item, Source, each_readable, failed, input_files, is_mds, mds_items
-from .metrics import lpips_pairs, psnr, ssim_pairs, to_8bit
 from .report import mean_or_none
 
 if TYPE_CHECKING:

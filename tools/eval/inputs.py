@@ -135,7 +135,7 @@ def resized_clip(frames: torch.Tensor, res: int = 0, max_side: int | None = None
     from atoken.data_pipeline.images import training_size
     from atoken.data_pipeline.video import resize_clip
 
-    from .metrics import to_8bit
+    from atoken.model.metrics import to_8bit
 
     h, w = frames.shape[1:3]
     if res:

@@ -3,7 +3,6 @@ describes: ``evaluate`` reads every source, scores each item and writes ``OUT/re
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -15,13 +14,13 @@ import torch
 from tqdm import tqdm
 
 from atoken.model.config import PATCH_HW, PATCH_T
+from atoken.model.metrics import fid_from_features, lpips_pairs, psnr, ssim, ssim_pairs, to_8bit
 from atoken.tools.shard_writer import reason
 
 from .assets import AssetSettings, asset_items, evaluate_assets
 from .grid import Extremes
 from .inputs import (MIN_SIDE, Item, Source, each_readable, failed, input_files, is_mds, mds_items, read_clip,
                      read_image, resized_clip)
-from .metrics import fid_from_features, lpips_pairs, psnr, ssim, ssim_pairs, to_8bit
 from .report import mean_or_none, versions, write_report
 
 if TYPE_CHECKING:
@@ -315,7 +314,7 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
     if video.i3d_weights and not Path(video.i3d_weights).is_file():
         raise FileNotFoundError(f"--i3d-weights {video.i3d_weights!r}: no such file")
     from atoken.model.perceptual import load_perceptual
-    from atoken.model.tokenizer import Tokenizer
+    from atoken.model.tokenizer import Tokenizer, read_inference_config
 
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if assets and tok.model.gaussian_decoder is None:
@@ -327,7 +326,7 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
                "assets": asset_items(assets, asset) if assets else None}
     out.mkdir(parents=True, exist_ok=True)
     lpips = load_perceptual(lpips_net, trunk_weights=lpips_weights).to(tok.device)
-    meta = json.loads((Path(model_dir) / "config.json").read_text())
+    meta = read_inference_config(model_dir)[1]
     report: dict[str, Any] = {
         "model": {"dir": str(Path(model_dir).resolve()), "weights": meta.get("weights"),
                   "dtype": meta.get("dtype"), "source": meta.get("source"),

@@ -2,7 +2,6 @@
 ``atoken-zero-shot`` describes: ``classify`` and ``retrieve`` each write ``OUT/report.json``."""
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -172,7 +171,9 @@ def class_embeddings(tower: TextTower, class_names: list[str], templates: list[s
 # ------------------------------------------------------------------------------------- report
 
 def _model_info(model_dir: str, tok: Tokenizer) -> dict:
-    meta = json.loads((Path(model_dir) / "config.json").read_text())
+    from atoken.model.tokenizer import read_inference_config
+
+    meta = read_inference_config(model_dir)[1]
     und = tok.model.understanding
     return {"dir": str(Path(model_dir).resolve()), "weights": meta.get("weights"), "dtype": meta.get("dtype"),
             "source": meta.get("source"), "width": tok.model.cfg.encoder.width,
