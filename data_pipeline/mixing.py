@@ -1,13 +1,14 @@
 """Round-robin task mixing: every optimizer step runs the same interleaved sequence of micro-batches.
 
 The mix is the streams' ``micro_batches`` (stage 2: image rec 2, video und 1, video rec 6).
-``mix_order`` (config.py) spreads each stream evenly over one round: the k-th of a stream's n micro-batches sits
-at (k + 1/2) / n of the round, and ties go to the stream listed first. For image_rec 2, video_und 1,
-video_rec 6 that is::
+``mix_order`` (config.py) spreads each stream evenly over one round: the k-th of a stream's n
+micro-batches sits at (k + 1/2) / n of the round, and ties go to the stream listed first. For
+image_rec 2, video_und 1, video_rec 6 that is::
 
     video_rec, image_rec, video_rec, video_rec, video_und, video_rec, image_rec, video_rec, video_rec
 
-An optimizer step is ``mix_rounds`` rounds. Every rank follows the same order, so all data-parallel
+An optimizer step is ``mix_rounds`` rounds (``DataConfig.step_order``, whose length DeepSpeed
+accumulates). Every rank follows the same order, so all data-parallel
 ranks run the same task in the same micro-batch (and so build the same graph).
 
 To the device, one micro-batch ahead: when the trainer takes micro-batch k, the copy of k + 1 (its

@@ -7,10 +7,11 @@ new stage's model config:
   * heads new in this stage (e.g. the Gaussian decoder at stage 3) keep their fresh initialisation,
     and are listed in the log.
 Anything else that differs (another width or depth, a narrower latent, a checkpoint that is not
-one) is refused before any weight is touched, with what differs.
+one) is refused before any weight is touched, with what differs: ``check``, run once, by preflight.
 
 ``init_from`` may also be an inference directory: the released AToken weights imported with
-``atoken-import-official`` (fine-tuning the release), or ``atoken-convert``'s output.
+``atoken-import-official`` (fine-tuning the release), or ``atoken-convert``'s output. Either is read
+through ``checkpoint.read_weights``, the one reader of weights.
 
 Resuming a stage's own checkpoint always wins over ``init_from``: a requeued stage-2 job continues
 stage 2, it does not start over from stage 1.

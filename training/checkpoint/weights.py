@@ -28,6 +28,7 @@ from .layout import LAYOUT, client_state, find
 
 INFERENCE, CHECKPOINT = "inference", "checkpoint"  # WeightsSource.kind
 WEIGHTS = ("ema", "raw")  # which weights of a checkpoint (an inference directory holds one set)
+DAMAGED = "it is incomplete or damaged (an interrupted copy?): use another checkpoints/step_* directory"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ def find_weights(path: str | Path, setting: str | None = None) -> WeightsSource:
                         f"inference directory there (expected a run directory, its checkpoints/ folder, a "
                         f"checkpoints/step_* directory with {LAYOUT} or *model_states.pt, or a directory with "
                         f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    if not any(ckpt.glob("*model_states.pt")):  # DeepSpeed's weights (layout.json alone: a copy cut short)
+        raise UserError(f"{ckpt}: no *model_states.pt file; {DAMAGED}")
     client = _readable(ckpt, lambda: client_state(ckpt))
     try:
         cfg = from_dict(ModelConfig, client["config"]["model"])
@@ -83,5 +86,4 @@ def _readable(ckpt: Path, read):
         return read()
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{ckpt}: cannot read it ({type(e).__name__}: {first}); it is incomplete or damaged (an "
-                        "interrupted copy?): use another checkpoints/step_* directory") from None
+        raise UserError(f"{ckpt}: cannot read it ({type(e).__name__}: {first}); {DAMAGED}") from None
