@@ -109,7 +109,6 @@ def mix_order(streams: dict[str, StreamConfig]) -> list[str]:
     return [name for _, _, name in slots]
 
 
-
 @dataclass
 class DataConfig:
     streams: dict[str, StreamConfig] = field(default_factory=dict)

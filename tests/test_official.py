@@ -20,7 +20,7 @@ from atoken.model import AToken, PackedBatch, Tokenizer, patchify
 from atoken.model.autoencoder import position_embedding
 from atoken.model.kv_cache import KVCache
 from atoken.model.rope import apply_rope, rope_angles
-from atoken.model.tokenizer import read_inference_config, save_inference_dir
+from atoken.model.inference_dir import read_inference_config, save_inference_dir
 from atoken.model.transformer import MultiHeadRMSNorm
 from atoken.tools.official import FormatError, export_official, from_official, import_official, model_config
 from test_training import shards, train  # noqa: F401 - the real photos' shards and the trainer in a subprocess

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from atoken.model import AToken, PackedBatch, Tokenizer, patchify, preset
 from atoken.model.siglip2 import Siglip2ImageTower, encoder_config, load_siglip2, model_config
-from atoken.model.tokenizer import read_inference_config
+from atoken.model.inference_dir import read_inference_config
 from atoken.tools.import_siglip2 import main as import_main
 
 pytest.importorskip("transformers")

@@ -14,7 +14,7 @@ from atoken.model import AToken, from_dict, preset
 from atoken.model.errors import UserError
 from atoken.model.losses import LossConfig
 from atoken.model.objective import Objective, weigh
-from atoken.model.tokenizer import save_inference_dir
+from atoken.model.inference_dir import save_inference_dir
 from atoken.tools.convert import convert
 from atoken.training.checkpoint import INFERENCE, find_weights, read_weights
 from atoken.training.config import RunConfig, check_layout, load_yaml

@@ -25,7 +25,7 @@ def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str =
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     import torch
 
-    from atoken.model.tokenizer import save_inference_dir
+    from atoken.model.inference_dir import save_inference_dir
     from atoken.training.checkpoint import CHECKPOINT, find_weights, read_weights
 
     if find_weights(src).kind != CHECKPOINT:
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="stored weight dtype")
     args = p.parse_args(argv)
-    from atoken.model.tokenizer import read_inference_config
+    from atoken.model.inference_dir import read_inference_config
 
     out = convert(args.src, args.out, args.weights, args.dtype)
     print(f"wrote the inference directory {out} from {read_inference_config(out)[1]['source']['checkpoint']}")

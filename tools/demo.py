@@ -73,7 +73,8 @@ def main(argv=None) -> None:
                 "--set", f"data.streams.image_rec.remote={run / 'shards'}",
                 "--set", f"log.eval_images={holdout}", *[a for o in args.overrides for a in ("--set", o)]])
 
-    from atoken.model.tokenizer import Tokenizer, read_inference_config
+    from atoken.model.inference_dir import read_inference_config
+    from atoken.model.tokenizer import Tokenizer
 
     inference = convert(run, run / "inference")
     tok = Tokenizer.from_pretrained(inference, device="cpu")

@@ -25,7 +25,7 @@ def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, 
 
     from atoken.model.autoencoder import AToken
     from atoken.model.siglip2 import load_siglip2, model_config
-    from atoken.model.tokenizer import save_inference_dir
+    from atoken.model.inference_dir import save_inference_dir
 
     cfg = model_config(src, latent_channels=latent_channels, rope=rope)
     torch.manual_seed(seed)
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-rope", action="store_true", help="encoder without RoPE (reproduces SigLIP2 exactly)")
     args = p.parse_args(argv)
     out = import_siglip2(args.src, args.out, args.latent_channels, args.seed, rope=not args.no_rope)
-    from atoken.model.tokenizer import read_inference_config
+    from atoken.model.inference_dir import read_inference_config
 
     meta = read_inference_config(out)[1]
     enc = meta["model"]["encoder"]

@@ -36,7 +36,7 @@ from atoken.model.config import GaussianDecoderConfig
 from atoken.model.gaussians import GaussianDecoder
 from atoken.model.splatting import FILTER_2D
 from atoken.model.errors import UserError, cli
-from atoken.model.tokenizer import read_inference_config, save_inference_dir
+from atoken.model.inference_dir import read_inference_config, save_inference_dir
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
 from atoken.training.checkpoint import INFERENCE, read_weights
 

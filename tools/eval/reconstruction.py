@@ -314,7 +314,8 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
     if video.i3d_weights and not Path(video.i3d_weights).is_file():
         raise FileNotFoundError(f"--i3d-weights {video.i3d_weights!r}: no such file")
     from atoken.model.perceptual import load_perceptual
-    from atoken.model.tokenizer import Tokenizer, read_inference_config
+    from atoken.model.inference_dir import read_inference_config
+    from atoken.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(model_dir, device=device)
     if assets and tok.model.gaussian_decoder is None:

@@ -171,7 +171,7 @@ def class_embeddings(tower: TextTower, class_names: list[str], templates: list[s
 # ------------------------------------------------------------------------------------- report
 
 def _model_info(model_dir: str, tok: Tokenizer) -> dict:
-    from atoken.model.tokenizer import read_inference_config
+    from atoken.model.inference_dir import read_inference_config
 
     meta = read_inference_config(model_dir)[1]
     und = tok.model.understanding

@@ -5,8 +5,8 @@ A path is one of
   * an inference directory (``atoken-convert``'s output, the release through ``atoken-import-official``);
   * a run directory, its ``checkpoints/`` (the ``latest`` pointer picks one) or one ``checkpoints/step_*``.
 
-Who owns what: an inference directory's format is the model's (``model/tokenizer.py`` writes and reads
-it, and ``Tokenizer.from_pretrained`` needs nothing from training); a checkpoint's layout is this
+Who owns what: an inference directory's format is the model's (``model/inference_dir.py`` writes and
+reads it, and ``Tokenizer.from_pretrained`` needs nothing from training); a checkpoint's layout is this
 package's. This module joins the two for the callers that take either (the stage hand-off,
 ``atoken-convert``, ``atoken-export-official``), so that none of them opens the files itself.
 """
@@ -20,8 +20,8 @@ import torch
 
 from atoken.model.config import ModelConfig, from_dict
 from atoken.model.errors import UserError
-from atoken.model.tokenizer import (CONFIG_FILE, WEIGHTS_FILE, is_inference_dir, load_inference_dir,
-                                    read_inference_config)
+from atoken.model.inference_dir import (CONFIG_FILE, WEIGHTS_FILE, is_inference_dir, load_inference_dir,
+                                        read_inference_config)
 
 from .export import consolidate
 from .layout import LAYOUT, client_state, find
