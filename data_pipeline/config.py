@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from atoken.model.config import PATCH_HW, PATCH_T
 
@@ -101,6 +102,13 @@ def cpus_per_task() -> int:
     return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def mix_order(streams: dict[str, StreamConfig]) -> list[str]:
+    """Stream names of one round of the mix, in order (mixing.py's docstring)."""
+    slots = sorted((Fraction(2 * k + 1, 2 * s.micro_batches), i, name)
+                   for i, (name, s) in enumerate(streams.items()) for k in range(s.micro_batches))
+    return [name for _, _, name in slots]
+
+
 @dataclass
 class DataConfig:
     streams: dict[str, StreamConfig] = field(default_factory=dict)
@@ -144,10 +152,12 @@ class DataConfig:
             return self.num_workers
         return max(0, cpus_per_task() - 1) // max(1, len(self.streams))
 
-    @property
-    def micro_batches_per_round(self) -> int:
-        """Micro-batches in one round of the mix: the sum of the streams' ``micro_batches``."""
-        return sum(s.micro_batches for s in self.streams.values())
+    def step_order(self, mix_rounds: int) -> list[str]:
+        """Stream names of an optimizer step's micro-batches, in order: ``mix_rounds`` rounds of the mix
+        (``mix_order``). The one source of the micro-batches per step: ``MixedLoader`` hands them out in
+        this order (the trainer's loop), and DeepSpeed accumulates its length
+        (``RunConfig.micro_batches_per_step``)."""
+        return mix_order(self.streams) * mix_rounds
 
     def check(self) -> None:
         """Raise unless the config can run (after any overrides): valid fields, at least one stream,

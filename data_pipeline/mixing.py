@@ -1,14 +1,15 @@
 """Round-robin task mixing: every optimizer step runs the same interleaved sequence of micro-batches.
 
 The mix is the streams' ``micro_batches`` (stage 2: image rec 2, video und 1, video rec 6).
-``mix_order`` spreads each stream evenly over one round: the k-th of a stream's n micro-batches sits
-at (k + 1/2) / n of the round, and ties go to the stream listed first. For image_rec 2, video_und 1,
-video_rec 6 that is::
+``mix_order`` (config.py) spreads each stream evenly over one round: the k-th of a stream's n
+micro-batches sits at (k + 1/2) / n of the round, and ties go to the stream listed first. For
+image_rec 2, video_und 1, video_rec 6 that is::
 
     video_rec, image_rec, video_rec, video_rec, video_und, video_rec, image_rec, video_rec, video_rec
 
-An optimizer step is ``mix_rounds`` rounds. Every rank follows the same order, so all data-parallel
-ranks run the same task in the same micro-batch (and so build the same graph).
+An optimizer step is ``mix_rounds`` rounds (``DataConfig.step_order``, whose length DeepSpeed
+accumulates). Every rank follows the same order, so all data-parallel ranks run the same task in the
+same micro-batch (and so build the same graph).
 
 To the device, one micro-batch ahead: when the trainer takes micro-batch k, the copy of k + 1 (its
 uint8 values from pinned memory, non-blocking) and the building of its float [N, 3072] features
@@ -25,24 +26,16 @@ what was read of it since (logged with its count) and losing nothing.
 from __future__ import annotations
 
 import logging
-from fractions import Fraction
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .config import DataConfig, StreamConfig
+from .config import DataConfig
 from .loader import StreamLoader, stream_stats
 from .packing import MicroBatch
 
 log = logging.getLogger(__name__)
-
-
-def mix_order(streams: dict[str, StreamConfig]) -> list[str]:
-    """Stream names of one round of the mix, in order (module docstring)."""
-    slots = sorted((Fraction(2 * k + 1, 2 * s.micro_batches), i, name)
-                   for i, (name, s) in enumerate(streams.items()) for k in range(s.micro_batches))
-    return [name for _, _, name in slots]
 
 
 class MixedLoader:
@@ -63,7 +56,7 @@ class MixedLoader:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.loaders = {name: StreamLoader(s, data, rank, world, pin_memory=cuda) for name, s in data.streams.items()}
-        self.order = mix_order(data.streams) * mix_rounds
+        self.order = data.step_order(mix_rounds)
         self.slot = 0  # index into order of the next micro-batch handed out
         self._states = {name: loader.state_dict() for name, loader in self.loaders.items()}  # as handed out
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None

@@ -6,8 +6,8 @@ import importlib
 _EXPORTS = {
     **dict.fromkeys(["BACKENDS", "get_attention_backend", "varlen_attention"], "attention"),
     **dict.fromkeys(["AToken", "Decoder", "Encoder", "Posterior"], "autoencoder"),
-    **dict.fromkeys(["PATCH_DIM", "PATCH_HW", "PATCH_T", "PRESETS", "ModelConfig", "TransformerConfig", "preset"],
-                    "config"),
+    **dict.fromkeys(["PATCH_DIM", "PATCH_HW", "PATCH_T", "PRESETS", "ModelConfig", "TransformerConfig", "from_dict",
+                      "preset"], "config"),
     **dict.fromkeys(["ASSET3D", "IMAGE", "VIDEO", "PackedBatch"], "packed"),
     **dict.fromkeys(["grid_coords", "pad_to_patches", "patchify", "unpatchify"], "patches"),
     **dict.fromkeys(["apply_rope", "rope_angles"], "rope"),

@@ -6,6 +6,8 @@ paper's ablation, ``tiny`` trains in minutes on 2 CPU cores.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 
 # Every modality uses the same 4x16x16 (t, h, w) patch of RGB: 3 * 4 * 16 * 16 values a token.
@@ -82,14 +84,10 @@ class GaussianDecoderConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> GaussianDecoderConfig:
-        d = dict(d)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:  # e.g. max_offset, scale_range: atoken's own decoder before it became the release's
-            raise ValueError(f"the Gaussian decoder config has fields this version does not know: {unknown} "
-                             "(written for atoken's earlier Gaussian decoder, which no longer exists)")
-        return cls(transformer=TransformerConfig(**d.pop("transformer")), **d)
+    # ``from_dict``'s error for unknown fields (e.g. max_offset, scale_range): a config written for
+    # atoken's own decoder before it became the release's.
+    UNKNOWN_KEYS = ("the Gaussian decoder config has fields this version does not know: {unknown} (written for "
+                    "atoken's earlier Gaussian decoder, which no longer exists); known: {known}")
 
 
 # The release's per-voxel output layout, attribute-major: name -> values per Gaussian.
@@ -161,13 +159,6 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        d = dict(d)
-        gaussian = d.pop("gaussian", None)
-        return cls(encoder=TransformerConfig(**d.pop("encoder")), decoder=TransformerConfig(**d.pop("decoder")),
-                   gaussian=GaussianDecoderConfig.from_dict(gaussian) if gaussian else None, **d)
-
 
 def _symmetric(depth: int, width: int, heads: int, mlp_width: int, **kw) -> ModelConfig:
     enc = TransformerConfig(depth, width, heads, mlp_width, norm="layernorm", qk_norm=False, bias=True)
@@ -186,3 +177,39 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+# ------------------------------------------------------------------ the one loader of config dataclasses
+
+UNKNOWN_KEYS = "unknown {cls} keys {unknown}; known: {known}"  # a class may word it its own way (UNKNOWN_KEYS)
+
+
+def from_dict(cls, d: dict):
+    """Build dataclass ``cls`` from a nested dict (a run's YAML, an inference directory's config, a
+    checkpoint's client state), checking every key: the one loader of every config dataclass
+    (``ModelConfig``, ``RunConfig``, ``DataConfig``, ...). An unknown key is a ValueError listing the
+    known ones."""
+    hints = typing.get_type_hints(cls)
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(getattr(cls, "UNKNOWN_KEYS", UNKNOWN_KEYS).format(cls=cls.__name__, unknown=unknown,
+                                                                           known=names))
+    return cls(**{k: as_type(hints[k], v) for k, v in d.items()})
+
+
+def as_type(t, v):
+    """A plain value as type ``t``: dataclasses (also ``X | None``) built field by field,
+    ``dict[str, Dataclass]`` entry by entry, lists into (nested) tuples; anything else as it is."""
+    if dataclasses.is_dataclass(t):
+        return from_dict(t, v)
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return as_type(inner[0], v) if v is not None and len(inner) == 1 else v
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return {key: as_type(args[1], item) for key, item in (v or {}).items()}
+    if origin is tuple and v is not None:
+        inner = args[0] if args and ((len(args) == 2 and args[1] is Ellipsis) or len(set(args)) == 1) else None
+        return tuple(as_type(inner, x) for x in v) if inner is not None else tuple(v)
+    return v

@@ -18,7 +18,7 @@ stream (the task mix's order is the same on every rank, data_pipeline/mixing.py)
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -33,30 +33,35 @@ from .understanding import TextTower, distill_loss, sigmoid_loss
 
 class Objective(nn.Module):
     """forward(model, batch, out, extras, tasks) -> scalar terms, "total" among them.
-    ``model`` is not read any more (every input arrives in ``out``, as ZeRO-3 needs); the argument
-    stays for the existing callers.
+    ``model`` is not read (every input arrives in ``out``, as ZeRO-3 needs, and the 3D term's
+    ``render_backend`` is given when the objective is built); the argument stays for the existing callers.
 
     ``extras``: per sample what the losses need beyond its tokens ("caption"; for 3D "views"
     [V, 3, H, W] in [0, 1] and "cameras"). The frozen networks (perceptual net, text tower, teacher)
     are kept out of this module's parameters and state_dict, like the perceptual net before.
     """
 
+    # Per task, the weighted term that is its own (the trainer logs it per stream as "<stream>/<term>").
+    TASK_TERM: ClassVar[dict[str, str]] = {"rec": "rec", "und": "sem"}
+
     def __init__(self, cfg: LossConfig, text_tower: TextTower | None = None, teacher: nn.Module | None = None,
-                 group=None):
+                 group=None, render_backend: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.rec = ReconstructionLoss(cfg)
         self._frozen = (text_tower, teacher)
         self.group = group  # data-parallel process group of the semantic losses (None: this process only)
+        # The 3D term's renderer (``GaussianDecoderConfig.render_backend``; None: splatting's auto choice).
+        self.render_backend = render_backend
 
     @classmethod
-    def from_config(cls, cfg: LossConfig, group=None) -> Objective:
+    def from_config(cls, cfg: LossConfig, group=None, render_backend: str | None = None) -> Objective:
         """Loads the text tower and the teacher from their local paths when the config names them."""
         tower = TextTower.from_pretrained(cfg.text_tower) if cfg.text_tower else None
         teacher = None
         if cfg.teacher:
             teacher = Siglip2ImageTower.from_pretrained(cfg.teacher)
-        return cls(cfg, tower, teacher, group)
+        return cls(cfg, tower, teacher, group, render_backend)
 
     @property
     def text_tower(self) -> TextTower | None:
@@ -92,7 +97,7 @@ class Objective(nn.Module):
                 for k, i in enumerate(assets):
                     views, cameras = _required(extras[i], ("views", "cameras"), batch.names, i)
                     losses.append(gaussian_view_loss(out.gaussians.sample(k), views, cameras,
-                                                     backend=model.cfg.gaussian.render_backend))
+                                                     backend=self.render_backend))
                 terms["l1_3d"] = torch.stack(losses).mean()
             terms["kl"] = out.posterior.kl().float().mean()
         if "und" in tasks:

@@ -45,10 +45,11 @@ FRAME_DIM = CHANNELS * PATCH_HW * PATCH_HW  # 768 values of one frame of a token
 def vision_config(path: str | Path):
     """The checkpoint's ``Siglip2VisionConfig`` (from a vision-only or a full SigLIP2 directory)."""
     from transformers import AutoConfig  # noqa: PLC0415 - transformers takes seconds to import: SigLIP2 paths only
+    from transformers.utils import CONFIG_NAME  # noqa: PLC0415 - likewise; Hugging Face's config.json (not ours)
 
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}/config.json not found: pass a local SigLIP2 checkpoint directory")
+    if not (path / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{path}/{CONFIG_NAME} not found: pass a local SigLIP2 checkpoint directory")
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     if cfg.model_type == "siglip2":
         cfg = cfg.vision_config

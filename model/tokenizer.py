@@ -1,7 +1,7 @@
 """Inference API: ``Tokenizer.from_pretrained(dir)``, then per modality encode / decode.
 
-An inference directory holds ``config.json`` (the model config and provenance) and
-``model.safetensors`` (weights, EMA by default); ``atoken-convert`` writes it from a checkpoint.
+An inference directory (``inference_dir.py``) holds the model config and provenance and the weights
+(EMA by default); ``atoken-convert`` writes it from a checkpoint.
 
   images  [3, H, W] in [0, 1], any size   encode -> ImageLatent -> decode (padded to whole patches
                                           by edge replication, cropped back; ``patches.py``)
@@ -15,71 +15,21 @@ An inference directory holds ``config.json`` (the model config and provenance) a
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .autoencoder import AToken
-from .config import PATCH_DIM, PATCH_T, ModelConfig
+from .config import PATCH_DIM, PATCH_T
 from .errors import UserError
 from .gaussians import Gaussians
+from .inference_dir import CONFIG_FILE, WEIGHTS_FILE, load_inference_dir
 from .kv_cache import KVCache
 from .packed import ASSET3D, CHUNK_FRAMES, IMAGE, VIDEO, PackedBatch
 from .patches import pad_to_patches, patchify, unpatchify
 
-FORMAT = "atoken-inference"
-REMAKE = "make it again with atoken-convert or atoken-import-official"
 CHUNK_VIDEO_FRAMES = CHUNK_FRAMES * PATCH_T  # 16 video frames: the encoder's and decoder's chunk
-
-
-def save_inference_dir(out: str | Path, state: dict[str, torch.Tensor], model_cfg: dict, weights: str,
-                       source: dict, dtype: torch.dtype = torch.float32) -> Path:
-    """Write an inference directory: ``model.safetensors`` (``state`` in ``dtype``) and ``config.json``
-    (the model config, which weights, and their provenance)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    meta = {"format": FORMAT, "version": 1, "model": model_cfg, "dtype": str(dtype).removeprefix("torch."),
-            "weights": weights, "source": source}
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-def load_inference_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
-    """(state dict as stored, model config, config.json) of an inference directory; a missing,
-    unreadable or foreign file is a ``UserError`` naming it."""
-    cfg, meta = read_inference_config(path)
-    weights = Path(path) / "model.safetensors"
-    try:  # a truncated or foreign file: safetensors' own message does not name it
-        state = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
-        raise UserError(f"{weights}: cannot load the weights ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged; {REMAKE}") from None
-    return state, cfg, meta
-
-
-def read_inference_config(path: str | Path) -> tuple[ModelConfig, dict]:
-    """(model config, config.json) of an inference directory, without reading its weights."""
-    path = Path(path)
-    cfg_file, weights = path / "config.json", path / "model.safetensors"
-    for f in (cfg_file, weights):
-        if not f.exists():
-            raise UserError(f"{f} not found: {path} is not an atoken inference directory "
-                            "(make one with atoken-convert or atoken-import-official)")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg_file}: not readable JSON ({e}); {REMAKE}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{cfg_file} is not an {FORMAT} config (format="
-                        f"{meta.get('format') if isinstance(meta, dict) else None!r}); {REMAKE}")
-    try:
-        return ModelConfig.from_dict(meta["model"]), meta
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{cfg_file}: its model config does not fit this version ({e}); {REMAKE}") from None
 
 
 @dataclass
@@ -108,7 +58,7 @@ class Tokenizer:
         try:
             model.load_state_dict({k: v.float() for k, v in state.items()})
         except RuntimeError as e:  # weights of another config
-            raise UserError(f"{Path(path) / 'model.safetensors'}: its weights do not fit its config.json "
+            raise UserError(f"{Path(path) / WEIGHTS_FILE}: its weights do not fit its {CONFIG_FILE} "
                             f"({str(e).splitlines()[0]}); make it again with atoken-convert") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or getattr(torch, meta.get("dtype", "float32"))

@@ -242,10 +242,11 @@ class TextTower(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 64) -> TextTower:
         from transformers import AutoTokenizer, Siglip2TextModel  # noqa: PLC0415 - transformers takes seconds to import: the understanding branch only
+        from transformers.utils import CONFIG_NAME  # noqa: PLC0415 - likewise; Hugging Face's config.json
 
         path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}/config.json not found: pass a local SigLIP2 checkpoint directory "
+        if not (path / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{path}/{CONFIG_NAME} not found: pass a local SigLIP2 checkpoint directory "
                                     "(save_pretrained of Siglip2Model or Siglip2TextModel)")
         model = Siglip2TextModel.from_pretrained(path, local_files_only=True)
         tokenizer = None

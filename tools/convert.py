@@ -10,67 +10,36 @@ data-parallel shards are merged). The result loads with ``Tokenizer.from_pretrai
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atoken.model.errors import UserError, cli
 
 if TYPE_CHECKING:  # annotations only
-    import torch
+    pass
 
 # NOTE: torch, the model and the checkpoint code are imported where used: --help stays fast.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> torch dtype name
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A run dir / checkpoints dir / checkpoint dir -> one complete checkpoint directory
-    (``checkpoint.find``), or the CLI's error."""
-    from atoken.training import checkpoint  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-
-    ckpt = checkpoint.find(path)
-    if ckpt is None:
-        raise UserError(f"{path} is not a checkpoint (no {checkpoint.LAYOUT} or *model_states.pt); pass a "
-                        "run directory, its checkpoints/ directory or a checkpoints/step_* directory")
-    return ckpt
-
-
-def load_weights(ckpt: Path, which: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, client state) of one checkpoint; ``which`` is "ema" or "raw".
-
-    Works at any training layout (ZeRO 1/2/3, any tensor- and data-parallel size): the shards are
-    merged into the plain single-process model's state dict (``checkpoint.consolidate``).
-    """
-    from atoken.training import checkpoint  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-
-    files = sorted(ckpt.glob("*model_states.pt"))
-    damaged = "it is incomplete or damaged (an interrupted copy?): convert another checkpoints/step_* directory"
-    if not files:
-        raise UserError(f"{ckpt}: no *model_states.pt file; {damaged}")
-    try:  # a truncated file fails in torch.load (RuntimeError, EOFError, UnpicklingError), a missing one as OSError
-        client = {k: v for k, v in checkpoint.client_state(ckpt).items() if k in ("step", "config")}
-        return checkpoint.consolidate(ckpt, which), client
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{ckpt}: cannot read it ({type(e).__name__}: {first}); {damaged}") from None
-
-
 def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str = "fp32") -> Path:
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    """A run / checkpoints / checkpoint directory -> an inference directory at ``out``, from any training
+    layout (ZeRO 1/2/3, tensor- and data-parallel shards merged: ``checkpoint.read_weights``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
-    from atoken.model.tokenizer import save_inference_dir  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.inference_dir import save_inference_dir  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.training.checkpoint import CHECKPOINT, find_weights, read_weights  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
-    ckpt = find_checkpoint(src)
-    state, client = load_weights(ckpt, weights)
-    if "config" not in client or "step" not in client:
-        raise UserError(f"{ckpt}: its model states hold no run config (not written by atoken-train?)")
-    run_cfg = client["config"]
+    if find_weights(src).kind != CHECKPOINT:
+        raise UserError(f"{src} is an inference directory already (atoken-convert reads a run directory, its "
+                        "checkpoints/ directory or a checkpoints/step_* directory)")
+    state, source = read_weights(src, weights)
+    run_cfg = source.meta["config"]
     save_inference_dir(out, state, run_cfg["model"], weights, dtype=getattr(torch, DTYPES[dtype]),
-                       source={"checkpoint": str(ckpt.resolve()), "step": client["step"], "stage": run_cfg["stage"]})
+                       source={"checkpoint": str(source.path.resolve()), "step": source.meta["step"],
+                               "stage": run_cfg["stage"]})
     return Path(out)
 
 
@@ -83,8 +52,10 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA (default) or raw weights")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="stored weight dtype")
     args = p.parse_args(argv)
+    from atoken.model.inference_dir import read_inference_config  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+
     out = convert(args.src, args.out, args.weights, args.dtype)
-    print(f"wrote {out}/config.json and model.safetensors from {find_checkpoint(args.src)}")
+    print(f"wrote the inference directory {out} from {read_inference_config(out)[1]['source']['checkpoint']}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def main(argv=None) -> None:
                 "--set", f"data.streams.image_rec.remote={run / 'shards'}",
                 "--set", f"log.eval_images={holdout}", *[a for o in args.overrides for a in ("--set", o)]])
 
+    from atoken.model.inference_dir import read_inference_config  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
     from atoken.model.tokenizer import Tokenizer  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     inference = convert(run, run / "inference")
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
     after = reconstruct_files(tok, [holdout / HELD_OUT], run / "reconstructions")[HELD_OUT]
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval_psnr"' in line]
     before = evals[0]["eval_psnr_per_image"][HELD_OUT]
-    step = json.loads((inference / "config.json").read_text())["source"]["step"]
+    step = read_inference_config(inference)[1]["source"]["step"]
     print(f"\nheld-out {HELD_OUT}: PSNR {before:.2f} dB at step 0 -> {after:.2f} dB after {step} steps")
     print(f"inference model: {inference}/  reconstruction: {run / 'reconstructions' / 'chelsea.png'}")
 

@@ -12,7 +12,6 @@ the latent projection, the decoder and the sigmoid scale / bias are freshly init
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from atoken.model.errors import cli
@@ -25,8 +24,8 @@ def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, 
     import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     from atoken.model.autoencoder import AToken  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.inference_dir import save_inference_dir  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
     from atoken.model.siglip2 import load_siglip2, model_config  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-    from atoken.model.tokenizer import save_inference_dir  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     cfg = model_config(src, latent_channels=latent_channels, rope=rope)
     torch.manual_seed(seed)
@@ -48,7 +47,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-rope", action="store_true", help="encoder without RoPE (reproduces SigLIP2 exactly)")
     args = p.parse_args(argv)
     out = import_siglip2(args.src, args.out, args.latent_channels, args.seed, rope=not args.no_rope)
-    meta = json.loads((out / "config.json").read_text())
+    from atoken.model.inference_dir import read_inference_config  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+
+    meta = read_inference_config(out)[1]
     enc = meta["model"]["encoder"]
     print(f"wrote {out}: encoder {enc['depth']} x {enc['width']} and MAP head from {args.src} "
           f"({meta['source']['imported_tensors']} tensors), RoPE {'off' if args.no_rope else 'on'}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -37,11 +36,10 @@ from atoken.model import AToken, ModelConfig, TransformerConfig
 from atoken.model.config import GaussianDecoderConfig
 from atoken.model.errors import UserError, cli
 from atoken.model.gaussians import GaussianDecoder
+from atoken.model.inference_dir import read_inference_config, save_inference_dir
 from atoken.model.splatting import FILTER_2D
-from atoken.model.tokenizer import load_inference_dir, save_inference_dir
 from atoken.model.understanding import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
-
-from .convert import find_checkpoint, load_weights
+from atoken.training.checkpoint import INFERENCE, read_weights
 
 # The release's class, kept in the YAML we write (its loader reads only arch_cfg).
 CLASS_NAME = "models.pretrained.autoencoder_kl.AutoencoderKLTrain"
@@ -424,25 +422,13 @@ def import_official(model: str | Path, config: str | Path, out: str | Path, gs_m
     return out
 
 
-def read_ours(src: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """An inference directory, a run directory or a checkpoint -> (state dict, model config)."""
-    src = Path(src)
-    if (src / "config.json").is_file():
-        state, cfg, _ = load_inference_dir(src)
-        return state, cfg
-
-    ckpt = find_checkpoint(src)
-    state, client = load_weights(ckpt, weights)
-    return state, ModelConfig.from_dict(client["config"]["model"])
-
-
 def export_official(src: str | Path, out: str | Path, weights: str = "ema") -> Path:
     """Ours -> ``OUT/model.pt`` + ``OUT/config.yaml``, loadable by the release's ``ATokenWrapper``; with a
     Gaussian decoder also ``OUT/3d_decode_gs.pt`` + ``.yaml``, loadable strictly by its
     ``SLatGaussianDecoderTrain`` (which needs the LPIPS tensors an import kept)."""
-    state, cfg = read_ours(src, weights)
-    meta = json.loads((Path(src) / "config.json").read_text()) if (Path(src) / "config.json").is_file() else {}
-    dtypes = meta.get("source", {})
+    state, source = read_weights(src, weights)
+    cfg = source.cfg
+    dtypes = source.meta.get("source", {}) if source.kind == INFERENCE else {}
     def cast(d: dict, key: str) -> dict:  # back to the dtype an import recorded
         return {k: v.to(getattr(torch, dtypes[key])) for k, v in d.items()} if key in dtypes else d
     gs = {k: state.pop(k) for k in [k for k in state if k.startswith("gaussian_decoder.")]}
@@ -451,7 +437,7 @@ def export_official(src: str | Path, out: str | Path, weights: str = "ema") -> P
     official = to_official(state, cfg)
     gs_official = None
     if g is not None:
-        extra_file = Path(src) / GS_EXTRA_FILE
+        extra_file = source.path / GS_EXTRA_FILE
         if not extra_file.is_file():
             raise FormatError(f"{extra_file} not found: the release's SLatGaussianDecoderTrain loads strictly, "
                               f"with the LPIPS-VGG tensors of its training loss ({GS_EXTRA_PREFIX}*), which only an "
@@ -480,8 +466,7 @@ def import_main(argv=None) -> None:
     p.add_argument("--out", required=True, help="inference directory to write")
     args = p.parse_args(argv)
     out = import_official(args.model, args.config, args.out, args.gs_model, args.gs_config)
-    meta = json.loads((out / "config.json").read_text())
-    print(f"wrote {out}/config.json and model.safetensors ({meta['dtype']}) from {args.model}")
+    print(f"wrote the inference directory {out} ({read_inference_config(out)[1]['dtype']}) from {args.model}")
 
 
 @cli

@@ -40,7 +40,7 @@ def save_png(img: torch.Tensor, path: Path) -> None:
 
 def reconstruct_files(tokenizer: Tokenizer, paths: list[Path], out: Path) -> dict[str, float]:
     """Reconstruct each file into ``out``; returns name -> PSNR (dB, against the decoded original)."""
-    from atoken.tools.eval.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -60,7 +60,7 @@ def reconstruct_video_file(tokenizer: Tokenizer, path: Path, out: Path, tile_fra
     import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     from atoken.data_pipeline.video_decode import decode_all, encode_video, inspect_video  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-    from atoken.tools.eval.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     data = path.read_bytes()
     try:
@@ -78,9 +78,9 @@ def reconstruct_asset_file(tokenizer: Tokenizer, path: Path, out: Path, views: i
     import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     from atoken.data_pipeline.assets import decode_views, prepare_asset, voxel_tokens  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.model.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
     from atoken.model.ply import save_ply  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
     from atoken.model.splatting import render  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-    from atoken.tools.eval.metrics import psnr  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
 
     try:
         raw = prepare_asset(path, views=views, resolution=resolution)

@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 import yaml
 
 from atoken.data_pipeline.config import DataConfig, StreamConfig
-from atoken.model.config import GaussianDecoderConfig, ModelConfig, gaussian_decoder_preset, preset
+from atoken.model.config import GaussianDecoderConfig, ModelConfig, as_type, from_dict, gaussian_decoder_preset, preset
 from atoken.model.losses import LossConfig
 
 from .batch import rounds_per_step
+
+# The scale the streams' ``global_batch`` (the paper's samples per step) is stated at: the Slurm
+# scripts' default of 32 nodes x 8 GPUs (RunConfig.reference_gpus, stages.py's token budgets).
+REFERENCE_GPUS = 256
+PRECISIONS = ("auto", "bf16", "fp32")  # RunConfig.precision (training/engine.py's ``precision``)
 
 
 @dataclass
@@ -39,6 +44,19 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     compile: bool = False  # torch.compile each transformer block; tested at tp=1 only
     zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters
+
+
+def check_layout(tp: int, sequence_parallel: bool, world: int, heads: typing.Iterable[int] = ()) -> None:
+    """The one check of a parallel layout (preflight, before anything is built; ``init_parallel``,
+    ``ParallelDims`` and ``shard_model``): ``tp`` divides the world size and every transformer's
+    ``heads`` (TP splits whole heads), and sequence parallelism has TP ranks to split over. ValueError."""
+    if tp < 1 or world < 1 or world % tp:
+        raise ValueError(f"parallel.tp={tp} does not divide the world size {world}")
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence_parallel needs tensor parallelism (tp > 1)")
+    for h in sorted(set(heads)):
+        if h % tp:
+            raise ValueError(f"heads {h} not divisible by tensor-parallel size {tp} (parallel.tp)")
 
 
 @dataclass
@@ -84,9 +102,7 @@ class RunConfig:
     # (``micro_batches_per_step``).
     # 0: "auto", round(reference_gpus / data-parallel size) (training/batch.py), resolved at start.
     mix_rounds: int = 1
-    # The scale the streams' ``global_batch`` (the paper's samples per step) is stated at: the Slurm
-    # scripts' default of 32 nodes x 8 GPUs.
-    reference_gpus: int = 256
+    reference_gpus: int = REFERENCE_GPUS  # the scale the streams' global_batch is stated at (above)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     seed: int = 0
     # The same command reproduces its losses bit for bit (training/determinism.py); costs speed.
@@ -98,14 +114,16 @@ class RunConfig:
         ``mix_rounds`` resolved (``with_rounds``)."""
         if self.mix_rounds < 1:
             raise ValueError("mix_rounds=0 (auto) is resolved at start: use RunConfig.with_rounds(dp)")
-        return self.mix_rounds * self.data.micro_batches_per_round
+        return len(self.data.step_order(self.mix_rounds))
 
     def with_rounds(self, dp: int) -> RunConfig:
         """This config with ``mix_rounds`` resolved for ``dp`` data-parallel ranks (training/batch.py)."""
         return dataclasses.replace(self, mix_rounds=rounds_per_step(self.mix_rounds, self.reference_gpus, dp))
 
     def check(self) -> None:
-        """Raise ValueError for combinations that cannot run, before anything is built."""
+        """Raise ValueError for values and combinations that cannot run, before anything is built."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         und = [s for s in self.data.streams.values() if s.task == "und"]
         if und and not self.model.understanding:
             raise ValueError(f"streams {[s.name for s in und]} are understanding streams: set model.understanding=true")
@@ -138,34 +156,6 @@ def _plain(x):
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
-
-
-def from_dict(cls, d: dict):
-    """Build dataclass ``cls`` from a nested dict, checking every key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
-    kwargs = {}
-    for k, v in d.items():
-        t = hints[k]
-        kwargs[k] = _typed(t, v)
-    return cls(**kwargs)
-
-
-def _typed(t, v):
-    """A YAML value as type ``t``: dataclasses built field by field, ``dict[str, Dataclass]`` entry by
-    entry, lists into (nested) tuples."""
-    if dataclasses.is_dataclass(t):
-        return t.from_dict(v) if hasattr(t, "from_dict") else from_dict(t, v)
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
-        return {key: _typed(args[1], item) for key, item in (v or {}).items()}
-    if origin is tuple and v is not None:
-        inner = args[0] if args and ((len(args) == 2 and args[1] is Ellipsis) or len(set(args)) == 1) else None
-        return tuple(_typed(inner, x) for x in v) if inner is not None else tuple(v)
-    return v
 
 
 def load_yaml(path: str) -> RunConfig:
@@ -231,5 +221,5 @@ def apply_override(cfg: RunConfig, item: str) -> None:
         except (TypeError, ValueError):
             raise ValueError(f"override {item!r}: {leaf} needs a {t.__name__}") from None
     elif typing.get_origin(t) is tuple:
-        value = _typed(t, value)
+        value = as_type(t, value)
     setattr(obj, leaf, value)

@@ -7,10 +7,11 @@ new stage's model config:
   * heads new in this stage (e.g. the Gaussian decoder at stage 3) keep their fresh initialisation,
     and are listed in the log.
 Anything else that differs (another width or depth, a narrower latent, a checkpoint that is not
-one) is refused before any weight is touched, with what differs.
+one) is refused before any weight is touched, with what differs: ``check``, run once, by preflight.
 
 ``init_from`` may also be an inference directory: the released AToken weights imported with
-``atoken-import-official`` (fine-tuning the release), or ``atoken-convert``'s output.
+``atoken-import-official`` (fine-tuning the release), or ``atoken-convert``'s output. Either is read
+through ``checkpoint.read_weights``, the one reader of weights.
 
 Resuming a stage's own checkpoint always wins over ``init_from``: a requeued stage-2 job continues
 stage 2, it does not start over from stage 1.
@@ -23,28 +24,11 @@ from pathlib import Path
 import torch
 
 from atoken.model import AToken, ModelConfig
-from atoken.model.tokenizer import load_inference_dir, read_inference_config
 
-from . import checkpoint
+from .checkpoint import WeightsSource, find_weights, read_weights
 
 log = logging.getLogger(__name__)
-
-
-def source_checkpoint(path: str | Path) -> Path:
-    """The checkpoint ``checkpoint.init_from`` names (``checkpoint.find``)."""
-    ckpt = checkpoint.find(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"checkpoint.init_from={str(path)!r}: no complete checkpoint there (expected a run "
-                                "directory, its checkpoints/ folder, or a checkpoints/step_* directory)")
-    return ckpt
-
-
-def source_model_config(ckpt: Path) -> ModelConfig:
-    """The model config the checkpoint was trained with (saved in every checkpoint's client state)."""
-    try:
-        return ModelConfig.from_dict(checkpoint.client_state(ckpt)["config"]["model"])
-    except (FileNotFoundError, KeyError, TypeError) as e:
-        raise ValueError(f"{ckpt}: cannot read the model config it was trained with ({e})") from None
+SETTING = "checkpoint.init_from"  # what the errors name
 
 
 def check_compatible(old: ModelConfig, new: ModelConfig, source: Path) -> None:
@@ -67,40 +51,35 @@ def check_compatible(old: ModelConfig, new: ModelConfig, source: Path) -> None:
         raise ValueError(f"cannot start this stage from {source}: " + "; ".join(problems))
 
 
-def source_of(source: str | Path) -> tuple[Path, ModelConfig]:
-    """Where ``checkpoint.init_from`` points and the model config it was trained with: a run, a
-    checkpoint, or an inference directory (``atoken-convert``'s, or the released weights through
-    ``atoken-import-official``)."""
-    if (Path(source) / "config.json").is_file():
-        return Path(source), read_inference_config(source)[0]
-    ckpt = source_checkpoint(source)
-    return ckpt, source_model_config(ckpt)
+def check(new: ModelConfig, source: str | Path) -> WeightsSource:
+    """What ``checkpoint.init_from`` names and whether it fits this stage (``check_compatible``), from
+    its config alone (no weights read): preflight's check, the one of a run."""
+    found = find_weights(source, SETTING)
+    check_compatible(found.cfg, new, found.path)
+    return found
 
 
 def initial_state(new: ModelConfig, source: str | Path, weights: str = "ema"
-                  ) -> tuple[dict[str, torch.Tensor], Path, ModelConfig]:
-    """The plain (TP=1) state dict to start from, where it came from, and the config it was trained with.
-    An inference directory's weights are taken as stored (``weights`` does not apply). Parameters
-    new in this stage are absent from the dict (they keep their initialisation)."""
-    origin, old = source_of(source)
-    check_compatible(old, new, origin)
-    if origin.is_dir() and (origin / "config.json").is_file():
-        state = {k: v.float() for k, v in load_inference_dir(origin)[0].items()}
-    else:
-        state = checkpoint.consolidate(origin, weights)
-    check_compatible(old, new, origin)
+                  ) -> tuple[dict[str, torch.Tensor], WeightsSource]:
+    """The plain (TP=1) state dict to start from and where it came from (``read_weights``; an
+    inference directory's weights are taken as stored, ``weights`` does not apply). Parameters new in
+    this stage are absent from the dict (they keep their initialisation). The source was checked to
+    fit ``new`` by preflight (``check``)."""
+    state, found = read_weights(source, weights, SETTING)
+    old = found.cfg
     prev = AToken(old)
     prev.load_state_dict(state)
     if new.latent_channels > old.latent_channels:
         prev.widen_latent(new.latent_channels)
         log.info("widened the latent from %d to %d channels", old.latent_channels, new.latent_channels)
-    return prev.state_dict(), origin, old
+    return prev.state_dict(), found
 
 
 def apply(model: torch.nn.Module, new: ModelConfig, source: str | Path, weights: str) -> dict:
     """Load the previous stage's weights into ``model``, the plain model before ``parallelize``
     shards it. Returns a record for the run's events."""
-    state, ckpt, old = initial_state(new, source, weights)
+    state, found = initial_state(new, source, weights)
+    ckpt, old = found.path, found.cfg
     names = {n for n, _ in model.named_parameters()}
     unexpected = sorted(set(state) - names)
     if unexpected:

@@ -79,6 +79,7 @@ from torch.utils.checkpoint import checkpoint
 from atoken.model.transformer import Angles, Block, SequenceSharding, Transformer
 
 from . import megatron_cpu
+from .config import check_layout
 from .engine import build_engine
 from .shards import merge, partition_dim, split
 
@@ -100,10 +101,9 @@ class ParallelDims:
     dp_group: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.tp < 1 or self.dp < 1:
-            raise ValueError(f"tp and dp must be >= 1, got tp={self.tp} dp={self.dp}")
-        if self.sequence_parallel and self.tp == 1:
-            raise ValueError("sequence_parallel needs tensor parallelism (tp > 1)")
+        if self.dp < 1:
+            raise ValueError(f"dp must be >= 1, got {self.dp}")
+        check_layout(self.tp, self.sequence_parallel, self.tp * self.dp)
 
     @property
     def tensor_parallel(self) -> bool:
@@ -123,10 +123,7 @@ def init_parallel(tp: int = 1, sequence_parallel: bool = False, seed: int = 0) -
     if not dist.is_initialized():
         raise RuntimeError("init_parallel needs torch.distributed: call training.distributed.init() first")
     world = dist.get_world_size()
-    if tp < 1 or world % tp:
-        raise ValueError(f"tensor-parallel size {tp} does not divide the world size {world}")
-    if sequence_parallel and tp == 1:
-        raise ValueError("sequence_parallel needs tensor parallelism (tp > 1)")
+    check_layout(tp, sequence_parallel, world)
     megatron_cpu.apply_if_no_cuda()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -279,10 +276,9 @@ def shard_model(model: nn.Module, dims: ParallelDims) -> nn.Module:
                                  params_dtype=torch.float32, use_cpu_initialization=True,
                                  perform_initialization=False)
     column, row = _column_row_classes()
+    check_layout(dims.tp, dims.sequence_parallel, dims.tp * dims.dp, [b.attn.heads for b in blocks(model)])
     for block in blocks(model):
         attn, mlp = block.attn, block.mlp
-        if attn.heads % dims.tp:
-            raise ValueError(f"heads {attn.heads} not divisible by tensor-parallel size {dims.tp}")
         attn.qkv, attn.proj = _sharded(column, attn.qkv, config, dims), _sharded(row, attn.proj, config, dims)
         mlp.fc1, mlp.fc2 = _sharded(column, mlp.fc1, config, dims), _sharded(row, mlp.fc2, config, dims)
         attn.heads //= dims.tp  # this rank's heads

@@ -17,9 +17,7 @@ from atoken.model.attention import check_backend
 from atoken.model.errors import UserError
 
 from . import checkpoint
-from .config import RunConfig
-
-PRECISIONS = ("auto", "bf16", "fp32")
+from .config import RunConfig, check_layout
 
 
 def check_run(cfg: RunConfig) -> Path | None:
@@ -33,16 +31,18 @@ def check_run(cfg: RunConfig) -> Path | None:
             check_budget(stream)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if cfg.precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.model.attention != "auto":  # a forced kernel whose package is missing: say so now
         try:
             check_backend(cfg.model.attention)
         except ValueError as e:
             raise UserError(f"model.attention: {e}") from None
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    if cfg.parallel.tp < 1 or world % cfg.parallel.tp:
-        raise UserError(f"parallel.tp={cfg.parallel.tp} does not divide the world size {world}")
+    m = cfg.model
+    heads = [m.encoder.heads, m.decoder.heads] + ([m.gaussian.transformer.heads] if m.gaussian else [])
+    try:
+        check_layout(cfg.parallel.tp, cfg.parallel.sequence_parallel, world, heads)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir={cfg.run_dir!r} is a file, not a directory: choose another run_dir")
@@ -63,10 +63,9 @@ def _check_init_from(cfg: RunConfig) -> None:
 
     if cfg.checkpoint.init_weights not in ("ema", "raw"):
         raise UserError(f"checkpoint.init_weights must be 'ema' or 'raw', got {cfg.checkpoint.init_weights!r}")
-    try:
-        source, old = handoff.source_of(cfg.checkpoint.init_from)
-        handoff.check_compatible(old, cfg.model, source)
-    except (OSError, ValueError) as e:
+    try:  # a path that holds no weights is a UserError already
+        handoff.check(cfg.model, cfg.checkpoint.init_from)
+    except ValueError as e:
         raise UserError(str(e)) from None
 
 

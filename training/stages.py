@@ -9,10 +9,7 @@ from atoken.model.config import gaussian_decoder_preset, preset
 from atoken.model.losses import LossConfig
 
 from .batch import budget_for
-from .config import CheckpointConfig, LogConfig, OptimConfig, RunConfig
-
-REFERENCE_GPUS = 256  # the Slurm scripts' default: 32 nodes x 8 GPUs
-
+from .config import REFERENCE_GPUS, CheckpointConfig, LogConfig, OptimConfig, RunConfig
 
 # docs/design.md's curriculum. Each stage's streams and their micro-batches per round are its task mix;
 # resolutions are the stage's ranges. Each stream states the paper's global batch (samples per

@@ -80,7 +80,7 @@ def train_step(engine, objective, loader, noise, amp) -> tuple[dict, int, list[s
             if v.requires_grad:  # NOTE: a term of a task not run is a constant zero: not logged at all
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / n
         # Per stream, its task's own term (reconstruction or semantic), averaged over its micro-batches.
-        term = "rec" if micro.stream.task == "rec" else "sem"
+        term = objective.TASK_TERM[micro.stream.task]
         key = f"{micro.stream.name}/{term}"
         totals[key] = totals.get(key, 0.0) + losses[term].detach().float() / loader.order.count(micro.stream.name)
     return totals, tokens, names, waited
@@ -105,8 +105,8 @@ def memory_metrics(device) -> dict:
 
 def evaluate(model, ema, images: dict, device, amp) -> tuple[dict, list]:
     """Held-out PSNR of the EMA weights (what atoken-convert exports by default)."""
+    from atoken.model.metrics import psnr
     from atoken.model.tokenizer import Tokenizer
-    from atoken.tools.eval.metrics import psnr
 
     with ema.applied_to(model), amp:
         recons = Tokenizer(model, device).reconstruct(list(images.values()))
@@ -164,7 +164,10 @@ def main(argv=None) -> None:
     if resume_from is None and cfg.checkpoint.init_from:
         init_record = handoff.apply(model, cfg.model, cfg.checkpoint.init_from, cfg.checkpoint.init_weights)
     # The semantic losses score against the whole data-parallel micro-batch (gathered over dp_group).
-    objective = Objective.from_config(cfg.loss, group=dims.dp_group if dims.dp > 1 else None).to(device)
+    # The 3D term renders with the model's backend.
+    render_backend = cfg.model.gaussian.render_backend if cfg.model.gaussian else None
+    objective = Objective.from_config(cfg.loss, group=dims.dp_group if dims.dp > 1 else None,
+                                      render_backend=render_backend).to(device)
     # Parallelism is applied here and only here (training/parallelize.py): TP/SP, activation
     # checkpointing, compile, then the DeepSpeed engine (ZeRO over the data-parallel group).
     engine = parallelize(model, dims, cfg, device)

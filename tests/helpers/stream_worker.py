@@ -22,8 +22,8 @@ import sys
 import torch.distributed as dist
 
 from atoken.data_pipeline import DataConfig, MixedLoader, StreamLoader
+from atoken.model.config import from_dict
 from atoken.training import distributed
-from atoken.training.config import from_dict
 
 
 def with_cache(data: DataConfig, root: str) -> DataConfig:

@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from atoken.model import AToken, preset
-from atoken.tools.convert import convert, find_checkpoint
+from atoken.tools.convert import convert
 from atoken.training import checkpoint
+from atoken.training.checkpoint import find_weights
 
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
 
@@ -135,7 +136,7 @@ def test_consolidation_from_any_layout(runs, tmp_path):
     cfg = preset("tiny")
     cfg.encoder.depth = cfg.decoder.depth = 1
     plain = AToken(cfg).state_dict()
-    assert find_checkpoint(runs["root"] / "tp2_z3") == ckpt(runs, "tp2_z3")
+    assert find_weights(runs["root"] / "tp2_z3").path == ckpt(runs, "tp2_z3")
     for which in ("raw", "ema"):
         got = load_file(convert(runs["root"] / "tp2_z3", tmp_path / f"tp2_{which}", weights=which)
                         / "model.safetensors")

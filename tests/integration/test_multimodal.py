@@ -72,7 +72,8 @@ def samples():
 @pytest.fixture(scope="module")
 def objective(tmp_path_factory):
     path = write_tiny_siglip2(tmp_path_factory.mktemp("siglip2"), WIDTH, HEADS, MLP)
-    return Objective.from_config(LossConfig(perceptual_size=32, text_tower=str(path), teacher=str(path)))
+    return Objective.from_config(LossConfig(perceptual_size=32, text_tower=str(path), teacher=str(path)),
+                                 render_backend=model_config().gaussian.render_backend)
 
 
 def mixed(image: str, samples) -> tuple[PackedBatch, list[dict]]:

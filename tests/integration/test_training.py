@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from streaming import MDSWriter
 
 from atoken.data_pipeline import IMAGE_COLUMNS
-from atoken.model import AToken, ModelConfig, Tokenizer
+from atoken.model import AToken, ModelConfig, Tokenizer, from_dict
 from atoken.tools.convert import convert
 from atoken.training.distributed import free_port
 from atoken.training.stages import CONFIGS
@@ -127,7 +127,7 @@ def test_converted_model_equals_training_ema(run_a, tmp_path):
     # The training-side reference: the run's config and EMA weights loaded straight from the checkpoint.
     ckpt = run_a / "checkpoints" / "step_00000004"
     cfg = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["config"]
-    ref = AToken(ModelConfig.from_dict(cfg["model"]))
+    ref = AToken(from_dict(ModelConfig, cfg["model"]))
     ref.load_state_dict(torch.load(ckpt / "ema_mp_rank_00.pt", map_location="cpu"))
     img = torch.from_numpy(sk.astronaut()[::8, ::8].copy()).permute(2, 0, 1).float() / 255  # 64x64
     odd = img[:, :50, :37]  # not a multiple of 16: padded, then cropped back

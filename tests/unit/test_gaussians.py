@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from plyfile import PlyData, PlyElement
 
 from atoken.data_pipeline.render import look_at
+from atoken.model.config import from_dict
 from atoken.model.gaussians import (
     SH_C0,
     GaussianDecoder,
@@ -64,13 +65,13 @@ def test_presets_are_the_released_config():
     assert base.lr == {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1}
     dec = GaussianDecoder(base)
     assert dec.head.out_features == 448 and dec.head.bias is not None and dec.up.bias is None
-    assert GaussianDecoderConfig.from_dict(base.to_dict()) == base
+    assert from_dict(GaussianDecoderConfig, base.to_dict()) == base
     with pytest.raises(ValueError, match="unknown"):
         gaussian_decoder_preset("huge")
     with pytest.raises(ValueError, match="lr must give"):
         tiny(lr={"_xyz": 1.0})
     with pytest.raises(ValueError, match=r"does not know: \['max_offset'\]"):  # atoken's decoder before this one
-        GaussianDecoderConfig.from_dict({**base.to_dict(), "max_offset": 0.75})
+        from_dict(GaussianDecoderConfig, {**base.to_dict(), "max_offset": 0.75})
 
 
 def reference(dec: GaussianDecoder, pixels: torch.Tensor, coords: torch.Tensor) -> dict[str, torch.Tensor]:

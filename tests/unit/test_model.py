@@ -14,6 +14,7 @@ from atoken.model import (
     Posterior,
     TransformerConfig,
     apply_rope,
+    from_dict,
     fuse_qkv,
     pad_to_patches,
     patchify,
@@ -361,7 +362,7 @@ def test_presets_and_parameter_count():
     assert (so.decoder.norm, so.decoder.qk_norm, so.decoder.bias) == ("rmsnorm", True, False)
     base = preset("base")
     assert (base.encoder.depth, base.encoder.width, base.encoder.heads) == (12, 768, 12)
-    assert ModelConfig.from_dict(so.to_dict()) == so
+    assert from_dict(ModelConfig, so.to_dict()) == so
     with pytest.raises(ValueError):
         preset("huge")
     with pytest.raises(ValueError, match="multiple of 8"):

@@ -22,12 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from atoken.model import AToken, PackedBatch, Tokenizer, patchify, preset
 from atoken.model.autoencoder import position_embedding
+from atoken.model.inference_dir import read_inference_config, save_inference_dir
 from atoken.model.kv_cache import KVCache
+from atoken.model.metrics import psnr
 from atoken.model.patches import unpatchify
 from atoken.model.rope import apply_rope, rope_angles
 from atoken.model.tokenizer import VideoLatent
 from atoken.model.transformer import MultiHeadRMSNorm
-from atoken.tools.eval.metrics import psnr
 from atoken.tools.official import (
     FormatError,
     export_official,
@@ -425,10 +426,10 @@ def test_export_refuses_what_the_release_cannot_hold(tmp_path):
     with pytest.raises(FormatError, match=r"logit_scale is \[5.0\], but the release fixes it at 4.8438"):
         export_official(out, tmp_path / "x")
     # A model without the MAP head: the release always holds one.
-    meta = json.loads((out / "config.json").read_text())
-    meta["model"]["understanding"] = False
-    (out / "config.json").write_text(json.dumps(meta))
-    save_file({k: v for k, v in state.items() if not k.startswith("understanding.")}, str(out / "model.safetensors"))
+    cfg, meta = read_inference_config(out)
+    save_inference_dir(out, {k: v for k, v in state.items() if not k.startswith("understanding.")},
+                       {**cfg.to_dict(), "understanding": False}, meta["weights"], meta["source"],
+                       dtype=getattr(torch, meta["dtype"]))
     with pytest.raises(FormatError, match="always holds the MAP head"):
         export_official(out, tmp_path / "x")
 
@@ -472,8 +473,8 @@ def test_fine_tuning_refuses_a_stage_without_the_release_heads(tmp_path):
     imported = import_official(model, config, tmp_path / "imported")
     narrow = model_config(arch())
     with pytest.raises(ValueError, match="cannot narrow"):
-        handoff.initial_state(dataclasses.replace(narrow, latent_channels=6), imported)
+        handoff.check(dataclasses.replace(narrow, latent_channels=6), imported)
     with pytest.raises(ValueError, match="encoder differs"):
-        handoff.initial_state(preset("tiny"), imported)
+        handoff.check(preset("tiny"), imported)
     with pytest.raises(ValueError, match=r"has the MAP head .* set model.understanding=true"):
-        handoff.initial_state(dataclasses.replace(narrow, understanding=False), imported)
+        handoff.check(dataclasses.replace(narrow, understanding=False), imported)

@@ -1,17 +1,18 @@
 """SigLIP2 import: with RoPE off our encoder and MAP head reproduce HF's Siglip2VisionModel (naflex)."""
 import dataclasses
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from atoken.model import AToken, PackedBatch, Tokenizer, patchify, preset
+from atoken.model.inference_dir import read_inference_config
 from atoken.model.siglip2 import Siglip2ImageTower, encoder_config, load_siglip2, model_config
 from atoken.tools.import_siglip2 import main as import_main
 
 pytest.importorskip("transformers")
 from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel
+from transformers.utils import CONFIG_NAME
 
 SIZES = [(48, 80), (64, 64), (16, 32)]  # (H, W) in pixels: patch grids 3x5, 4x4, 1x2
 
@@ -107,7 +108,7 @@ def test_cli_writes_a_loadable_initialisation(hf_dir, tmp_path, capsys):
     out = tmp_path / "init"
     import_main([str(hf_dir), "--out", str(out), "--latent-channels", "8", "--seed", "3"])
     assert "RoPE on" in capsys.readouterr().out
-    meta = json.loads((out / "config.json").read_text())
+    meta = read_inference_config(out)[1]
     assert meta["weights"] == "siglip2-import" and meta["model"]["encoder_rope"] is True
     tok = Tokenizer.from_pretrained(out, device="cpu")
     assert tok.model.cfg.latent_channels == 8
@@ -135,7 +136,7 @@ def test_full_siglip2_checkpoint_and_refusals(hf_dir, tmp_path):
         load_siglip2(AToken(narrow), hf_dir)
     with pytest.raises(ValueError, match="understanding=True"):
         load_siglip2(AToken(dataclasses.replace(model_config(hf_dir), understanding=False)), hf_dir)
-    with pytest.raises(FileNotFoundError, match=r"config.json"):
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         load_siglip2(model, tmp_path / "nowhere")
 
 

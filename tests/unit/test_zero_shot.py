@@ -27,7 +27,8 @@ from atoken.data_pipeline.clips import und_frame_indices
 from atoken.data_pipeline.images import IMAGE_COLUMNS
 from atoken.data_pipeline.video_decode import decode_all, encode_video
 from atoken.model import AToken, PackedBatch, patchify, preset
-from atoken.model.tokenizer import Tokenizer, save_inference_dir
+from atoken.model.inference_dir import save_inference_dir
+from atoken.model.tokenizer import Tokenizer
 from atoken.model.understanding import TextTower
 from atoken.tools import zero_shot as cli
 from atoken.tools.eval import ranking

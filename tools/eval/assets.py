@@ -12,13 +12,13 @@ import torch
 
 from atoken.data_pipeline.assets import ASSET_EXTENSIONS, asset_sample, prepare_asset
 from atoken.data_pipeline.config import StreamConfig
+from atoken.model.metrics import lpips_pairs, psnr, ssim_pairs, to_8bit
 from atoken.model.patches import features_from_values
 from atoken.model.splatting import get_render_backend, render
 from atoken.tools.shard_writer import reason
 
 from .grid import Extremes
 from .inputs import Item, Source, each_readable, failed, input_files, is_mds, mds_items
-from .metrics import lpips_pairs, psnr, ssim_pairs, to_8bit
 from .report import mean_or_none
 
 if TYPE_CHECKING:

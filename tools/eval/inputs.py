@@ -21,9 +21,8 @@ from atoken.data_pipeline.images import open_rgb, resize_for_training, to_tensor
 from atoken.data_pipeline.storage import resolve_location
 from atoken.data_pipeline.video import resize_clip
 from atoken.data_pipeline.video_decode import inspect_video, make_video_decoder
+from atoken.model.metrics import to_8bit
 from atoken.tools.shard_writer import list_files, reason
-
-from .metrics import to_8bit
 
 MIN_SIDE = 11  # the SSIM window: smaller images and frames cannot be scored
 

@@ -3,7 +3,6 @@ describes: ``evaluate`` reads every source, scores each item and writes ``OUT/re
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from tqdm import tqdm
 from atoken.data_pipeline.images import IMAGE_EXTENSIONS
 from atoken.data_pipeline.video import VIDEO_EXTENSIONS
 from atoken.model.config import PATCH_HW, PATCH_T
+from atoken.model.inference_dir import read_inference_config
+from atoken.model.metrics import fid_from_features, lpips_pairs, psnr, ssim, ssim_pairs, to_8bit
 from atoken.model.perceptual import load_perceptual
 from atoken.model.tokenizer import Tokenizer
 from atoken.tools.shard_writer import reason
@@ -39,7 +40,6 @@ from .inputs import (
     read_image,
     resized_clip,
 )
-from .metrics import fid_from_features, lpips_pairs, psnr, ssim, ssim_pairs, to_8bit
 from .report import mean_or_none, versions, write_report
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ def evaluate(model_dir: str, images: str | None, out: str | Path, *, videos: str
                "assets": asset_items(assets, asset) if assets else None}
     out.mkdir(parents=True, exist_ok=True)
     lpips = load_perceptual(lpips_net, trunk_weights=lpips_weights).to(tok.device)
-    meta = json.loads((Path(model_dir) / "config.json").read_text())
+    meta = read_inference_config(model_dir)[1]
     report: dict[str, Any] = {
         "model": {"dir": str(Path(model_dir).resolve()), "weights": meta.get("weights"),
                   "dtype": meta.get("dtype"), "source": meta.get("source"),

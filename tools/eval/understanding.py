@@ -2,7 +2,6 @@
 ``atoken-zero-shot`` describes: ``classify`` and ``retrieve`` each write ``OUT/report.json``."""
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from atoken.data_pipeline.images import IMAGE_EXTENSIONS
 from atoken.data_pipeline.video import VIDEO_EXTENSIONS
 from atoken.data_pipeline.video_decode import make_video_decoder
 from atoken.model.config import PATCH_T
+from atoken.model.inference_dir import read_inference_config
 from atoken.model.tokenizer import Tokenizer
 from atoken.model.understanding import TextTower
 from atoken.tools.shard_writer import reason, sidecar_caption
@@ -180,7 +180,8 @@ def class_embeddings(tower: TextTower, class_names: list[str], templates: list[s
 # ------------------------------------------------------------------------------------- report
 
 def _model_info(model_dir: str, tok: Tokenizer) -> dict:
-    meta = json.loads((Path(model_dir) / "config.json").read_text())
+
+    meta = read_inference_config(model_dir)[1]
     und = tok.model.understanding
     return {"dir": str(Path(model_dir).resolve()), "weights": meta.get("weights"), "dtype": meta.get("dtype"),
             "source": meta.get("source"), "width": tok.model.cfg.encoder.width,

@@ -9,7 +9,9 @@ Split by job:
 - ``save_load.py``: ``save`` and ``load``;
 - ``export.py``: ``consolidate``, the whole model's weights at any layout;
 - ``reshard.py``: resuming at another layout through DeepSpeed's universal checkpoints;
-- ``deepspeed_internals.py``: every reach past DeepSpeed's public API (the version is pinned).
+- ``deepspeed_internals.py``: every reach past DeepSpeed's public API (the version is pinned);
+- ``weights.py``: the one way to read a model's weights from a path (``read_weights``: a run, a
+  checkpoint or an inference directory -> state dict, ``ModelConfig``, where they came from).
 
 Layout of ``<run_dir>/checkpoints`` (``TT`` a tensor-parallel rank, ``D`` a data-parallel rank)::
 
@@ -49,6 +51,8 @@ from .layout import (
 )
 from .reshard import to_universal
 from .save_load import load, save
+from .weights import CHECKPOINT, INFERENCE, WeightsSource, find_weights, read_weights
 
-__all__ = ["LAYOUT", "Layout", "client_state", "consolidate", "find", "is_checkpoint", "latest_tag", "load",
-           "partition", "rank_file", "read_layout", "resolve", "save", "tag_for", "to_universal"]
+__all__ = ["CHECKPOINT", "INFERENCE", "LAYOUT", "Layout", "WeightsSource", "client_state", "consolidate", "find",
+           "find_weights", "is_checkpoint", "latest_tag", "load", "partition", "rank_file", "read_layout",
+           "read_weights", "resolve", "save", "tag_for", "to_universal"]

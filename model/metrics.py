@@ -1,4 +1,4 @@
-"""Reconstruction quality metrics of the evaluation tools (and of training's held-out PSNR).
+"""Reconstruction quality metrics: training's held-out PSNR and the evaluation tools' (tools/eval/) scores.
 
 Images are [3, H, W] (or batches [B, 3, H, W]) and video clips [3, T, H, W], floats in [0, 1]
 (data range 1). The definitions follow the usual reference implementations, so numbers compare
