@@ -59,9 +59,11 @@ def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str =
     import torch
 
     from atoken.model.tokenizer import save_inference_dir
+    from atoken.training.guards import check_finite_weights
 
     ckpt = find_checkpoint(src)
     state, client = load_weights(ckpt, weights)
+    check_finite_weights(state, f"{ckpt} ({weights} weights)")  # a diverged run's weights are refused, named
     if "config" not in client or "step" not in client:
         raise UserError(f"{ckpt}: its model states hold no run config (not written by atoken-train?)")
     run_cfg = client["config"]

@@ -86,7 +86,7 @@ class WatchdogConfig:
     # factor x the median micro-batch time); before the first measured micro-batch: first_timeout.
     timeout: float = 0.0
     factor: float = 50.0
-    min_timeout: float = 600.0
+    min_timeout: float = 300.0
     first_timeout: float = 3600.0
     # Every this many steps the log names the slowest rank (step time up to the step's exchange).
     straggler_every: int = 50

@@ -42,7 +42,7 @@ class StepExchange:
         self.group = None
         self.hosts = [socket.gethostname()]
         if self.world > 1:
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(minutes=10)) \
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(minutes=30)) \
                 if dist.get_backend() != "gloo" else dist.group.WORLD
             self.hosts = [None] * self.world
             dist.all_gather_object(self.hosts, socket.gethostname(), group=self.group)

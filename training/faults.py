@@ -2,10 +2,12 @@
 
 Off unless ``ATOKEN_TEST_FAULTS`` holds a JSON list of faults (tests/test_guards.py, tests/test_cluster.py):
 
-- ``{"kind": "nan", "sample": NAME}``: that sample's decoded pixels become NaN (its loss is not finite);
+- ``{"kind": "nan", "sample": NAME, "step": S}``: that sample's decoded pixels become NaN (its loss is
+  not finite), whenever it comes, or only in step S; without "sample", the micro-batch's first;
 - ``{"kind": "scale", "step": S, "factor": F}``: step S's pixels times F (a finite loss spike);
 - ``{"kind": "hang", "rank": R, "step": S}``: rank R stops making progress in step S;
-- ``{"kind": "slow", "rank": R, "seconds": T}``: rank R sleeps T s before each micro-batch.
+- ``{"kind": "slow", "rank": R, "seconds": T, "until": S}``: rank R sleeps T s before each micro-batch
+  (of steps up to S).
 
 ``nan`` fires whenever its sample comes; ``scale`` and ``hang`` once per run directory (a marker file
 under ``run_dir/faults/``), so a rolled-back or requeued run goes on as a real one would.
@@ -41,15 +43,16 @@ class Faults:
 
     def inject(self, step: int, micro) -> None:
         """Before a micro-batch's forward (features float [N, 3072] on the device)."""
+        names = micro.batch.names
         for f in self.faults:
             kind = f["kind"]
-            if kind == "nan" and f["sample"] in micro.batch.names:
-                i = micro.batch.names.index(f["sample"])
+            if kind == "nan" and f.get("sample", names[0]) in names and f.get("step", step) == step:
+                i = names.index(f.get("sample", names[0]))
                 cu = micro.batch.cu_seqlens
                 micro.batch.features[int(cu[i]):int(cu[i + 1])] = float("nan")
             elif kind == "scale" and step == f["step"] and self._once({**f, "slot": micro.stream.name}):
                 micro.batch.features.mul_(f["factor"])
-            elif kind == "slow" and self.rank == f["rank"]:
+            elif kind == "slow" and self.rank == f["rank"] and step <= f.get("until", step):
                 time.sleep(f["seconds"])
             elif kind == "hang" and self.rank == f["rank"] and step == f["step"] and self._once(f):
                 log.warning("test fault: rank %d hangs in step %d", self.rank, step)
