@@ -74,9 +74,11 @@ atoken_launch() {
   fi
   # A rank's watchdog found no progress (exit 124, stacks in hangs/rank_R.JOB.RESTART.txt; srun may
   # report another rank's code, killed after it): requeue, the job resumes from `latest`.
-  if (( rc == 124 )) || compgen -G "$run_dir/hangs/rank_*.${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}.txt" >/dev/null; then
-    local hung
-    hung="$(find "$run_dir/hangs" -name "rank_*.${SLURM_JOB_ID}.*.txt" | sed 's/.*\.\([0-9]*\)\.txt$/\1/' | sort -u | wc -l)"
+  local attempt="${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}"
+  if (( rc == 124 )) || compgen -G "$run_dir/hangs/rank_*.${attempt}.txt" >/dev/null; then
+    local hung  # launches of this job with a hang: distinct RESTART numbers
+    hung="$(find "$run_dir/hangs" -name "rank_*.${SLURM_JOB_ID}.*.txt" | sed 's/.*\.\([0-9]*\)\.txt$/\1/' \
+      | sort -u | wc -l)"
     if (( hung <= ${ATOKEN_MAX_HANG_REQUEUES:-3} )); then
       echo "[atoken] a rank hung (exit ${rc}; stacks in $run_dir/hangs/); requeueing job ${SLURM_JOB_ID}"
       scontrol requeue "$SLURM_JOB_ID"

@@ -184,11 +184,12 @@ def test_hung_rank_is_dumped_requeued_and_matches_an_uninterrupted_run(slurm, sh
     faults = [{"kind": "hang", "rank": 1, "step": 5}, {"kind": "slow", "rank": 1, "seconds": 1.5, "until": 4}]
     job = submit(slurm, run_dir, shards, holdout, env={"ATOKEN_TEST_FAULTS": json.dumps(faults)}, extra=(
         "checkpoint.every=4", "watchdog.min_timeout=20", "watchdog.factor=10", "watchdog.straggler_every=2"))
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while not (slurm.job(job)["Restarts"] == "1" and slurm.job(job)["JobState"] == "PENDING"):
         out = "\n".join(p.read_text()[-4000:] for p in run_dir.glob("slurm-*.out"))
         assert time.monotonic() < deadline, f"the hung job was not requeued: {slurm.job(job)}\n{out}"
-        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), f"{slurm.job(job)}\n{out}"
+        state = slurm.job(job)
+        assert state["JobState"] in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), f"{state}\n{out}"
         time.sleep(0.5)
     time.sleep(2)  # see test_preempted_job_...: a relaunch within the same second is refused
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")

@@ -244,7 +244,8 @@ def main(argv=None) -> None:
     faults = Faults(run_dir, dist_info.rank) if os.environ.get(FAULTS_ENV) else None
 
     if start == 0:
-        run_eval(0)
+        with watchdog.paused():
+            run_eval(0)
     step, pending_save = start, False
     while step < cfg.steps:
         step += 1
@@ -278,8 +279,7 @@ def main(argv=None) -> None:
         if step % cfg.log.every == 0 or last:
             metrics = {"loss": losses.pop("total").item(), **{k: v.item() for k, v in losses.items()},
                        "lr": max(engine.get_lr()), "tokens": tokens, "samples_bad": loader.samples_bad,
-                       **data_metrics(loader), **memory_metrics(device), "applied": verdict == OK,
-                       **{f"guards/{k}": v for k, v in checks.guard.counts.items()},
+                       **data_metrics(loader), **memory_metrics(device),
                        "data": hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]}
         logger.step(step, tokens, metrics, waited)
         stop = checks.stop  # agreed on the step's exchange: every rank stops after the same step
