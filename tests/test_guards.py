@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,4 +194,22 @@ def test_slow_rank_is_named_with_its_host_and_ratio(shards, tmp_path):
     for r in reports:
         assert r["slowest_rank"] == 1 and r["host"] and r["ratio"] > 1.15, r
     assert "slowest rank 1 on" in proc.stderr
-    assert "a step holds 2 micro-batches at ~" in proc.stderr and "step 1: 1/2 micro-batches" in proc.stderr
+    assert "a step holds 2 micro-batch(es) at ~" in proc.stderr and "step 1: 1/2 micro-batches" in proc.stderr
+
+
+@pytest.mark.slow
+def test_watchdog_dumps_every_thread_and_exits_124_when_no_micro_batch_completes(tmp_path):
+    """A process that stops beating: its stacks (the main thread's sleep included) are written to
+    run_dir/hangs/ and it exits 124 within the limit, not at its sleep's end."""
+    script = ("import time\nfrom pathlib import Path\nfrom atoken.training.config import WatchdogConfig\n"
+              "from atoken.training.watchdog import Watchdog\n"
+              f"w = Watchdog(WatchdogConfig(timeout=1.0), Path({str(tmp_path)!r}), 3, per_step=4, rounds=1)\n"
+              "w.start_step(7)\nw.beat(100)\n"
+              "def stuck_in_a_collective():\n    time.sleep(120)\nstuck_in_a_collective()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
+    assert proc.returncode == 124 and time.monotonic() - t0 < 60, proc.stderr[-2000:]
+    text = (tmp_path / "hangs" / "rank_00003.local.txt").read_text()
+    assert "no micro-batch completed" in text and "in step 7, after 1 of its 4 micro-batches" in text
+    assert "stuck_in_a_collective" in text and "atoken-watchdog" not in text.split("\n")[0]

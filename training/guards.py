@@ -177,7 +177,8 @@ def first_nonfinite(tensors) -> str | None:
     tensors = [(n, t) for n, t in tensors if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
     if not tensors:
         return None
-    bad = torch.stack([(~torch.isfinite(t)).any() for _, t in tensors])
+    device = tensors[0][1].device  # one flag per tensor, gathered on one device (optimizer state may be elsewhere)
+    bad = torch.stack([(~torch.isfinite(t)).any().to(device) for _, t in tensors])
     if not bool(bad.any()):
         return None
     return tensors[int(bad.nonzero()[0])][0]

@@ -80,7 +80,7 @@ class Watchdog:
         """Once, at start: how long a step takes against Slurm's warning, and what to set if too long."""
         per_micro = statistics.median(self.times)
         step_s = per_micro * self.per_step
-        log.info("a step holds %d micro-batches at ~%.2f s each: ~%.0f s per step; a stop signal is answered "
+        log.info("a step holds %d micro-batch(es) at ~%.2f s each: ~%.0f s per step; a stop signal is answered "
                  "after the current step and a checkpoint (Slurm warns %d s ahead)", self.per_step, per_micro,
                  step_s, SLURM_WARNING_S)
         budget = SLURM_WARNING_S * 2 / 3  # a third left for the checkpoint write
