@@ -83,6 +83,7 @@ def train_step(engine, objective, loader, noise, amp, step: int, checks=None, wa
 
     def term_of(name: str) -> str:
         return "rec" if loader.loaders[name].stream.task == "rec" else "sem"
+
     for i in range(n):
         t0 = time.perf_counter()
         micro = next(loader)  # already on the device (the next one's copy queued behind it)
