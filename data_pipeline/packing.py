@@ -33,6 +33,7 @@ class MicroBatch:
     batch: PackedBatch
     extras: list[dict[str, Any]]  # per sample: "caption", "views", "cameras", ... when it has them
     state: dict[str, Any] = None  # the stream's position and counters once this batch is consumed
+    indices: list[int] = None  # each sample's global index in its stream (shard and row: StreamDataset.locate)
 
 
 def worst_case_tokens(stream: StreamConfig) -> int | None:
@@ -96,7 +97,7 @@ class GreedyPacker:
                             frames=[x["frames"] for x in s], names=[x["name"] for x in s])
         extras = [{k: v for k, v in x.items() if k not in PACKED_KEYS} for x in s]
         self.samples, self.tokens = [], 0
-        return MicroBatch(self.stream, batch, extras)
+        return MicroBatch(self.stream, batch, extras, indices=[x["idx"] for x in s])
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype, pin: bool) -> torch.Tensor:

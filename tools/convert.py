@@ -31,11 +31,13 @@ def convert(src: str | Path, out: str | Path, weights: str = "ema", dtype: str =
 
     from atoken.model.inference_dir import save_inference_dir  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
     from atoken.training.checkpoint import CHECKPOINT, find_weights, read_weights  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    from atoken.training.guards import check_finite_weights  # noqa: PLC0415 - likewise
 
     if find_weights(src).kind != CHECKPOINT:
         raise UserError(f"{src} is an inference directory already (atoken-convert reads a run directory, its "
                         "checkpoints/ directory or a checkpoints/step_* directory)")
     state, source = read_weights(src, weights)
+    check_finite_weights(state, f"{source.path} ({weights} weights)")  # a diverged run's weights are refused, named
     run_cfg = source.meta["config"]
     save_inference_dir(out, state, run_cfg["model"], weights, dtype=getattr(torch, DTYPES[dtype]),
                        source={"checkpoint": str(source.path.resolve()), "step": source.meta["step"],

@@ -84,6 +84,36 @@ class LogConfig:
 
 
 @dataclass
+class GuardConfig:
+    """What a step must pass before it is applied (training/guards.py, docs/fault_tolerance.md)."""
+    # Non-finite loss or gradient norm: the step is not applied (weights, optimizer moments, EMA and
+    # LR schedule stay), counted and logged; this many in a row stop the run (exit 2). 0: never stop.
+    nonfinite_limit: int = 3
+    # A loss spike: a stream's loss above spike_factor x the median of its last spike_window applied
+    # steps, checked once spike_window steps are known. 0: off.
+    spike_factor: float = 3.0
+    spike_window: int = 50
+    # "skip": the step is not applied; "rollback": reload the last checkpoint, keep the data position
+    # (the spike's data is skipped) and go on from the checkpoint's step.
+    spike_policy: str = "skip"
+
+
+@dataclass
+class WatchdogConfig:
+    """Hung and slow ranks, progress inside long steps (training/watchdog.py, training/exchange.py)."""
+    # A rank that completes no micro-batch for this long dumps its threads' stacks to
+    # run_dir/hangs/ and exits 124 (the Slurm scripts requeue). 0: auto, max(min_timeout,
+    # factor x the median micro-batch time); before the first measured micro-batch: first_timeout.
+    timeout: float = 0.0
+    factor: float = 50.0
+    min_timeout: float = 300.0
+    first_timeout: float = 3600.0
+    # Every this many steps the log names the slowest rank (step time up to the step's exchange).
+    straggler_every: int = 50
+    progress_every: float = 30.0  # seconds between progress lines inside a step of many micro-batches
+
+
+@dataclass
 class RunConfig:
     name: str = "stage1"
     run_dir: str = "runs/stage1"
@@ -96,6 +126,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     steps: int = 200_000
     # How many times the round-robin task mix (data_pipeline/mixing.py) repeats per optimizer step: a
     # step accumulates mix_rounds * (sum of the streams' micro_batches) packed micro-batches
@@ -139,6 +171,10 @@ class RunConfig:
         if self.mix_rounds < 0 or self.reference_gpus < 1:
             raise ValueError(f"mix_rounds must be >= 0 (0: auto) and reference_gpus >= 1, got {self.mix_rounds}, "
                              f"{self.reference_gpus}")
+        if self.guards.spike_policy not in ("skip", "rollback"):
+            raise ValueError(f"guards.spike_policy must be 'skip' or 'rollback', got {self.guards.spike_policy!r}")
+        if self.guards.nonfinite_limit < 0 or self.guards.spike_factor < 0 or self.guards.spike_window < 1:
+            raise ValueError("guards.nonfinite_limit and guards.spike_factor must be >= 0, guards.spike_window >= 1")
         if any(s.modality == "3d" and s.task == "rec" for s in self.data.streams.values()) and not self.model.gaussian:
             raise ValueError("3D reconstruction streams need the Gaussian decoder: set model.gaussian (e.g. =base)")
 

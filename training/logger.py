@@ -107,6 +107,17 @@ class RunLogger:
         if self.wandb:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
+    def rewind(self, step: int) -> None:
+        """Back to ``step`` (a rollback to its checkpoint): the records of later steps are dropped, so
+        that each step appears once, as in a run that never went past it."""
+        if not self.enabled:
+            return
+        self.metrics.close()
+        _drop_after(self.run_dir / "metrics.jsonl", step)
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the run, as in __init__
+        self.bar.reset(total=self.total)
+        self.bar.update(step)
+
     def eval(self, step: int, psnrs: dict[str, float], originals: list, recons: list) -> None:
         if not self.enabled:
             return

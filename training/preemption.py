@@ -10,17 +10,18 @@ the job, which resumes from that checkpoint. Without the variable the exit code 
 same checkpoint but exits with ``STOPPED_EXIT_CODE``: nobody asked for the job to come back.
 
 Ranks receive the signal at different moments, possibly in different steps, so they agree once per
-step: each rank's flag is max-reduced over a gloo (CPU) group, which never waits on the GPU stream.
+step, on the step's one small exchange (``exchange.py``, over a gloo group that never waits on the GPU
+stream), held before the last micro-batch's backward. A signal is answered by the checkpoint after the
+step whose exchange saw it: at most one step, one micro-batch and the checkpoint write after it
+arrives (the trainer logs at start how that compares with Slurm's 300 s warning).
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
-from datetime import timedelta
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,11 @@ _REQUEUE, _STOP = 1, 2
 
 
 class StopSignals:
-    """Installs handlers for SIGUSR1 / SIGTERM; ``poll()`` (collective, once per step) tells every
-    rank whether to stop after this step and whether to ask for a requeue."""
+    """Installs handlers for SIGUSR1 / SIGTERM; ``flag`` is this rank's (0, ``_REQUEUE`` or ``_STOP``),
+    which the step's exchange max-reduces so that every rank stops after the same step."""
 
     def __init__(self):
         self._flag = 0
-        self._group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo", timeout=timedelta(minutes=10)) \
-                if dist.get_backend() != "gloo" else dist.group.WORLD
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGUSR1, signal.SIGTERM)}
 
     def _handle(self, signum, frame) -> None:
@@ -52,13 +49,10 @@ class StopSignals:
             log.warning("received %s: will checkpoint after this step and %s", signal.Signals(signum).name,
                         "exit for requeue" if kind == _REQUEUE else "stop")
 
-    def poll(self) -> int:
-        """0: go on; ``_REQUEUE`` or ``_STOP``: the same answer on every rank."""
-        if self._group is None:
-            return self._flag
-        flag = torch.tensor([self._flag], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(flag.item())
+    @property
+    def flag(self) -> int:
+        """This rank's: 0 (go on), ``_REQUEUE`` or ``_STOP``."""
+        return self._flag
 
     @staticmethod
     def exit_code(flag: int) -> int:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
+import os
 import time
 from pathlib import Path
 
-from atoken.model.errors import cli
+from atoken.model.errors import UserError, cli
 
 from . import determinism, preflight
 from .config import RunConfig, apply_override, load_yaml
@@ -51,39 +53,67 @@ def parse_args(argv=None) -> RunConfig:
     return cfg
 
 
-def micro_step(engine, objective, batch, extras, tasks: tuple[str, ...], noise, amp) -> dict:
+def micro_step(engine, objective, batch, extras, tasks: tuple[str, ...], noise, amp, before_update=None) -> dict:
     """One packed micro-batch (already on the device) through the engine: forward, the objective's
     terms ("total" among them, still attached to the graph), backward, and ``engine.step()``, which
-    steps the optimizer only at the accumulation boundary. The benchmarks time this same function."""
+    steps the optimizer only at the accumulation boundary. The benchmarks time this same function.
+
+    ``before_update(losses)``, given at the step's last micro-batch, runs between its forward and its
+    backward; True: the step must not be applied, and its backward goes through ``total * nan``, which
+    DeepSpeed's non-finite gradient check turns into a skipped update (training/guards.py)."""
     with amp:
         out = engine(batch, generator=noise, tasks=tasks)
         losses = objective(engine.module, batch, out, extras, tasks)
-    engine.backward(losses["total"])
+    drop = before_update(losses) if before_update is not None else False
+    engine.backward(losses["total"] * math.nan if drop else losses["total"])
     engine.step()
     return losses
 
 
-def train_step(engine, objective, loader, noise, amp) -> tuple[dict, int, list[str], float]:
+def train_step(engine, objective, loader, noise, amp, step: int, checks=None, watchdog=None, faults=None
+               ) -> tuple[dict, int, list[str], float, list[dict]]:
     """One optimizer step: the task mix's micro-batches in its round-robin order (``loader.order``,
     ``cfg.micro_batches_per_step`` of them), each through the heads and losses of its stream's task.
-    Returns detached mean losses, tokens, sample names and the seconds spent waiting for data."""
-    totals, tokens, names, waited = {}, 0, [], 0.0
+    Returns detached mean losses, tokens, sample names, the seconds spent waiting for data, and per
+    micro-batch its stream, sample indices and names, and whether its loss was finite (a 0-dim tensor).
+    ``checks.before_update`` decides, before the last backward, whether the step is applied (guards.py);
+    ``watchdog.beat`` counts each micro-batch (watchdog.py); ``faults`` are the tests' (faults.py)."""
+    totals, tokens, names, waited, micros = {}, 0, [], 0.0, []
     n = loader.micro_batches_per_step
-    for _ in range(n):
+
+    def term_of(name: str) -> str:
+        return objective.TASK_TERM[loader.loaders[name].stream.task]
+
+    for i in range(n):
         t0 = time.perf_counter()
         micro = next(loader)  # already on the device (the next one's copy queued behind it)
         waited += time.perf_counter() - t0
+        if faults is not None:
+            faults.inject(step, micro)
         batch, tasks = micro.batch, (micro.stream.task,)
         tokens, names = tokens + batch.num_tokens, names + batch.names
-        losses = micro_step(engine, objective, batch, micro.extras, tasks, noise, amp)
-        for k, v in losses.items():
-            if v.requires_grad:  # NOTE: a term of a task not run is a constant zero: not logged at all
-                totals[k] = totals.get(k, 0.0) + v.detach().float() / n
-        # Per stream, its task's own term (reconstruction or semantic), averaged over its micro-batches.
-        term = objective.TASK_TERM[micro.stream.task]
-        key = f"{micro.stream.name}/{term}"
-        totals[key] = totals.get(key, 0.0) + losses[term].detach().float() / loader.order.count(micro.stream.name)
-    return totals, tokens, names, waited
+
+        def account(losses, last=i == n - 1, stream=micro.stream, micro=micro, batch=batch, waited=waited):
+            for k, v in losses.items():
+                if v.requires_grad:  # NOTE: a term of a task not run is a constant zero: not logged at all
+                    totals[k] = totals.get(k, 0.0) + v.detach().float() / n
+            # Per stream, its task's own term (reconstruction or semantic), averaged over its micro-batches.
+            term = term_of(stream.name)
+            key = f"{stream.name}/{term}"
+            totals[key] = totals.get(key, 0.0) + losses[term].detach().float() / loader.order.count(stream.name)
+            micros.append({"stream": stream.name, "indices": micro.indices or [], "names": batch.names,
+                           "finite": losses["total"].detach().isfinite().all()})
+            if not (last and checks is not None):
+                return False
+            per_stream = {name: totals[f"{name}/{term_of(name)}"] for name in loader.loaders
+                          if f"{name}/{term_of(name)}" in totals}
+            nonfinite = sum((~m["finite"]).int() for m in micros)
+            return checks.before_update(per_stream, nonfinite, waited)
+
+        micro_step(engine, objective, batch, micro.extras, tasks, noise, amp, before_update=account)
+        if watchdog is not None:
+            watchdog.beat(batch.num_tokens)
+    return totals, tokens, names, waited, micros
 
 
 def data_metrics(loader) -> dict:
@@ -133,10 +163,15 @@ def main(argv=None) -> None:
     from .batch import describe, step_batches
     from .ema import EMA
     from .engine import precision
+    from .exchange import StepExchange
+    from .faults import ENV as FAULTS_ENV
+    from .faults import Faults
+    from .guards import OK, SPIKE, StepChecks, nonfinite_state
     from .holdout import load_images
     from .logger import RunLogger
     from .parallelize import init_parallel, parallelize, prepare_loss
     from .preemption import StopSignals
+    from .watchdog import Watchdog
 
     dist_info = distributed.init()
     signals = StopSignals()  # from here on SIGUSR1/SIGTERM mean: checkpoint after this step, then exit
@@ -204,11 +239,47 @@ def main(argv=None) -> None:
             psnrs, recons = evaluate(model, ema, holdout, device, amp)
             logger.eval(step, psnrs, list(holdout.values()), recons)
 
+    # The step's guards (guards.py): one small exchange per step before the update (stop signals,
+    # losses, every straggler_every steps the ranks' timings: exchange.py), a per-rank watchdog.
+    exchange = StepExchange(list(loader.loaders), cfg.watchdog.straggler_every)
+    checks = StepChecks(cfg.guards, exchange, signals, loader, logger.event, dist_info.rank)
+    if resume_from is not None:
+        checks.guard.load_state_dict(state.get("guards"))
+    watchdog = Watchdog(cfg.watchdog, run_dir, dist_info.rank, loader.micro_batches_per_step, cfg.mix_rounds,
+                        on_hang=(lambda **kw: logger.event("hang", **kw)) if dist_info.is_main else None)
+    faults = Faults(run_dir, dist_info.rank) if os.environ.get(FAULTS_ENV) else None
+
     if start == 0:
-        run_eval(0)
-    for step in range(start + 1, cfg.steps + 1):
-        losses, tokens, names, waited = train_step(engine, objective, loader, noise, amp)
-        ema.update(model, step)
+        with watchdog.paused():
+            run_eval(0)
+    step, pending_save = start, False
+    while step < cfg.steps:
+        step += 1
+        checks.begin(step)
+        watchdog.start_step(step)
+        losses, tokens, names, waited, micros = train_step(engine, objective, loader, noise, amp, step, checks,
+                                                           watchdog, faults)
+        try:  # the run's one error after guards.nonfinite_limit non-finite steps in a row
+            verdict = checks.after_update(engine.was_step_applied(), micros)
+        except UserError:
+            watchdog.close()
+            logger.close()
+            loader.close()
+            raise
+        if verdict == OK:
+            ema.update(model, step)
+        elif verdict == SPIKE and cfg.guards.spike_policy == "rollback":
+            good = checkpoint.find(ckpt_dir)
+            if good is not None:  # back to the last checkpoint; the data after it, the spike's included, is skipped
+                with watchdog.paused():
+                    back = checkpoint.load(engine, ema, {"noise": noise}, good)["step"]
+                checks.guard.counts["rollbacks"] += 1
+                logger.event("rollback", step=step, to_step=back, skipped_steps=[back + 1, step],
+                             data_position=loader.state_dict()["streams"])
+                logger.rewind(back)
+                step = back
+                continue
+            log.warning("guards.spike_policy=rollback: no checkpoint yet, the spike's step is only skipped")
         last = step == cfg.steps
         metrics = None
         if step % cfg.log.every == 0 or last:
@@ -217,21 +288,34 @@ def main(argv=None) -> None:
                        **data_metrics(loader), **memory_metrics(device),
                        "data": hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]}
         logger.step(step, tokens, metrics, waited)
-        if step % cfg.log.eval_every == 0 or last:
-            run_eval(step)
-        stop = signals.poll()  # collective: every rank stops after the same step
-        if step % cfg.checkpoint.every == 0 or last or stop:
-            t0 = time.perf_counter()
-            client = {"step": step, "data": loader.state_dict(), "config": cfg.to_dict()}
-            checkpoint.save(engine, ema, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep)
-            logger.event("checkpoint", step=step, seconds=time.perf_counter() - t0)
+        stop = checks.stop  # agreed on the step's exchange: every rank stops after the same step
+        with watchdog.paused():
+            if step % cfg.log.eval_every == 0 or last:
+                run_eval(step)
+            # A scheduled checkpoint waits for an applied step (``latest`` stays on the last good one);
+            # a stop signal's is written anyway. Nothing non-finite is ever written.
+            pending_save = pending_save or step % cfg.checkpoint.every == 0 or last
+            if (pending_save and verdict == OK) or stop or last:
+                bad = nonfinite_state(engine, ema)
+                if bad is not None:
+                    logger.event("checkpoint_refused", step=step, tensor=bad)
+                    raise UserError(f"step {step}: not checkpointed, {bad} is not finite; latest stays "
+                                    f"{checkpoint.latest_tag(ckpt_dir) if ckpt_dir.exists() else None}")
+                t0 = time.perf_counter()
+                client = {"step": step, "data": loader.state_dict(), "config": cfg.to_dict(),
+                          "guards": checks.guard.state_dict()}
+                checkpoint.save(engine, ema, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep)
+                logger.event("checkpoint", step=step, seconds=time.perf_counter() - t0)
+                pending_save = False
         if stop and not last:
+            watchdog.close()
             logger.event(signals.describe(stop), step=step)  # "requeue" or "stop", after its checkpoint
             logger.close()
             loader.close()
             code = signals.exit_code(stop)
             distributed.shutdown()  # a barrier: the requeue file exists before any rank exits
             raise SystemExit(code)
+    watchdog.close()
     logger.event("end", step=cfg.steps)
     logger.close()
     loader.close()

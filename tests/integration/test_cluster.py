@@ -178,6 +178,45 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
 
 
 @needs_slurm
+def test_hung_rank_is_dumped_requeued_and_matches_an_uninterrupted_run(slurm, shards, holdout, straight, tmp_path):
+    """Rank 1 of 2 runs slow for steps 1-4, then stops making progress in step 5 (training/faults.py).
+    Its watchdog writes its stacks and exits 124; cluster/common.sh requeues the job, which resumes from
+    step 4's checkpoint and ends with the losses of the uninterrupted run. The straggler report names
+    the slow rank."""
+    run_dir = tmp_path / "run"
+    faults = [{"kind": "hang", "rank": 1, "step": 5}, {"kind": "slow", "rank": 1, "seconds": 1.5, "until": 4}]
+    job = submit(slurm, run_dir, shards, holdout, env={"ATOKEN_TEST_FAULTS": json.dumps(faults)}, extra=(
+        "checkpoint.every=4", "watchdog.min_timeout=20", "watchdog.factor=10", "watchdog.straggler_every=2"))
+    deadline = time.monotonic() + 900
+    while not (slurm.job(job)["Restarts"] == "1" and slurm.job(job)["JobState"] == "PENDING"):
+        out = "\n".join(p.read_text()[-4000:] for p in run_dir.glob("slurm-*.out"))
+        assert time.monotonic() < deadline, f"the hung job was not requeued: {slurm.job(job)}\n{out}"
+        state = slurm.job(job)
+        assert state["JobState"] in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), f"{state}\n{out}"
+        time.sleep(0.5)
+    time.sleep(2)  # see test_preempted_job_...: a relaunch within the same second is refused
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    finished(slurm, job, run_dir)
+
+    dump = run_dir / "hangs" / f"rank_00001.{job}.0.txt"
+    assert dump.exists(), sorted(p.name for p in (run_dir / "hangs").iterdir())
+    text = dump.read_text()
+    assert "no micro-batch completed" in text and "in step 5" in text and "faults.py" in text, text[:3000]
+    out = "\n".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
+    assert "a rank hung" in out and "requeueing job" in out
+    events = records(run_dir / "events.jsonl")
+    resume = next(e for e in events if e["event"] == "resume")
+    assert resume["step"] == 4 and resume["slurm_restart"] == 1
+    slow = [e for e in events if e["event"] == "stragglers" and e["steps"][1] <= 4]
+    assert [e["steps"] for e in slow] == [[1, 2], [3, 4]] and all(e["slowest_rank"] == 1 for e in slow), slow
+    got, want = losses(run_dir), losses(straight)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step][1] == want[step][1], f"step {step}: other samples than the uninterrupted run"
+        assert got[step][0] == pytest.approx(want[step][0], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+@needs_slurm
 def test_two_node_launch_rendezvous_and_checkpoints(shards, tmp_path):
     """Two launcher invocations with node ranks 0 and 1: each gets the variables srun sets for its
     task on its node; the first node hosts the rendezvous."""
