@@ -37,7 +37,8 @@ def describe(micros: list[dict], loader, rank: int) -> list[dict]:
     for m in micros:
         dataset = loader.loaders[m["stream"]].dataset
         pairs = zip(m["indices"], m["names"], strict=False)  # indices: [] when a loader does not track them
-        out.append({"rank": rank, "stream": m["stream"], "samples": [[*dataset.locate(i), i, name] for i, name in pairs]})
+        samples = [[*dataset.locate(i), i, name] for i, name in pairs]
+        out.append({"rank": rank, "stream": m["stream"], "samples": samples})
     return out
 
 
