@@ -90,7 +90,7 @@ def test_resume_matches_straight_run(run_a, shards, tmp_path):
         for key in ("loss", "l1", "lpips", "gram", "kl", "lr"):
             assert a[key] == b[key], f"step {step} {key}: {a[key]} straight vs {b[key]} resumed"
     # Both runs end on the same weights and EMA.
-    for name in ("mp_rank_00_model_states.pt", "ema_mp_rank_00.pt"):
+    for name in ("mp_rank_00_model_states.pt", "ema_zero_pp_rank_0_mp_rank_00.pt"):
         wa = torch.load(run_a / "checkpoints/step_00000004" / name, map_location="cpu", weights_only=False)
         wb = torch.load(tmp_path / "b/checkpoints/step_00000004" / name, map_location="cpu", weights_only=False)
         wa, wb = wa.get("module", wa), wb.get("module", wb)

@@ -67,6 +67,7 @@ from torch.utils.checkpoint import checkpoint
 from atoken.model.transformer import Angles, Block, SequenceSharding, Transformer
 
 from . import megatron_cpu
+from .checkpoint.deepspeed_internals import clear_load_state_dict_pre_hooks
 from .shards import merge, partition_dim, split
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def _plain_linear_state(module: nn.Module) -> None:
     """Keep a megatron linear's state dict that of nn.Linear (``weight``, ``bias``). megatron adds an
     ``_extra_state`` entry (Transformer Engine compatibility; the classes below reset
     ``get/set_extra_state`` to nn.Module's) and a load hook that inserts one (removed here)."""
-    module._load_state_dict_pre_hooks.clear()
+    clear_load_state_dict_pre_hooks(module)
 
 
 def _mark_split(p: torch.Tensor, dim: int) -> None:

@@ -187,7 +187,7 @@ def main(argv=None) -> None:
 
     start = 0
     if resume_from is not None:
-        state = checkpoint.load(engine, ema, {"noise": noise}, resume_from)
+        state = checkpoint.load(engine, ema, dims, {"noise": noise}, resume_from)
         start = state["step"]
         loader.load_state_dict(state["data"])  # every DP rank's position in every stream
     logger = RunLogger(cfg, run_dir, start, enabled=dist_info.is_main)
@@ -202,7 +202,11 @@ def main(argv=None) -> None:
 
     if start == 0:
         run_eval(0)
+    # Checkpoints are written in the background (checkpoint/writer.py): a save blocks the loop only
+    # for its snapshot; a failed write stops the run at the next step, with its error.
+    writer = checkpoint.Writer()
     for step in range(start + 1, cfg.steps + 1):
+        writer.check()
         losses, tokens, names, waited = train_step(engine, objective, loader, noise, amp)
         ema.update(model, step)
         last = step == cfg.steps
@@ -219,15 +223,17 @@ def main(argv=None) -> None:
         if step % cfg.checkpoint.every == 0 or last or stop:
             t0 = time.perf_counter()
             client = {"step": step, "data": loader.state_dict(), "config": cfg.to_dict()}
-            checkpoint.save(engine, ema, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep)
-            logger.event("checkpoint", step=step, seconds=time.perf_counter() - t0)
+            checkpoint.save(engine, ema, dims, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep, writer)
+            logger.event("checkpoint", step=step, seconds=time.perf_counter() - t0)  # the stall, not the write
         if stop and not last:
+            writer.wait()  # the checkpoint is on disk and ``latest`` names it before the job goes
             logger.event(signals.describe(stop), step=step)  # "requeue" or "stop", after its checkpoint
             logger.close()
             loader.close()
             code = signals.exit_code(stop)
             distributed.shutdown()  # a barrier: the requeue file exists before any rank exits
             raise SystemExit(code)
+    writer.wait()
     logger.event("end", step=cfg.steps)
     logger.close()
     loader.close()
