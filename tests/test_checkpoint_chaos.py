@@ -126,9 +126,13 @@ def test_sigkill_at_random_moments_resumes_bit_exact(shards, tmp_path):
             hits.append(run_killed(cmd, env, chaos_dir, rng.random() < 0.5, rng.uniform(0.0, 1.5), log))
             if hits[-1] == "finished":
                 break
-            # whatever the moment, ``latest`` names a complete checkpoint (or none was committed yet)
+            # whatever the moment, ``latest`` names a complete checkpoint (or none was committed yet):
+            # every part of it reads back
             tag = latest(chaos_dir)
-            assert tag is None or checkpoint.is_checkpoint(chaos_dir / "checkpoints" / tag), hits
+            if tag is not None:
+                path = chaos_dir / "checkpoints" / tag
+                assert checkpoint.client_state(path)["step"] == int(tag.removeprefix("step_")), hits
+                assert checkpoint.consolidate(path, "raw").keys() == checkpoint.consolidate(path, "ema").keys()
         if hits[-1] != "finished":
             assert run_killed(cmd, env, chaos_dir, False, 1e9, log) == "finished"
     assert hits.count("write") >= 3 and len(hits) == KILLS, hits  # really killed mid-write, ten times

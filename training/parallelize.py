@@ -67,7 +67,7 @@ from torch.utils.checkpoint import checkpoint
 from atoken.model.transformer import Angles, Block, SequenceSharding, Transformer
 
 from . import megatron_cpu
-from .checkpoint.deepspeed_internals import clear_load_state_dict_pre_hooks
+from .checkpoint.deepspeed_internals import clear_load_state_dict_pre_hooks, partitioned_params
 from .shards import merge, partition_dim, split
 
 log = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ def _zero3_gathered(model: nn.Module):
     """DeepSpeed ZeRO-3 keeps only a DP partition of each parameter: gather them for reading."""
     import contextlib
 
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    params = partitioned_params(model)
     if not params:
         return contextlib.nullcontext()
     import deepspeed

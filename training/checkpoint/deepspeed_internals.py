@@ -98,9 +98,19 @@ def local_tensor(p: nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p
 
 
+def partitioned_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters ZeRO-3 partitions (``ds_id`` marks them); none under ZeRO 1/2."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 def is_partitioned(model: nn.Module) -> bool:
     """Whether ZeRO-3 partitions ``model``'s parameters."""
     return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def local_shape(p: nn.Parameter) -> list[int]:
+    """``p``'s shape on this rank before any ZeRO-3 partitioning (its ``ds_shape``): the TP-local one."""
+    return list(getattr(p, "ds_shape", p.shape))
 
 
 def release_gathered(params: list[nn.Parameter]) -> None:

@@ -13,7 +13,7 @@ import torch
 from atoken.model.errors import UserError
 
 from ..shards import partition_dim
-from .deepspeed_internals import MODEL_STATES_GLOB
+from .deepspeed_internals import MODEL_STATES_GLOB, local_shape
 
 STAGING = ".staging"
 UNIVERSAL = ".universal"
@@ -138,9 +138,9 @@ class Layout:
 
 def current_layout(engine, dims) -> Layout:
     """The layout of the running trainer: tp and dp from its ``ParallelDims``, the ZeRO stage from
-    the engine (whose config set it), per parameter its TP-local shape (ZeRO-3's ``ds_shape``, not
-    the partition) and split dim."""
-    params = {n: (list(getattr(p, "ds_shape", p.shape)), partition_dim(p))
+    the engine (whose config set it), per parameter its TP-local shape (not ZeRO-3's partition) and
+    split dim."""
+    params = {n: (local_shape(p), partition_dim(p))
               for n, p in engine.module.named_parameters() if p.requires_grad}
     return Layout(dims.tp, dims.dp, engine.zero_optimization_stage(), params)
 
