@@ -33,8 +33,9 @@ Layout of ``<run_dir>/checkpoints`` (``TT`` a tensor-parallel rank, ``D`` a data
 ``save`` blocks the step only while it snapshots the state; the files are written in a background
 thread, each fsynced, then their directory, and only when every rank's part is durable does rank 0
 rename the staging directory into place and move ``latest`` (docs/checkpoints.md). A crash mid-save
-leaves only a ``.staging`` directory, which ``latest`` never names and the next save clears. Resuming at the saved (tp, dp, ZeRO stage) loads DeepSpeed's shards as they are; at
-another layout ``load`` reshards (reshard.py). Nothing to configure: the saved layout is read from
+leaves only a ``.staging`` directory, which ``latest`` never names and the next save clears.
+Resuming at the saved (tp, dp, ZeRO stage) loads DeepSpeed's shards as they are; at another layout
+``load`` reshards (reshard.py). Nothing to configure: the saved layout is read from
 the checkpoint.
 """
 from .export import consolidate
