@@ -94,7 +94,9 @@ def run_killed(cmd, env, run_dir: Path, during_write: bool, delay: float, log) -
                     return "write"
                 time.sleep(0.002)
             elif len(logged_steps(run_dir)) > before_steps or latest(run_dir) != before_latest:
-                time.sleep(delay)
+                end = time.monotonic() + delay
+                while proc.poll() is None and time.monotonic() < end:
+                    time.sleep(0.01)
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
@@ -134,7 +136,7 @@ def test_sigkill_at_random_moments_resumes_bit_exact(shards, tmp_path):
                 assert checkpoint.client_state(path)["step"] == int(tag.removeprefix("step_")), hits
                 assert checkpoint.consolidate(path, "raw").keys() == checkpoint.consolidate(path, "ema").keys()
         if hits[-1] != "finished":
-            assert run_killed(cmd, env, chaos_dir, False, 1e9, log) == "finished"
+            assert run_killed(cmd, env, chaos_dir, False, float("inf"), log) == "finished"
     assert hits.count("write") >= 3 and len(hits) == KILLS, hits  # really killed mid-write, ten times
 
     assert logged_steps(chaos_dir) == straight
