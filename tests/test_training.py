@@ -128,7 +128,7 @@ def test_converted_model_equals_training_ema(run_a, tmp_path):
     ckpt = run_a / "checkpoints" / "step_00000004"
     cfg = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["config"]
     ref = AToken(ModelConfig.from_dict(cfg["model"]))
-    ref.load_state_dict(torch.load(ckpt / "ema_mp_rank_00.pt", map_location="cpu"))
+    ref.load_state_dict(torch.load(ckpt / "ema_zero_pp_rank_0_mp_rank_00.pt", map_location="cpu"))
     img = torch.from_numpy(sk.astronaut()[::8, ::8].copy()).permute(2, 0, 1).float() / 255  # 64x64
     odd = img[:, :50, :37]  # not a multiple of 16: padded, then cropped back
     got = tok.reconstruct([img, odd])
