@@ -157,4 +157,6 @@ def _tensors_equal(x, y) -> bool:
         return isinstance(y, dict) and x.keys() == y.keys() and all(_tensors_equal(x[k], y[k]) for k in x)
     if isinstance(x, (list, tuple)):
         return len(x) == len(y) and all(_tensors_equal(u, v) for u, v in zip(x, y))
+    if hasattr(x, "__dict__") and not isinstance(x, type):  # e.g. DeepSpeed's loss scaler: no __eq__
+        return type(x) is type(y) and _tensors_equal(vars(x), vars(y))
     return x == y
