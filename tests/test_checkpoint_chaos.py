@@ -75,7 +75,10 @@ def latest(run_dir: Path) -> str | None:
 def writing(run_dir: Path) -> bool:
     """A background write in flight: a staging checkpoint with files in it."""
     staging = run_dir / "checkpoints" / ".staging"
-    return any(any(d.iterdir()) for d in staging.glob("step_*")) if staging.is_dir() else False
+    try:
+        return any(any(d.iterdir()) for d in staging.glob("step_*"))
+    except FileNotFoundError:  # renamed into place (committed) while we looked
+        return False
 
 
 def run_killed(cmd, env, run_dir: Path, during_write: bool, delay: float, log) -> str:
