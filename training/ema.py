@@ -6,12 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
-
-def local_tensor(p: nn.Parameter) -> torch.Tensor:
-    """What this rank holds of ``p``: the parameter itself, or under DeepSpeed ZeRO-3 its flat
-    data-parallel partition ``ds_tensor`` [ceil(numel / dp)] (the parameter's own data is empty
-    outside forward/backward)."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+from .checkpoint.deepspeed_internals import is_partitioned, local_tensor, release_gathered
 
 
 class EMA:
@@ -29,7 +24,7 @@ class EMA:
         self.decay = decay
         self.shadow = {n: local_tensor(p).detach().float().clone()
                        for n, p in model.named_parameters() if p.requires_grad}
-        self.partitioned = any(hasattr(p, "ds_tensor") for p in model.parameters())
+        self.partitioned = is_partitioned(model)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -55,12 +50,8 @@ class EMA:
     def _write(self, params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
         for n, v in values.items():
             local_tensor(params[n]).copy_(v)
-        if self.partitioned:
-            # ZeRO-3 keeps small ("persistent") parameters gathered between steps: drop those
-            # copies, so the next forward gathers them again from the partitions just written.
-            held = [p for p in params.values() if hasattr(p, "ds_tensor") and p.data.numel()]
-            if held:
-                held[0].partition(param_list=held, has_been_updated=False)
+        if self.partitioned:  # the next forward gathers from the partitions just written
+            release_gathered(list(params.values()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

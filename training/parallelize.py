@@ -79,6 +79,7 @@ from torch.utils.checkpoint import checkpoint
 from atoken.model.transformer import Angles, Block, SequenceSharding, Transformer
 
 from . import megatron_cpu
+from .checkpoint.deepspeed_internals import clear_load_state_dict_pre_hooks, partitioned_params
 from .config import check_layout
 from .engine import build_engine
 from .shards import merge, partition_dim, split
@@ -146,7 +147,7 @@ def _plain_linear_state(module: nn.Module) -> None:
     """Keep a megatron linear's state dict that of nn.Linear (``weight``, ``bias``). megatron adds an
     ``_extra_state`` entry (Transformer Engine compatibility; the classes below reset
     ``get/set_extra_state`` to nn.Module's) and a load hook that inserts one (removed here)."""
-    module._load_state_dict_pre_hooks.clear()
+    clear_load_state_dict_pre_hooks(module)
 
 
 def _mark_split(p: torch.Tensor, dim: int) -> None:
@@ -418,7 +419,7 @@ def prepare_loss(objective: nn.Module, cfg, device: torch.device) -> None:
 
 def _zero3_gathered(model: nn.Module):
     """DeepSpeed ZeRO-3 keeps only a DP partition of each parameter: gather them for reading."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    params = partitioned_params(model)
     if not params:
         return contextlib.nullcontext()
     import deepspeed  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()

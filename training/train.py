@@ -226,7 +226,7 @@ def main(argv=None) -> None:
 
     start = 0
     if resume_from is not None:
-        state = checkpoint.load(engine, ema, {"noise": noise}, resume_from)
+        state = checkpoint.load(engine, ema, dims, {"noise": noise}, resume_from)
         start = state["step"]
         loader.load_state_dict(state["data"])  # every DP rank's position in every stream
     logger = RunLogger(cfg, run_dir, start, enabled=dist_info.is_main)
@@ -252,9 +252,13 @@ def main(argv=None) -> None:
     if start == 0:
         with watchdog.paused():
             run_eval(0)
+    # Checkpoints are written in the background (checkpoint/writer.py): a save blocks the loop only
+    # for its snapshot; a failed write stops the run at the next step, with its error.
+    writer = checkpoint.Writer()
     step, pending_save = start, False
     while step < cfg.steps:
         step += 1
+        writer.check()
         checks.begin(step)
         watchdog.start_step(step)
         losses, tokens, names, waited, micros = train_step(engine, objective, loader, noise, amp, step, checks,
@@ -263,16 +267,19 @@ def main(argv=None) -> None:
             verdict = checks.after_update(engine.was_step_applied(), micros)
         except UserError:
             watchdog.close()
+            writer.wait()  # the last good checkpoint, if one is in flight, is committed before the run stops
             logger.close()
             loader.close()
             raise
         if verdict == OK:
             ema.update(model, step)
         elif verdict == SPIKE and cfg.guards.spike_policy == "rollback":
+            with watchdog.paused():
+                writer.wait()  # the write in flight may be the last good checkpoint
             good = checkpoint.find(ckpt_dir)
             if good is not None:  # back to the last checkpoint; the data after it, the spike's included, is skipped
                 with watchdog.paused():
-                    back = checkpoint.load(engine, ema, {"noise": noise}, good)["step"]
+                    back = checkpoint.load(engine, ema, dims, {"noise": noise}, good)["step"]
                 checks.guard.counts["rollbacks"] += 1
                 logger.event("rollback", step=step, to_step=back, skipped_steps=[back + 1, step],
                              data_position=loader.state_dict()["streams"])
@@ -304,11 +311,13 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 client = {"step": step, "data": loader.state_dict(), "config": cfg.to_dict(),
                           "guards": checks.guard.state_dict()}
-                checkpoint.save(engine, ema, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep)
-                logger.event("checkpoint", step=step, seconds=time.perf_counter() - t0)
+                checkpoint.save(engine, ema, dims, {"noise": noise}, client, ckpt_dir, step, cfg.checkpoint.keep,
+                                writer)
+                logger.event("checkpoint", step=step, seconds=time.perf_counter() - t0)  # the stall, not the write
                 pending_save = False
         if stop and not last:
             watchdog.close()
+            writer.wait()  # the checkpoint is on disk and ``latest`` names it before the job goes
             logger.event(signals.describe(stop), step=step)  # "requeue" or "stop", after its checkpoint
             logger.close()
             loader.close()
@@ -316,6 +325,7 @@ def main(argv=None) -> None:
             distributed.shutdown()  # a barrier: the requeue file exists before any rank exits
             raise SystemExit(code)
     watchdog.close()
+    writer.wait()
     logger.event("end", step=cfg.steps)
     logger.close()
     loader.close()

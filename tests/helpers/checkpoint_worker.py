@@ -9,7 +9,7 @@ same wherever it runs (DP rank ``i``, or the ``i``-th accumulation step at DP=1)
 posterior noise. The step is the trainer's own (``training.train.micro_step``) with its ``Objective``.
 
 - ``save`` (2 ranks): DP=2 runs at ZeRO 1/2/3 and TP=2 runs at ZeRO 1/3, K steps + K steps, saving
-  after each K; then a save killed halfway (rank 1 SIGKILLs itself after DeepSpeed wrote its files).
+  after each K; then a save killed halfway (rank 1 SIGKILLs itself once its files are written).
 - ``one`` (1 rank): the DP=2 and TP=2 checkpoints resumed at DP=1/TP=1; TP=1 reference runs.
 - ``resume`` (2 ranks): the ZeRO runs resumed at their own layout; TP=1 -> TP=2; the crashed run.
 """
@@ -41,6 +41,7 @@ from atoken.model import AToken, PackedBatch, patchify, preset  # noqa: E402 - a
 from atoken.model.losses import LossConfig  # noqa: E402 - after the Muon stand-in (above)
 from atoken.model.objective import Objective  # noqa: E402 - after the Muon stand-in (above)
 from atoken.training import checkpoint, distributed  # noqa: E402 - after the Muon stand-in (above)
+from atoken.training.checkpoint.writer import write_durable  # noqa: E402 - after the Muon stand-in (above)
 from atoken.training.config import RunConfig  # noqa: E402 - after the Muon stand-in (above)
 from atoken.training.ema import EMA  # noqa: E402 - after the Muon stand-in (above)
 from atoken.training.parallelize import full_state_dict, init_parallel, parallelize  # noqa: E402 - after the Muon stand-in (above)
@@ -96,6 +97,7 @@ class Run:
         self.objective = Objective(LOSS)
         self.noise = torch.Generator().manual_seed(SEED + 1 + self.dims.dp_rank)
         self.micro_batches = self.cfg.micro_batches_per_step  # one stream, one micro-batch a round
+        self.writer = checkpoint.Writer()  # the trainer's background writer (a collective: every rank)
 
     def steps(self, first: int, last: int, jitter: float) -> dict[int, float]:
         """Train steps first..last; per step the loss averaged over the step's micro-batches."""
@@ -119,10 +121,13 @@ class Run:
 
     def save(self, ckpt_dir: Path, step: int) -> Path:
         client = {"step": step, "config": self.cfg.to_dict(), "rank": dist.get_rank()}
-        return checkpoint.save(self.engine, self.ema, {"noise": self.noise}, client, ckpt_dir, step, keep=5)
+        path = checkpoint.save(self.engine, self.ema, self.dims, {"noise": self.noise}, client, ckpt_dir, step, 5,
+                               self.writer)
+        self.writer.wait()  # written in the background, committed before the checks read it
+        return path
 
     def load(self, path: Path) -> dict:
-        return checkpoint.load(self.engine, self.ema, {"noise": self.noise}, path)
+        return checkpoint.load(self.engine, self.ema, self.dims, {"noise": self.noise}, path)
 
     def groups(self) -> list[list[float]]:
         return [[g["lr"], g["weight_decay"]] for g in self.engine.optimizer.param_groups]
@@ -208,14 +213,14 @@ def crash(root: Path) -> None:
     run.steps(1, 1, JITTER)
     run.save(ckpt, 1)
     run.steps(2, 2, JITTER)
-    deepspeed_save = run.engine.save_checkpoint
 
-    def save_then_die(*args, **kwargs):
-        deepspeed_save(*args, **kwargs)
-        if dist.get_rank() == 1:  # rank 0 goes on writing its part, then waits for rank 1 forever
-            os.kill(os.getpid(), signal.SIGKILL)
+    def write_then_die(what, files, commit):
+        for path, state in files:  # its part durable, then it dies before the ranks agree to commit
+            write_durable(path, state)
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    run.engine.save_checkpoint = save_then_die
+    if dist.get_rank() == 1:  # rank 0 writes its part, then waits for rank 1, which never answers
+        run.writer.submit = write_then_die
     run.save(ckpt, 2)
 
 

@@ -112,9 +112,9 @@ def test_elastic_tp(runs, case, source, phase, ref_phase):
 
 
 def test_crash_while_saving(runs):
-    """Rank 1 was SIGKILLed right after DeepSpeed wrote its files for step 2: the half-written save
-    stayed in .staging, ``latest`` kept naming step 1, which ``auto`` chose, loaded and continued
-    from; saving step 2 again cleared the debris."""
+    """Rank 1 was SIGKILLed once its files for step 2 were written, before the ranks agreed to commit:
+    the half-written save stayed in .staging, ``latest`` kept naming step 1, which ``auto`` chose,
+    loaded and continued from; saving step 2 again cleared the debris."""
     left = runs["crash_left"]
     assert left["latest"] == left["auto"] == checkpoint.tag_for(1)
     assert left["complete"] == [checkpoint.tag_for(1)]

@@ -91,7 +91,7 @@ def test_resume_matches_straight_run(run_a, shards, tmp_path):
         for key in ("loss", "l1", "lpips", "gram", "kl", "lr"):
             assert a[key] == b[key], f"step {step} {key}: {a[key]} straight vs {b[key]} resumed"
     # Both runs end on the same weights and EMA.
-    for name in ("mp_rank_00_model_states.pt", "ema_mp_rank_00.pt"):
+    for name in ("mp_rank_00_model_states.pt", "ema_zero_pp_rank_0_mp_rank_00.pt"):
         wa = torch.load(run_a / "checkpoints/step_00000004" / name, map_location="cpu", weights_only=False)
         wb = torch.load(tmp_path / "b/checkpoints/step_00000004" / name, map_location="cpu", weights_only=False)
         wa, wb = wa.get("module", wa), wb.get("module", wb)
@@ -128,7 +128,7 @@ def test_converted_model_equals_training_ema(run_a, tmp_path):
     ckpt = run_a / "checkpoints" / "step_00000004"
     cfg = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["config"]
     ref = AToken(from_dict(ModelConfig, cfg["model"]))
-    ref.load_state_dict(torch.load(ckpt / "ema_mp_rank_00.pt", map_location="cpu"))
+    ref.load_state_dict(torch.load(ckpt / "ema_zero_pp_rank_0_mp_rank_00.pt", map_location="cpu"))
     img = torch.from_numpy(sk.astronaut()[::8, ::8].copy()).permute(2, 0, 1).float() / 255  # 64x64
     odd = img[:, :50, :37]  # not a multiple of 16: padded, then cropped back
     got = tok.reconstruct([img, odd])

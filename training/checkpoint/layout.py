@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from atoken.model.errors import UserError
 
 from ..shards import partition_dim
+from .deepspeed_internals import MODEL_STATES_GLOB, local_shape
 
 STAGING = ".staging"
 UNIVERSAL = ".universal"
@@ -30,17 +29,27 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def ema_file(stage: int, tp_rank: int, dp_rank_: int) -> str:
-    return f"ema_zero_pp_rank_{dp_rank_}_mp_rank_{tp_rank:02d}.pt" if stage == 3 else f"ema_mp_rank_{tp_rank:02d}.pt"
+def ema_file(tp_rank: int, dp_rank: int) -> str:
+    """(``dp_rank``, ``tp_rank``)'s part of the EMA: under ZeRO-3 its partitions, under ZeRO 1/2 its
+    share of the parameters by name (``ema_names``), so that no rank writes the whole EMA alone."""
+    return f"ema_zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}.pt"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def legacy_ema_file(tp_rank: int) -> str:
+    """ZeRO 1/2 checkpoints written before the EMA was shared out: DP rank 0 held it whole."""
+    return f"ema_mp_rank_{tp_rank:02d}.pt"
+
+
+def ema_names(shapes: dict[str, list[int]], dp: int, dp_rank: int) -> list[str]:
+    """The EMA tensors DP rank ``dp_rank`` writes under ZeRO 1/2 (every rank holds them all): the
+    names dealt out largest first, each to the rank with the fewest elements so far."""
+    load, mine = [0] * dp, []
+    for name in sorted(shapes, key=lambda n: (-math.prod(shapes[n]), n)):
+        r = load.index(min(load))
+        load[r] += math.prod(shapes[name])
+        if r == dp_rank:
+            mine.append(name)
+    return mine
 
 
 # ------------------------------------------------------------------ finding a checkpoint
@@ -58,7 +67,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and ((path / LAYOUT).exists() or any(path.glob("*model_states.pt")))
+    return path.is_dir() and ((path / LAYOUT).exists() or any(path.glob(MODEL_STATES_GLOB)))
 
 
 def find(path: str | Path) -> Path | None:
@@ -127,23 +136,13 @@ class Layout:
                    {n: (p["shape"], p["partition_dim"]) for n, p in d["params"].items()})
 
 
-def tp_rank_size(engine) -> tuple[int, int]:
-    from deepspeed.utils.bwc import (  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
-        bwc_tensor_model_parallel_rank,
-        bwc_tensor_model_parallel_world_size,
-    )
-
-    return bwc_tensor_model_parallel_rank(engine.mpu), bwc_tensor_model_parallel_world_size(engine.mpu)
-
-
-def dp_rank(engine) -> int:
-    return dist.get_rank(engine.data_parallel_group) if engine.data_parallel_group is not None else 0
-
-
-def current_layout(engine) -> Layout:
-    params = {n: (list(getattr(p, "ds_shape", p.shape)), partition_dim(p))
+def current_layout(engine, dims) -> Layout:
+    """The layout of the running trainer: tp and dp from its ``ParallelDims``, the ZeRO stage from
+    the engine (whose config set it), per parameter its TP-local shape (not ZeRO-3's partition) and
+    split dim."""
+    params = {n: (local_shape(p), partition_dim(p))
               for n, p in engine.module.named_parameters() if p.requires_grad}
-    return Layout(tp_rank_size(engine)[1], engine.dp_world_size, engine.zero_optimization_stage(), params)
+    return Layout(dims.tp, dims.dp, engine.zero_optimization_stage(), params)
 
 
 def read_layout(ckpt: Path) -> Layout:
@@ -152,9 +151,9 @@ def read_layout(ckpt: Path) -> Layout:
         return Layout.read(ckpt)
     from deepspeed.checkpoint.constants import PARAM_SHAPES  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
-    files = sorted(ckpt.glob("*model_states.pt"))
+    files = sorted(ckpt.glob(MODEL_STATES_GLOB))
     if not files:
-        raise FileNotFoundError(f"{ckpt} is not a checkpoint (no *model_states.pt)")
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint (no {MODEL_STATES_GLOB})")
     states = torch.load(files[0], map_location="cpu", weights_only=False)
     if states.get("mp_world_size", 1) != 1:
         raise ValueError(f"{ckpt} has no {LAYOUT} and more than one TP rank: its layout is unknown")

@@ -18,9 +18,16 @@ import torch
 import torch.distributed as dist
 
 from ..shards import merge, split
-from .deepspeed_internals import optimizer_common_state, run_ds_to_universal, torch_optimizer, universal_loading
+from .deepspeed_internals import (
+    MODEL_STATES_GLOB,
+    model_states_file,
+    optimizer_common_state,
+    run_ds_to_universal,
+    torch_optimizer,
+    universal_loading,
+)
 from .export import ema_shards
-from .layout import UNIVERSAL, Layout, dp_rank, partition, tp_rank_size
+from .layout import UNIVERSAL, Layout, partition
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ def check_same_model(saved: Layout, now: Layout) -> None:
 
 def _source_id(ckpt: Path) -> str:
     """Which checkpoint (and which save of it) a universal form was made from."""
-    files = sorted(ckpt.glob("*model_states.pt"))
+    files = sorted(ckpt.glob(MODEL_STATES_GLOB))
     return json.dumps([str(ckpt.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
 
 
@@ -120,23 +127,22 @@ def _write_view(uc: Path, view: Path, saved: Layout, now: Layout, tp_rank: int) 
     torch.save(common, zero / "optimizer_state.pt")
     # Scheduler, step counters and our client state: any source rank's model-states file (the weights
     # in it are not read), as the only one, named as the current ZeRO stage's loader looks for it.
-    states = torch.load(sorted(uc.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+    states = torch.load(sorted(uc.glob(MODEL_STATES_GLOB))[0], map_location="cpu", weights_only=False)
     states.update(module={}, mp_world_size=1)
-    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if now.zero_stage == 3 else "mp_rank_00_model_states.pt"
-    torch.save(states, tmp / name)
+    torch.save(states, tmp / model_states_file(now.zero_stage, 0, 0))
     os.replace(tmp, view)
 
 
-def load_resharded(engine, path: Path, saved: Layout, now: Layout) -> dict:
+def load_resharded(engine, dims, path: Path, saved: Layout, now: Layout) -> dict:
     """Weights, optimizer and scheduler of ``path`` (saved at ``saved``) into ``engine`` (at ``now``).
     Returns DeepSpeed's client state."""
     uc = path.parent / UNIVERSAL / path.name
     if dist.get_rank() == 0:
         to_universal(path)
     dist.barrier()
-    tp_rank = tp_rank_size(engine)[0]
+    tp_rank = dims.tp_rank
     view = uc / f"view_tp{now.tp}_rank{tp_rank:02d}"
-    writer = dp_rank(engine) == 0  # one writer per TP rank
+    writer = dims.dp_rank == 0  # one writer per TP rank
     if writer:
         _write_view(uc, view, saved, now, tp_rank)
     dist.barrier()
@@ -162,10 +168,10 @@ def load_resharded(engine, path: Path, saved: Layout, now: Layout) -> dict:
     return client_state
 
 
-def load_ema_resharded(engine, ema, path: Path, saved: Layout, now: Layout) -> None:
+def load_ema_resharded(ema, dims, path: Path, saved: Layout, now: Layout) -> None:
     """Merge the saved EMA shards to whole tensors, then cut this rank's part at the new layout."""
     shards = ema_shards(path, saved)
-    tp_rank, d = tp_rank_size(engine)[0], dp_rank(engine)
+    tp_rank, d = dims.tp_rank, dims.dp_rank
     state = {}
     for name, (_, dim) in now.params.items():
         t = split(merge([s[name] for s in shards], saved.params[name][1]), dim, now.tp, tp_rank)

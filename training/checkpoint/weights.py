@@ -28,6 +28,7 @@ from atoken.model.inference_dir import (
     read_inference_config,
 )
 
+from .deepspeed_internals import MODEL_STATES_GLOB
 from .export import consolidate
 from .layout import LAYOUT, client_state, find
 
@@ -60,8 +61,8 @@ def find_weights(path: str | Path, setting: str | None = None) -> WeightsSource:
                         f"inference directory there (expected a run directory, its checkpoints/ folder, a "
                         f"checkpoints/step_* directory with {LAYOUT} or *model_states.pt, or a directory with "
                         f"{CONFIG_FILE} and {WEIGHTS_FILE})")
-    if not any(ckpt.glob("*model_states.pt")):  # DeepSpeed's weights (layout.json alone: a copy cut short)
-        raise UserError(f"{ckpt}: no *model_states.pt file; {DAMAGED}")
+    if not any(ckpt.glob(MODEL_STATES_GLOB)):  # DeepSpeed's weights (layout.json alone: a copy cut short)
+        raise UserError(f"{ckpt}: no {MODEL_STATES_GLOB} file; {DAMAGED}")
     client = _readable(ckpt, lambda: client_state(ckpt))
     try:
         cfg = from_dict(ModelConfig, client["config"]["model"])
