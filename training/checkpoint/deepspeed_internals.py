@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layout import unpartition
-
 # ------------------------------------------------------------------ DeepSpeed's file names
 
 MODEL_STATES_GLOB = "*model_states.pt"  # every DeepSpeed checkpoint holds at least one
@@ -151,6 +149,7 @@ def zero3_fp32_weights(ckpt: Path, tp_rank: int, dp: int) -> dict[str, torch.Ten
     ``ceil(numel / dp)`` partition of every parameter."""
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_SHAPES  # noqa: PLC0415 - DeepSpeed picks its accelerator on import: after distributed.init()
 
+    from .layout import unpartition  # noqa: PLC0415 - layout imports this module (DeepSpeed's file names)
 
     shapes = torch.load(ckpt / model_states_file(3, tp_rank), map_location="cpu", weights_only=False)[PARAM_SHAPES]
     flats = [torch.load(ckpt / optim_states_file(tp_rank, d), map_location="cpu", weights_only=False,
