@@ -20,6 +20,7 @@ import torch
 
 from atoken.model.errors import UserError
 from atoken.tools.make_image_shards import write_image_shards
+from atoken.training.checkpoint.layout import ema_file
 from atoken.training.config import GuardConfig
 from atoken.training.distributed import free_port
 from atoken.training.guards import NONFINITE, OK, SPIKE, StepGuard, check_finite_weights, first_nonfinite
@@ -129,7 +130,7 @@ def test_diverging_lr_stops_within_k_steps_naming_them_and_latest_stays_finite(s
     # atoken-convert refuses non-finite weights, naming the tensor: the finite checkpoint, one EMA value NaN.
     bad = tmp_path / "bad" / "checkpoints"
     shutil.copytree(run / "checkpoints", bad)
-    ema = bad / "step_00000001" / "ema_mp_rank_00.pt"
+    ema = bad / "step_00000001" / ema_file(tp_rank=0, dp_rank=0)  # one rank: it holds the whole EMA
     state = torch.load(ema, map_location="cpu")
     name = sorted(state)[0]
     state[name].view(-1)[0] = math.nan
