@@ -16,11 +16,10 @@ from pathlib import Path
 
 from atoken.model.errors import UserError, cli
 
-from . import determinism, preflight
 from .config import RunConfig, apply_override, load_yaml
 from .stages import CONFIGS
 
-# NOTE: torch, DeepSpeed, the model and the data pipeline are imported in ``main`` after the
+# NOTE: torch, DeepSpeed, the model, the data pipeline and the checks are imported in ``main`` after the
 # arguments are parsed and checked: ``--help`` and a mistake in the command answer in seconds.
 
 log = logging.getLogger("atoken.train")
@@ -148,6 +147,8 @@ def evaluate(model, ema, images: dict, device, amp) -> tuple[dict, list]:
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     # Every mistake that can be found before building anything is found here, in seconds.
+    from . import determinism, preflight  # the checks reach storage (streaming) and torch: after parsing
+
     resume_from = preflight.check_run(cfg)
     if cfg.deterministic:
         determinism.enable()
