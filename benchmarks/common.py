@@ -57,6 +57,13 @@ def packed_batch(sizes: list[tuple[int, int]], seed: int) -> PackedBatch:
     return PackedBatch.cat(parts, names=[f"{h}x{w}" for h, w in sizes])
 
 
+def resolve_device(name: str) -> torch.device:
+    """A script's ``--device``: "auto" is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

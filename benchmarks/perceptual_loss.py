@@ -41,7 +41,7 @@ import torch
 
 from atoken.model.losses import LossConfig, ReconstructionLoss, image_pairs
 from atoken.training.parallelize import prepare_loss
-from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, sync, write_report
+from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, resolve_device, sync, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,8 +80,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", help="JSON path (default benchmarks/results/perceptual_loss_<device>.json)")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     info = cpu_info() if device.type == "cpu" else {"type": "cuda", "name": torch.cuda.get_device_name(device)}
     sizes = image_sizes(args.tokens, args.seed, args.min_res, args.max_res)
     batch = packed_batch(sizes, args.seed).to(device)

@@ -68,7 +68,17 @@ from atoken.training.ema import EMA
 from atoken.training.engine import precision
 from atoken.training.parallelize import init_parallel, parallelize, prepare_loss
 from atoken.training.train import micro_step
-from common import cpu_info, device_slug, git_state, image_sizes, packed_batch, proc_status_bytes, sync, write_report
+from common import (
+    cpu_info,
+    device_slug,
+    git_state,
+    image_sizes,
+    packed_batch,
+    proc_status_bytes,
+    resolve_device,
+    sync,
+    write_report,
+)
 from step_split import labels, split
 
 # ------------------------------------------------------------------ FLOPs
@@ -394,8 +404,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     distributed.init()  # a world of one: the trainer's DeepSpeed engine needs a process group
     dims = init_parallel(seed=args.seed)
     started, load_start = datetime.now(UTC), os.getloadavg()
