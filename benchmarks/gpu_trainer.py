@@ -315,8 +315,8 @@ def convert(args) -> None:
     import torch  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
 
     from atoken.model import Tokenizer  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
-    from atoken.tools.convert import convert as convert_run  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
-    from atoken.tools.reconstruct import reconstruct_files  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
+    from atoken.tools.file_reconstruction import reconstruct_files  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
+    from atoken.training.inference_export import convert as convert_run  # noqa: PLC0415 - the driver runs without torch: the phase that needs it imports it
 
     out = args.work / "inference"
     convert_run(args.work / "run_straight", out)

@@ -38,6 +38,7 @@ from atoken.model.errors import UserError
 from .config import DataConfig, StreamConfig
 from .dataset import PositionedSamples, StreamDataset, epoch_order, is_bad
 from .packing import GreedyPacker, MicroBatch, check_budget
+from .workers import with_this_environment, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,10 @@ class StreamLoader:
         # global torch RNG, on this thread, at a time the training thread does not control.
         loader = DataLoader(PositionedSamples(self.dataset), batch_size=1, collate_fn=_unwrap, num_workers=workers,
                             sampler=_Positions(self, state["epoch"], state["pos"]),
-                            prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
+                            prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
+                            # not fork: this process runs threads (workers.py)
+                            multiprocessing_context=worker_context() if workers else None,
+                            worker_init_fn=with_this_environment() if workers else None)
         samples = iter(loader)
         try:
             for made in self._pack(samples, state):

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from .autoencoder import AToken, Outputs
+from .autoencoder import Outputs
 from .losses import LossConfig, ReconstructionLoss
 from .packed import ASSET3D, IMAGE, PackedBatch
 from .siglip2 import Siglip2ImageTower
@@ -32,9 +32,9 @@ from .understanding import TextTower, distill_loss, sigmoid_loss
 
 
 class Objective(nn.Module):
-    """forward(model, batch, out, extras, tasks) -> scalar terms, "total" among them.
-    ``model`` is not read (every input arrives in ``out``, as ZeRO-3 needs, and the 3D term's
-    ``render_backend`` is given when the objective is built); the argument stays for the existing callers.
+    """forward(batch, out, extras, tasks) -> scalar terms, "total" among them.
+    It never reads the model: every input arrives in ``out`` (as ZeRO-3 needs), and the 3D term's
+    ``render_backend`` is given when the objective is built.
 
     ``extras``: per sample what the losses need beyond its tokens ("caption"; for 3D "views"
     [V, 3, H, W] in [0, 1] and "cameras"). The frozen networks (perceptual net, text tower, teacher)
@@ -77,7 +77,7 @@ class Objective(nn.Module):
                 m._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, model: AToken, batch: PackedBatch, out: Outputs, extras: list[dict[str, Any]],
+    def forward(self, batch: PackedBatch, out: Outputs, extras: list[dict[str, Any]],
                 tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
         cfg, zero = self.cfg, batch.features.new_zeros((), dtype=torch.float32)
         terms = dict.fromkeys(("l1", "lpips", "gram", "clip", "l1_3d", "kl", "rec", "distill", "sigmoid", "sem"), zero)

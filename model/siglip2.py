@@ -34,6 +34,7 @@ import torch.nn as nn
 from .autoencoder import AToken, Encoder
 from .config import CHANNELS, PATCH_HW, ModelConfig, TransformerConfig
 from .hf_checkpoint import read_safetensors
+from .inference_dir import save_inference_dir
 from .packed import PackedBatch
 from .transformer import fuse_qkv
 from .understanding import MAPHead
@@ -201,3 +202,15 @@ class Siglip2ImageTower(nn.Module):
 
     def train(self, mode: bool = True) -> Siglip2ImageTower:
         return super().train(False)  # frozen: stays in eval mode
+
+
+def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, seed: int = 0,
+                   rope: bool = True) -> Path:
+    """An inference directory at ``out``: AToken with SigLIP2's vision weights from ``src`` (atoken-import-siglip2)."""
+    cfg = model_config(src, latent_channels=latent_channels, rope=rope)
+    torch.manual_seed(seed)
+    model = AToken(cfg)
+    written = load_siglip2(model, src)
+    save_inference_dir(out, model.state_dict(), cfg.to_dict(), "siglip2-import",
+                       source={"siglip2": str(Path(src).resolve()), "imported_tensors": len(written), "seed": seed})
+    return Path(out)

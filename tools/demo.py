@@ -18,9 +18,7 @@ import shutil
 from pathlib import Path
 
 from atoken.model.errors import cli
-from atoken.tools.convert import convert
 from atoken.tools.make_image_shards import write_image_shards
-from atoken.tools.reconstruct import reconstruct_files
 from atoken.training import train
 
 # NOTE: scikit-image, scikit-learn and the model are imported where used: --help stays fast.
@@ -73,8 +71,11 @@ def main(argv=None) -> None:
                 "--set", f"data.streams.image_rec.remote={run / 'shards'}",
                 "--set", f"log.eval_images={holdout}", *[a for o in args.overrides for a in ("--set", o)]])
 
-    from atoken.model.inference_dir import read_inference_config  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-    from atoken.model.tokenizer import Tokenizer  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    # After training: the model, to convert the run and reconstruct the held-out photo (--help answers at once).
+    from atoken.model.inference_dir import read_inference_config  # noqa: PLC0415 - this CLI's thin entry: after parsing
+    from atoken.model.tokenizer import Tokenizer  # noqa: PLC0415 - likewise
+    from atoken.tools.file_reconstruction import reconstruct_files  # noqa: PLC0415 - likewise
+    from atoken.training.inference_export import convert  # noqa: PLC0415 - likewise
 
     inference = convert(run, run / "inference")
     tok = Tokenizer.from_pretrained(inference, device="cpu")

@@ -12,28 +12,8 @@ the latent projection, the decoder and the sigmoid scale / bias are freshly init
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from atoken.model.errors import cli
-
-# NOTE: torch, transformers and the model are imported where used: --help stays fast.
-
-
-def import_siglip2(src: str | Path, out: str | Path, latent_channels: int = 32, seed: int = 0,
-                   rope: bool = True) -> Path:
-    import torch  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-
-    from atoken.model.autoencoder import AToken  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-    from atoken.model.inference_dir import save_inference_dir  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-    from atoken.model.siglip2 import load_siglip2, model_config  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
-
-    cfg = model_config(src, latent_channels=latent_channels, rope=rope)
-    torch.manual_seed(seed)
-    model = AToken(cfg)
-    written = load_siglip2(model, src)
-    save_inference_dir(out, model.state_dict(), cfg.to_dict(), "siglip2-import",
-                       source={"siglip2": str(Path(src).resolve()), "imported_tensors": len(written), "seed": seed})
-    return Path(out)
 
 
 @cli
@@ -46,9 +26,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the parts SigLIP2 does not provide")
     p.add_argument("--no-rope", action="store_true", help="encoder without RoPE (reproduces SigLIP2 exactly)")
     args = p.parse_args(argv)
-    out = import_siglip2(args.src, args.out, args.latent_channels, args.seed, rope=not args.no_rope)
-    from atoken.model.inference_dir import read_inference_config  # noqa: PLC0415 - CLI module: torch and the model only when run (--help stays light)
+    # After parsing: torch, transformers and the model (--help answers at once).
+    from atoken.model.inference_dir import read_inference_config  # noqa: PLC0415 - this CLI's thin entry: after parsing
+    from atoken.model.siglip2 import import_siglip2  # noqa: PLC0415 - likewise
 
+    out = import_siglip2(args.src, args.out, args.latent_channels, args.seed, rope=not args.no_rope)
     meta = read_inference_config(out)[1]
     enc = meta["model"]["encoder"]
     print(f"wrote {out}: encoder {enc['depth']} x {enc['width']} and MAP head from {args.src} "

@@ -62,7 +62,7 @@ def micro_step(engine, objective, batch, extras, tasks: tuple[str, ...], noise, 
     DeepSpeed's non-finite gradient check turns into a skipped update (training/guards.py)."""
     with amp:
         out = engine(batch, generator=noise, tasks=tasks)
-        losses = objective(engine.module, batch, out, extras, tasks)
+        losses = objective(batch, out, extras, tasks)
     drop = before_update(losses) if before_update is not None else False
     engine.backward(losses["total"] * math.nan if drop else losses["total"])
     engine.step()

@@ -135,7 +135,7 @@ def forward_loss(model, objective, batch: PackedBatch, b: int, amp=nullcontext()
     with amp:
         out = model(batch, generator=noise(b))
     recon = out.recon
-    losses = objective(model, batch, dataclasses.replace(out, recon=recon.float()), [{}] * batch.num_samples,
+    losses = objective(batch, dataclasses.replace(out, recon=recon.float()), [{}] * batch.num_samples,
                        ("rec",))
     return recon, {k: losses[k] for k in TERMS}
 

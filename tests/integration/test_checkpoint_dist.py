@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from atoken.model import AToken, preset
-from atoken.tools.convert import convert
 from atoken.training import checkpoint
 from atoken.training.checkpoint import find_weights
+from atoken.training.inference_export import convert
 
 pytestmark = pytest.mark.slow  # spawns training / subprocess runs (make test-fast leaves it out)
 

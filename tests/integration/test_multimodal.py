@@ -92,7 +92,7 @@ def test_one_mixed_batch_through_every_head_and_loss(samples, objective):
     batch, extras = mixed("chelsea", samples)
     assert batch.modalities == ["image", "video", "3d"] and batch.grids[2] == (1, 64, 64, 64)
     out = model(batch, sample=True, generator=torch.Generator().manual_seed(0), tasks=("rec", "und"))
-    terms = objective(model, batch, out, extras, ("rec", "und"))
+    terms = objective(batch, out, extras, ("rec", "und"))
     for k in ("l1", "lpips", "gram", "l1_3d", "kl", "distill", "sigmoid"):
         assert torch.isfinite(terms[k]) and terms[k] > 0, (k, terms[k])
     assert out.gaussians.num_samples == 1 and out.gaussians.num_gaussians == 32 * batch.seqlens[2]

@@ -24,8 +24,8 @@ from streaming import MDSWriter
 
 from atoken.data_pipeline import IMAGE_COLUMNS
 from atoken.model import AToken, ModelConfig, Tokenizer, from_dict
-from atoken.tools.convert import convert
 from atoken.training.distributed import free_port
+from atoken.training.inference_export import convert
 from atoken.training.stages import CONFIGS
 from atoken.training.train import main
 

@@ -81,7 +81,7 @@ def test_clip_term_gradient_reaches_the_decoder(siglip):
     objective = Objective.from_config(loss_cfg)
     batch = PackedBatch.cat([(*patchify(x), "image", 1) for x in photos()])
     out = model(batch, generator=torch.Generator().manual_seed(0))
-    terms = objective(model, batch, out, [{}, {}], ("rec",))
+    terms = objective(batch, out, [{}, {}], ("rec",))
     assert terms["clip"] > 0 and terms["total"].item() == pytest.approx(0.2 * terms["clip"].item())
     terms["total"].backward()
     for name in ("decoder.head.weight", "decoder.transformer.blocks.0.mlp.fc2.weight", "decoder.up.weight",
@@ -90,4 +90,4 @@ def test_clip_term_gradient_reaches_the_decoder(siglip):
         assert grad is not None and grad.abs().sum() > 0, name
     assert not any(p.grad is not None for p in objective.teacher.parameters())
     with pytest.raises(ValueError, match=r"set loss.teacher"):
-        Objective(dataclasses.replace(loss_cfg, teacher=None))(model, batch, out, [{}, {}], ("rec",))
+        Objective(dataclasses.replace(loss_cfg, teacher=None))(batch, out, [{}, {}], ("rec",))

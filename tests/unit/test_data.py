@@ -5,6 +5,9 @@ import dataclasses
 import io
 import itertools
 import logging
+import multiprocessing
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ from atoken.model.errors import UserError
 from atoken.model.patches import grid_coords, unpatchify
 from atoken.tools.make_image_shards import main as shards_main
 from atoken.tools.make_image_shards import write_image_shards
+from tests.helpers import locked_decode
 
 pytestmark = pytest.mark.usefixtures("stream_env")  # tests/conftest.py: own TMPDIR, shared memory cleaned
 
@@ -277,6 +281,26 @@ def test_resume_identical(shards, tmp_path):
         for a, b in zip(ref, got, strict=True):
             assert a.names == b.names and a.grids == b.grids, k
             assert torch.equal(a.features, b.features) and torch.equal(a.cu_seqlens, b.cu_seqlens)
+
+
+def test_workers_do_not_inherit_a_lock_another_thread_holds(shards, tmp_path):
+    """Workers start while another thread holds a lock their decoding needs: a forked worker would
+    hold a copy of it forever (data_pipeline/workers.py); theirs is free."""
+    out, _ = shards
+    loader = build_image_loader(cfg_for(out, local=str(tmp_path / "c"), num_workers=1))
+    loader.dataset.decode = locked_decode.decode
+    got = []
+    with locked_decode.LOCK:
+        reader = threading.Thread(target=lambda: got.append(next(loader)), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not multiprocessing.active_children():  # the worker has started: the lock was held then
+            assert time.monotonic() < deadline, "no DataLoader worker started"
+            time.sleep(0.01)
+    reader.join(timeout=120)
+    assert not reader.is_alive(), "the DataLoader worker waits for a lock it inherited held"
+    assert got[0].batch.num_samples > 0
+    loader.close()
 
 
 # ---------------------------------------------------------------- bad samples

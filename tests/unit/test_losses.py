@@ -192,7 +192,7 @@ def test_reconstruction_loss_forward_backward():
         ReconstructionLoss(LossConfig())(batch, recon)  # clip_weight 1 without a teacher
     assert terms["lpips"] > 0 and terms["gram"] > 0 and terms["l1"] > 0
     # The one total (Objective): the weights of docs/design.md, Objective.
-    out = objective(None, batch, Outputs(posterior=post, recon=recon), [{}] * batch.num_samples, ("rec",))
+    out = objective(batch, Outputs(posterior=post, recon=recon), [{}] * batch.num_samples, ("rec",))
     for k in terms:
         torch.testing.assert_close(out[k], terms[k])
     torch.testing.assert_close(out["kl"], post.kl().mean())
@@ -203,7 +203,7 @@ def test_reconstruction_loss_forward_backward():
     # Gradient reaches the real frame values only (the padding frames do not enter any term).
     assert recon.grad[:, :768].abs().sum() > 0 and recon.grad[:, 768:].abs().sum() == 0
     # A perfect reconstruction costs nothing but the KL.
-    zero = objective(None, batch, Outputs(posterior=Posterior(*(torch.zeros(batch.num_tokens, 8),) * 2),
+    zero = objective(batch, Outputs(posterior=Posterior(*(torch.zeros(batch.num_tokens, 8),) * 2),
                                           recon=batch.features), [{}] * batch.num_samples, ("rec",))
     assert zero["total"].abs() < 1e-6
 
@@ -229,6 +229,6 @@ def test_reconstruction_loss_l1_only_without_images():
     f, c, grid = patchify(torch.rand(3, 4, 32, 32) * 2 - 1)
     batch = PackedBatch.cat([(f, c, grid, "video", 4)])
     zeros = torch.zeros(f.shape[0], 8)
-    out = objective(None, batch, Outputs(posterior=Posterior(zeros, zeros), recon=f + 0.5), [{}], ("rec",))
+    out = objective(batch, Outputs(posterior=Posterior(zeros, zeros), recon=f + 0.5), [{}], ("rec",))
     assert out["lpips"] == 0 and out["gram"] == 0
     torch.testing.assert_close(out["total"], torch.tensor(0.2 * 0.5))

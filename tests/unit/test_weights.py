@@ -15,9 +15,9 @@ from atoken.model.errors import UserError
 from atoken.model.inference_dir import save_inference_dir
 from atoken.model.losses import LossConfig
 from atoken.model.objective import Objective, weigh
-from atoken.tools.convert import convert
 from atoken.training.checkpoint import INFERENCE, find_weights, read_weights
 from atoken.training.config import RunConfig, check_layout, load_yaml
+from atoken.training.inference_export import convert
 from atoken.training.stages import stage3
 
 
