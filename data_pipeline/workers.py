@@ -2,10 +2,11 @@
 
 The trainer and the shard writers run threads: the stream packers, streaming's and MDSWriter's S3
 transfers, the checkpoint writer, the watchdog. ``fork`` copies every lock one of them holds at that
-moment, held, and a child that needs one waits forever. CI saw it: a 3D stream's DataLoader worker
-stuck on a futex, with the suite's time running out. Workers therefore start from a forkserver: a
-single-threaded process that imported the heavy modules once (``PRELOAD``), so a worker starts in a
-fraction of a second where ``spawn`` would import torch again (~6 s on a 2-core machine).
+moment, held, and a child that needs one waits forever. CI saw it: a forked DataLoader worker freed
+the thread-local PyAV reformatter an earlier video read had left in the parent, and FFmpeg's
+``pthread_cond_destroy`` waited on a futex for good. Workers therefore start from a forkserver: a
+single-threaded process that imported the heavy modules once (``PRELOAD``), so a worker does not
+import them again as one started by ``spawn`` would (6 s on the 2-core CPU machine).
 
 A forkserver's child has the server's environment, from whenever the server started (the first
 workers of this process). ``adopt_environment`` (the DataLoader's ``worker_init_fn``, the pool's

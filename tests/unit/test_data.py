@@ -115,6 +115,20 @@ def test_shards_round_trip(shards):
     assert [listed[i]["name"] for i in range(2)] == names
 
 
+def test_worker_processes_write_what_one_process_writes(photos, tmp_path):
+    """--workers 2 checks the images in a pool started from the forkserver (data_pipeline/workers.py):
+    the same shards, byte for byte, as one process."""
+    write_photos(photos, tmp_path / "photos")
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        written, rejected = write_image_shards(tmp_path / "photos", str(out), size_limit="300kb", workers=workers,
+                                               progress=False)
+        assert (written, rejected) == (len(photos), [])
+        outs[workers] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+    assert len(outs[1]) > 2 and outs[1] == outs[2]
+
+
 def test_captions_and_labels_from_class_folders(photos, tmp_path, capsys):
     written = {cls: write_photos({k: photos[k] for k in names}, tmp_path / "in" / cls)
                for cls, names in {"cat": ("chelsea",), "rocket": ("rocket", "coffee")}.items()}
