@@ -38,7 +38,7 @@ from atoken.model.errors import UserError
 from .config import DataConfig, StreamConfig
 from .dataset import PositionedSamples, StreamDataset, epoch_order, is_bad
 from .packing import GreedyPacker, MicroBatch, check_budget
-from .workers import with_this_environment, worker_context
+from .workers import worker_context, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class StreamLoader:
                             prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
                             # not fork: this process runs threads (workers.py)
                             multiprocessing_context=worker_context() if workers else None,
-                            worker_init_fn=with_this_environment() if workers else None)
+                            worker_init_fn=worker_init() if workers else None)
         samples = iter(loader)
         try:
             for made in self._pack(samples, state):

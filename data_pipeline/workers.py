@@ -8,18 +8,25 @@ the thread-local PyAV reformatter an earlier video read had left in the parent, 
 single-threaded process that imported the heavy modules once (``PRELOAD``), so a worker does not
 import them again as one started by ``spawn`` would (6 s on the 2-core CPU machine).
 
-A forkserver's child has the server's environment, from whenever the server started (the first
-workers of this process). ``adopt_environment`` (the DataLoader's ``worker_init_fn``, the pool's
-``initializer``) gives it the parent's as it was when the workers were made: the S3 endpoint and
-credentials, and TMPDIR, where streaming keeps its file locks.
+Two things a forked worker had for free, ``worker_init`` (the DataLoader's ``worker_init_fn``, the
+pool's ``initializer``) gives back:
+  * the environment of the process that made the workers, as it was then (a forkserver's child has the
+    server's, from whenever the server started): the S3 endpoint and credentials, and TMPDIR, where
+    streaming keeps its file locks;
+  * an end when that process dies. A worker's parent is the server, so torch's check (has my parent
+    pid changed?) never fires; a worker of a killed trainer would live on, keep the server alive, and
+    keep the resource tracker from unlinking the trainer's shared memory, which a restarted run on the
+    same cache then finds ("Reused local directory"). Each worker exits once its maker's sentinel does.
 """
 from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 
 # Imported once by the forkserver; the modality decoders (PyAV, trimesh) load in a worker when its
@@ -33,13 +40,23 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def adopt_environment(env: dict[str, str], *_worker_id: int) -> None:
-    """Make ``env`` this process's environment (``*_worker_id``: a DataLoader passes the worker's)."""
+def worker_init() -> Callable[..., None]:
+    """``init_worker`` bound to this process's environment now: a DataLoader's ``worker_init_fn``, a
+    pool's ``initializer``."""
+    return functools.partial(init_worker, dict(os.environ))
+
+
+def init_worker(env: dict[str, str], *_worker_id: int) -> None:
+    """In a worker as it starts: ``env`` as its environment, and exit when the process that started it
+    dies (``*_worker_id``: a DataLoader passes the worker's)."""
     os.environ.clear()
     os.environ.update(env)
     tempfile.tempdir = None  # gettempdir() caches its answer: read TMPDIR again
+    maker = multiprocessing.parent_process()  # the process that started this one, not the server
+    if maker is not None:
+        threading.Thread(target=_exit_with, args=(maker.sentinel,), name="atoken-exit-with-maker", daemon=True).start()
 
 
-def with_this_environment() -> Callable[..., None]:
-    """``adopt_environment`` bound to this process's environment now."""
-    return functools.partial(adopt_environment, dict(os.environ))
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)

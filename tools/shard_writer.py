@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from atoken.data_pipeline.workers import with_this_environment, worker_context
+from atoken.data_pipeline.workers import worker_context, worker_init
 from atoken.model.errors import UserError
 
 Check = Callable[[Path], tuple[dict[str, Any] | None, str]]
@@ -94,7 +94,7 @@ def write_samples(items: Iterable[tuple[str, Any]], out: str, columns: dict[str,
     written, rejected = 0, []
     pool = None
     if workers > 1:  # not fork: MDSWriter uploads from threads (data_pipeline/workers.py)
-        pool = ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=with_this_environment())
+        pool = ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=worker_init())
     try:
         # Checking (decoding, rendering: the slow part) may run in worker processes, in order.
         checked = ordered_map(functools.partial(_check_or_pass, check), items, pool, ahead=8 * workers)
