@@ -40,7 +40,7 @@ from atoken.model.errors import UserError
 from atoken.model.patches import grid_coords, unpatchify
 from atoken.tools.make_image_shards import main as shards_main
 from atoken.tools.make_image_shards import write_image_shards
-from tests.helpers import locked_decode
+from tests.helpers import worker_decoders
 
 pytestmark = pytest.mark.usefixtures("stream_env")  # tests/conftest.py: own TMPDIR, shared memory cleaned
 
@@ -302,9 +302,9 @@ def test_workers_do_not_inherit_a_lock_another_thread_holds(shards, tmp_path):
     hold a copy of it forever (data_pipeline/workers.py); theirs is free."""
     out, _ = shards
     loader = build_image_loader(cfg_for(out, local=str(tmp_path / "c"), num_workers=1))
-    loader.dataset.decode = locked_decode.decode
+    loader.dataset.decode = worker_decoders.locked
     got = []
-    with locked_decode.LOCK:
+    with worker_decoders.LOCK:
         reader = threading.Thread(target=lambda: got.append(next(loader)), daemon=True)
         reader.start()
         deadline = time.monotonic() + 120
@@ -315,6 +315,19 @@ def test_workers_do_not_inherit_a_lock_another_thread_holds(shards, tmp_path):
     assert not reader.is_alive(), "the DataLoader worker waits for a lock it inherited held"
     assert got[0].batch.num_samples > 0
     loader.close()
+
+
+def test_workers_have_the_environment_of_the_loader_that_started_them(shards, tmp_path, monkeypatch):
+    """A forkserver's child has the server's environment, from the server's start (the first loader with
+    workers); each loader's workers get its process's environment as it was when they started."""
+    out, _ = shards
+    for mark in ("first", "second"):
+        monkeypatch.setenv(worker_decoders.MARK, mark)
+        loader = build_image_loader(cfg_for(out, local=str(tmp_path / mark), num_workers=1))
+        loader.dataset.decode = worker_decoders.named_by_environment
+        names = next(loader).batch.names
+        loader.close()
+        assert set(names) == {mark}
 
 
 # ---------------------------------------------------------------- bad samples
