@@ -30,7 +30,7 @@ from atoken.training import checkpoint
 pytestmark = pytest.mark.slow  # eleven training processes
 
 # Each killed run gets a step or more done (a step takes well under a second here); ten kills went through
-# 14 to 16 steps in the runs seen. With 16 steps a run once finished before its tenth kill; 32 leave room.
+# 14 to 20 steps in the runs seen. With 16 steps a run once finished before its tenth kill; 32 leave room.
 STEPS = 32
 KILLS = 10
 SEED = 23
