@@ -6,7 +6,7 @@ moment, held, and a child that needs one waits forever. CI saw it: a forked Data
 the thread-local PyAV reformatter an earlier video read had left in the parent, and FFmpeg's
 ``pthread_cond_destroy`` waited on a futex for good. Workers therefore start from a forkserver: a
 single-threaded process that imported the heavy modules once (``PRELOAD``), so a worker does not
-import them again as one started by ``spawn`` would (6 s on the 2-core CPU machine).
+import them again as one started by ``spawn`` would (seconds each, for torch alone).
 
 Two things a forked worker had for free, ``worker_init`` (the DataLoader's ``worker_init_fn``, the
 pool's ``initializer``) gives back:

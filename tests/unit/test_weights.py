@@ -84,3 +84,9 @@ def test_the_objective_names_each_task_term():
     terms = weigh(LossConfig(), dict.fromkeys(("l1", "lpips", "gram", "clip", "l1_3d", "kl", "distill", "sigmoid"),
                                               torch.zeros(())))
     assert set(Objective.TASK_TERM) == set(TASKS) and set(Objective.TASK_TERM.values()) <= set(terms) - {"total"}
+
+
+def test_convert_names_the_dtypes_it_writes(tmp_path):
+    """atoken-convert's --dtype is checked before anything is read: a clear error listing the choices."""
+    with pytest.raises(UserError, match=r"dtype must be one of \['bf16', 'fp32'\], got 'fp16'"):
+        convert(tmp_path / "no_run", tmp_path / "out", dtype="fp16")
